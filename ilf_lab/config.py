@@ -1,0 +1,333 @@
+"""Typed schema of the whole config tree.
+
+Hydra merges every YAML of `conf/` into these dataclasses, so a key that does not exist or a value of the wrong
+type fails at composition. Ranges and choices are checked by `validate()` right after, before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+from ilf_lab.errors import ConfigError  # noqa: E402  (re-exported)
+
+
+@dataclass
+class PathsConfig:
+    # shared by all runs that point at it: stage artifacts are keyed by content, not by run
+    cache_dir: str = "${oc.env:ILF_LAB_CACHE_DIR,${hydra:runtime.cwd}/.cache/ilf_lab}"
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class SplitsConfig:
+    # inclusive MBPP task_id ranges (the paper's: prompt 1-10, test 11-110, refine 111-310, train 311-974)
+    prompt: list[int] = field(default_factory=lambda: [1, 10])
+    test: list[int] = field(default_factory=lambda: [11, 110])
+    refine: list[int] = field(default_factory=lambda: [111, 310])
+    train: list[int] = field(default_factory=lambda: [311, 974])
+
+
+@dataclass
+class DataConfig:
+    # local directory with mbpp/mbpp.jsonl and ilf/surge_annotations.jsonl; null = load from the hub
+    dir: str | None = "${oc.env:ILF_LAB_DATA_DIR,null}"
+    hub_id: str = "google-research-datasets/mbpp"
+    hub_config: str = "full"
+    annotations_url: str = (
+        "https://raw.githubusercontent.com/nyu-mll/ILF-for-code-generation/main/surge_annotations.jsonl"
+    )
+    annotations_file: str | None = None  # a new annotation file (same schema), e.g. from `ilf_lab.annotate`
+    splits: SplitsConfig = field(default_factory=SplitsConfig)
+    # subsets for smaller scales: the first N tasks of each split (null = all)
+    max_test_tasks: int | None = None
+    max_refine_tasks: int | None = None
+    max_train_tasks: int | None = None
+    # the paper's filters on the human annotations
+    require_refinement_passes: bool = True
+    max_edit_distance: float = 0.5
+    one_per_task: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # hub: a hub id or local dir; gguf: a .gguf inside an installed package or dir; tiny_random: built locally
+    source: str = "hub"
+    path: str = ""
+    gguf_file: str | None = None
+    gguf_package: str | None = None
+    revision: str | None = None
+    dtype: str = "float32"
+    prompt_format: str = "chat"  # chat (instruct models) | docstring (the paper's, base models)
+    trust_remote_code: bool = False
+    # tiny_random architecture (ignored by other sources)
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    tiny_tokenizer: str = "gpt2_bytes"
+
+
+@dataclass
+class FeedbackConfig:
+    name: str = "human"
+    provider: str = "human"  # human | llm
+    shots: int = 0  # k for the llm provider (k-shot from MBPPRefine's human annotations)
+    backend: str = "hf"  # hf (local model through the sampling engine) | openai (any compatible endpoint)
+    model: str | None = None  # hf: a model config name or path (null = the base model); openai: model name
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 4
+    max_retries: int = 5
+    temperature: float = 0.0
+    max_new_tokens: int = 256
+    num_tasks: int | None = None  # Fig. 4: feedback on only the first k tasks of MBPPTrain
+
+
+@dataclass
+class TrainOnConfig:
+    source: str = "refinements"  # refinements | mbpp_gold | human_refinements | none
+
+
+@dataclass
+class X0Config:
+    source: str = "annotations"  # annotations (the paper's x0) | policy (Algorithm 1 step 2: own failing samples)
+    n: int = 4
+    temperature: float = 0.8
+    max_new_tokens: int = 256
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class OptimConfig:
+    """One fine-tuning run (πRefine or πθ*)."""
+
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    scheduler: str = "linear"  # linear | cosine | constant
+    batch_size: int = 32  # effective batch, in examples (micro_batch_size x accumulation x devices)
+    micro_batch_size: int = 4
+    epochs: int = 2
+    max_length: int = 1024
+    grad_clip: float = 1.0
+    pack: bool = True  # length-bucketed batches; no padding to max_length
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class RefineConfig:
+    """Sampling refinements x1 from πRefine on MBPPTrain."""
+
+    n: int = 30
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+
+
+@dataclass
+class SamplingConfig:
+    """Final evaluation on MBPPTest (the paper: 30 samples at T=0.8)."""
+
+    engine: str = "hf"  # hf | vllm
+    n: int = 30
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    batch_size: int | None = None  # sequences per forward; null = chosen from memory
+
+
+@dataclass
+class ExecutionConfig:
+    timeout: float = 10.0
+    workers: int | None = None  # null = CPU count
+    comparison: str = "exact"  # exact (MBPP's asserts) | approx (the ILF reference's pytest.approx)
+    memory_mb: int = 4096
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 10])
+    benchmarks: list[str] = field(default_factory=lambda: ["mbpp"])
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 1
+    enable_progress_bar: bool = True
+    deterministic: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "ilf_lab"
+    entity: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    group: str | None = None  # null = derived from the sweep
+    tags: list[str] = field(default_factory=list)
+    dir: str = "${paths.output_dir}"
+
+
+@dataclass
+class Config:
+    name: str = "ilf"  # the Table 4 row; results.json's `experiment`
+    scale: str = "demo"
+    seed: int = 0
+    rounds: int = 1  # iterative ILF: repeat x0 -> refine -> train with the improved policy
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    train_on: TrainOnConfig = field(default_factory=TrainOnConfig)
+    x0: X0Config = field(default_factory=X0Config)
+    refiner: OptimConfig = field(default_factory=OptimConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    policy: OptimConfig = field(default_factory=OptimConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas; each group's YAML names its schema in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in [
+        ("paths", PathsConfig),
+        ("data", DataConfig),
+        ("model", ModelConfig),
+        ("feedback", FeedbackConfig),
+        ("train_on", TrainOnConfig),
+        ("x0", X0Config),
+        ("refiner", OptimConfig),
+        ("refine", RefineConfig),
+        ("policy", OptimConfig),
+        ("sampling", SamplingConfig),
+        ("execution", ExecutionConfig),
+        ("eval", EvalConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+# ----------------------------------------------------------------------------------------- value checks
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.source": ("hub", "gguf", "tiny_random"),
+    "model.prompt_format": ("chat", "docstring"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "feedback.provider": ("human", "llm"),
+    "feedback.backend": ("hf", "openai"),
+    "train_on.source": ("refinements", "mbpp_gold", "human_refinements", "none"),
+    "x0.source": ("annotations", "policy"),
+    "refiner.scheduler": ("linear", "cosine", "constant"),
+    "policy.scheduler": ("linear", "cosine", "constant"),
+    "sampling.engine": ("hf", "vllm"),
+    "execution.comparison": ("exact", "approx"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+
+# key -> (low, high, low_inclusive); None = unbounded
+_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "rounds": (1, None, True),
+    "x0.n": (1, None, True),
+    "x0.temperature": (0.0, None, True),
+    "x0.max_new_tokens": (1, None, True),
+    "refine.n": (1, None, True),
+    "refine.temperature": (0.0, None, True),
+    "refine.top_p": (0.0, 1.0, False),
+    "refine.max_new_tokens": (1, None, True),
+    "sampling.n": (1, None, True),
+    "sampling.temperature": (0.0, None, True),
+    "sampling.top_p": (0.0, 1.0, False),
+    "sampling.max_new_tokens": (1, None, True),
+    "sampling.batch_size": (1, None, True),
+    "execution.timeout": (0.0, None, False),
+    "execution.workers": (1, None, True),
+    "execution.memory_mb": (64, None, True),
+    "feedback.shots": (0, 2, True),
+    "feedback.max_concurrency": (1, None, True),
+    "feedback.max_retries": (0, None, True),
+    "feedback.temperature": (0.0, None, True),
+    "feedback.max_new_tokens": (1, None, True),
+    "feedback.num_tasks": (1, None, True),
+    "data.max_edit_distance": (0.0, 1.0, True),
+    "data.max_test_tasks": (1, None, True),
+    "data.max_refine_tasks": (1, None, True),
+    "data.max_train_tasks": (1, None, True),
+    "model.tiny_hidden_size": (8, None, True),
+    "model.tiny_layers": (1, None, True),
+    "model.tiny_heads": (1, None, True),
+}
+for _stage in ("refiner", "policy"):
+    _RANGES.update(
+        {
+            f"{_stage}.lr": (0.0, None, False),
+            f"{_stage}.weight_decay": (0.0, None, True),
+            f"{_stage}.warmup_ratio": (0.0, 1.0, True),
+            f"{_stage}.batch_size": (1, None, True),
+            f"{_stage}.micro_batch_size": (1, None, True),
+            f"{_stage}.epochs": (0, None, True),
+            f"{_stage}.max_length": (16, None, True),
+            f"{_stage}.grad_clip": (0.0, None, True),
+            f"{_stage}.lora.r": (1, None, True),
+        }
+    )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check choices and ranges; raise ConfigError naming the first bad key."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    for key, (low, high, low_incl) in _RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if low is not None and (value < low if low_incl else value <= low):
+            raise ConfigError(f"{key}={value} must be {'>=' if low_incl else '>'} {low}")
+        if high is not None and value > high:
+            raise ConfigError(f"{key}={value} must be <= {high}")
+    for stage in ("refiner", "policy"):
+        opt = cfg[stage]
+        if opt.batch_size % opt.micro_batch_size:
+            raise ConfigError(
+                f"{stage}.batch_size={opt.batch_size} must be a multiple of "
+                f"{stage}.micro_batch_size={opt.micro_batch_size}"
+            )
+    for name, rng in cfg.data.splits.items():
+        if len(rng) != 2 or rng[0] > rng[1]:
+            raise ConfigError(f"data.splits.{name}={list(rng)} must be [first_task_id, last_task_id]")
+    for k in cfg.eval.ks:
+        if k < 1:
+            raise ConfigError(f"eval.ks contains {k}; each k must be >= 1")
+    for b in cfg.eval.benchmarks:
+        if b not in ("mbpp", "humaneval"):
+            raise ConfigError(f"eval.benchmarks contains {b!r}; choose from mbpp, humaneval")
+    if cfg.feedback.provider == "llm" and cfg.feedback.shots < 1:
+        raise ConfigError("feedback.shots must be 1 or 2 for feedback.provider=llm")
+    if cfg.feedback.backend == "openai" and cfg.feedback.provider == "llm" and not cfg.feedback.base_url:
+        raise ConfigError("feedback.base_url is required for feedback.backend=openai")

@@ -1,0 +1,156 @@
+"""MBPP and the ILF human annotations: loading (hub or local dir), the paper's splits, the paper's filters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ilf_lab.data.prompts import Task
+from ilf_lab.errors import DataError
+
+log = logging.getLogger(__name__)
+
+MBPP_KEYS = ("task_id", "text", "code", "test_list")
+ANNOTATION_KEYS = ("task_id", "prompt", "Feedback", "original_model_completion", "unedited_annotator_completion")
+SPLIT_NAMES = ("prompt", "test", "refine", "train")
+
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Strict JSONL reader: a missing file or a bad line stops with one message naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing data file: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DataError(f"{path} line {lineno}: missing key {missing[0]!r}")
+            rows.append(row)
+    return rows
+
+
+def _data_dir(data_cfg: Any) -> Path | None:
+    d = data_cfg.get("dir") if hasattr(data_cfg, "get") else getattr(data_cfg, "dir", None)
+    if not d:
+        return None
+    path = Path(d).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data.dir does not exist: {path}")
+    return path
+
+
+def load_mbpp(data_cfg: Any) -> dict[int, Task]:
+    """All 974 MBPP tasks by task_id, through `datasets` (local JSONL when data.dir is set, else the hub)."""
+    import datasets
+
+    local = _data_dir(data_cfg)
+    if local is not None:
+        records = read_jsonl(local / "mbpp" / "mbpp.jsonl", MBPP_KEYS)
+        ds = datasets.Dataset.from_list(records)
+    else:
+        try:
+            dd = datasets.load_dataset(data_cfg.hub_id, data_cfg.hub_config)
+        except Exception as e:  # no network, no such dataset: say where to point instead
+            raise DataError(
+                f"could not load {data_cfg.hub_id!r} from the hub ({type(e).__name__}); "
+                "set data.dir or ILF_LAB_DATA_DIR to a directory with mbpp/mbpp.jsonl"
+            ) from None
+        ds = datasets.concatenate_datasets([dd[k] for k in dd])
+    tasks = {}
+    for r in ds:
+        task = Task.from_record(r)
+        tasks[task.task_id] = task
+    return dict(sorted(tasks.items()))
+
+
+def split_ids(data_cfg: Any, split: str) -> list[int]:
+    lo, hi = data_cfg.splits[split]
+    return list(range(int(lo), int(hi) + 1))
+
+
+def split_of(data_cfg: Any, task_id: int) -> str | None:
+    for name in SPLIT_NAMES:
+        lo, hi = data_cfg.splits[name]
+        if lo <= task_id <= hi:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One human-feedback record: x0 (incorrect program), feedback f, refinement x1 (full programs)."""
+
+    task_id: int
+    old_code: str  # x0: prompt + the model's completion
+    feedback: str
+    refinement: str  # x1: prompt + the annotator's completion
+    passed: bool
+    edit_distance: float
+    annotator: str | None = None
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> Annotation:
+        return cls(
+            task_id=int(r["task_id"]),
+            old_code=r["original_model_completion"].replace("\r\n", "\n"),
+            feedback=r["Feedback"].strip(),
+            refinement=(r.get("unedited_annotator_completion") or "").replace("\r\n", "\n"),
+            passed=bool(r.get("passed", False)),
+            edit_distance=float(r.get("refinement_edit_distance") or 0.0),
+            annotator=r.get("worker_id"),
+        )
+
+
+def load_annotation_records(data_cfg: Any) -> list[dict[str, Any]]:
+    """The raw annotation rows: data.annotations_file, else data.dir/ilf/..., else the ILF repository."""
+    if data_cfg.get("annotations_file"):
+        return read_jsonl(data_cfg.annotations_file, ANNOTATION_KEYS)
+    local = _data_dir(data_cfg)
+    if local is not None:
+        return read_jsonl(local / "ilf" / "surge_annotations.jsonl", ANNOTATION_KEYS)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("json", data_files=data_cfg.annotations_url, split="train")
+    except Exception as e:
+        raise DataError(
+            f"could not download the ILF annotations ({type(e).__name__}); set data.dir or ILF_LAB_DATA_DIR "
+            "to a directory with ilf/surge_annotations.jsonl"
+        ) from None
+    return list(ds)
+
+
+def filter_annotations(
+    records: list[dict[str, Any]], data_cfg: Any
+) -> tuple[list[Annotation], dict[str, int]]:
+    """The paper's filters, in order; returns the survivors and how many remain after each filter."""
+    anns = [Annotation.from_record(r) for r in records if (r.get("Feedback") or "").strip()]
+    counts = {"all": len(records), "has_feedback": len(anns)}
+    if data_cfg.require_refinement_passes:
+        anns = [a for a in anns if a.passed and a.refinement.strip()]
+        counts["refinement_passes"] = len(anns)
+    if data_cfg.max_edit_distance is not None and data_cfg.max_edit_distance < 1.0:
+        anns = [a for a in anns if a.edit_distance < data_cfg.max_edit_distance]
+        counts["edit_distance"] = len(anns)
+    if data_cfg.one_per_task:
+        seen: dict[int, Annotation] = {}
+        for a in anns:
+            seen.setdefault(a.task_id, a)
+        anns = list(seen.values())
+        counts["one_per_task"] = len(anns)
+    anns.sort(key=lambda a: a.task_id)
+    return anns, counts

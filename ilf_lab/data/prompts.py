@@ -1,0 +1,154 @@
+"""Prompt formats, each defined once, with the rule that cuts a completion back to a program.
+
+`docstring` is the paper's (for base models such as CodeGen): the task text and the first test as an
+`>>> Example:` line inside a docstring, then the gold solution's code up to its signature line; the model
+continues the body. `chat` is for instruct models: the task and the first test as one user message, rendered by
+the tokenizer's chat template; the program is the first fenced code block of the reply.
+Every stage (x0, refinement, evaluation, fine-tuning targets) goes through these functions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+CHAT_INSTRUCTION = (
+    "Write a Python function for the task below. Reply with the complete code in one ```python block.\n\n"
+    "Task: {text}\nYour code should pass this test:\n{test}"
+)
+REFINE_CHAT_INSTRUCTION = (
+    "Here is a task, an incorrect program for it, and feedback on that program. Write the corrected "
+    "program in one ```python block.\n\nTask: {text}\nYour code should pass this test:\n{test}\n\n"
+    "Incorrect program:\n```python\n{old_code}\n```\n\nFeedback: {feedback}"
+)
+# The paper's Figure 2 / the reference πRefine input; the target continues the task's docstring prompt.
+REFINE_DOCSTRING_TEMPLATE = "OLD CODE:\n{old_code}\n\nFEEDBACK:\n{feedback}\n\nREFINEMENT:\n{prompt}"
+
+# Stop sequences: a base model's function ends where an unindented line begins; a chat reply at the fence.
+DOCSTRING_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""', "\n```")
+CHAT_STOPS = ("```", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One MBPP problem."""
+
+    task_id: int
+    text: str
+    code: str
+    tests: tuple[str, ...]
+    setup: str = ""
+    challenge_tests: tuple[str, ...] = ()
+
+    @property
+    def entry_point(self) -> str:
+        return self.tests[0].split("assert ")[-1].split("(")[0].strip()
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> Task:
+        return cls(
+            task_id=int(r["task_id"]),
+            text=r["text"],
+            code=r["code"].replace("\r\n", "\n"),
+            tests=tuple(r["test_list"]),
+            setup=r.get("test_setup_code") or "",
+            challenge_tests=tuple(r.get("challenge_test_list") or ()),
+        )
+
+
+def example_line(test: str) -> str:
+    """`assert f(x) == y` -> `f(x) = y` (the paper's `>>> Example:` rendering)."""
+    return test.split("assert ")[-1].replace("==", "=")
+
+
+def code_prefix(task: Task) -> str:
+    """The gold program up to and including the entry point's signature (imports, constants, def line)."""
+    match = re.search(rf"def {re.escape(task.entry_point)}\(.*\):", task.code)
+    if match is None:
+        raise ValueError(f"task {task.task_id}: no 'def {task.entry_point}(...):' in its gold code")
+    return task.code[: match.end()]
+
+
+def docstring_prompt(task: Task) -> str:
+    """The paper's prompt; equals the `prompt` field of the ILF annotations."""
+    return f'"""\n{task.text}\n\n>>> Example: {example_line(task.tests[0])}\n"""\n\n{code_prefix(task)}\n'
+
+
+def chat_messages(task: Task) -> list[dict[str, str]]:
+    return [{"role": "user", "content": CHAT_INSTRUCTION.format(text=task.text, test=task.tests[0])}]
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The chat template with the assistant turn opened and the code fence started (steers small models)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + "```python\n"
+
+
+def task_prompt(task: Task, fmt: str, tokenizer: Any = None) -> str:
+    """The prompt for generating a program for `task`."""
+    if fmt == "docstring":
+        return docstring_prompt(task)
+    if fmt == "chat":
+        return render_chat(tokenizer, chat_messages(task))
+    raise ValueError(f"unknown prompt format {fmt!r}")
+
+
+def refine_prompt(task: Task, old_code: str, feedback: str, fmt: str, tokenizer: Any = None) -> str:
+    """πRefine's input: (task, x0, f). docstring: the paper's OLD CODE / FEEDBACK / REFINEMENT sections."""
+    if fmt == "docstring":
+        return REFINE_DOCSTRING_TEMPLATE.format(
+            old_code=old_code.strip("\n"), feedback=feedback.strip(), prompt=docstring_prompt(task)
+        )
+    if fmt == "chat":
+        content = REFINE_CHAT_INSTRUCTION.format(
+            text=task.text, test=task.tests[0], old_code=old_code.strip("\n"), feedback=feedback.strip()
+        )
+        return render_chat(tokenizer, [{"role": "user", "content": content}])
+    raise ValueError(f"unknown prompt format {fmt!r}")
+
+
+def stop_sequences(fmt: str) -> tuple[str, ...]:
+    return DOCSTRING_STOPS if fmt == "docstring" else CHAT_STOPS
+
+
+def truncate_completion(completion: str, fmt: str) -> str:
+    """Cut a raw continuation back to the part that belongs to the program."""
+    if fmt == "docstring":
+        cut = len(completion)
+        for stop in DOCSTRING_STOPS:
+            i = completion.find(stop)
+            if i != -1:
+                cut = min(cut, i)
+        return completion[:cut].rstrip() + "\n"
+    # chat: the prompt opened ```python; the program ends at the closing fence (or the end of the turn)
+    text = completion
+    for end in ("```", "<|im_end|>", "<|endoftext|>"):
+        i = text.find(end)
+        if i != -1:
+            text = text[:i]
+    return text.strip("\n") + "\n"
+
+
+def program_from_completion(task: Task, completion: str, fmt: str) -> str:
+    """The runnable program: the docstring prompt's code prefix + body, or the chat reply's code."""
+    body = truncate_completion(completion, fmt)
+    if fmt == "docstring":
+        return docstring_prompt(task) + body
+    return body
+
+
+def target_for(task: Task, program: str, fmt: str) -> str:
+    """Fine-tuning target (what follows the prompt) for a known-good program, in the format's own shape."""
+    program = program.replace("\r\n", "\n").strip("\n") + "\n"
+    if fmt == "docstring":
+        prompt = docstring_prompt(task)
+        if program.startswith(prompt):
+            return program[len(prompt) :]
+        prefix = code_prefix(task)
+        i = program.find(prefix)
+        if i != -1:  # gold code or a refinement that starts at the top of the file: the lines after the def
+            rest = program[i + len(prefix) :]
+            return rest.split("\n", 1)[1] if "\n" in rest else "\n"
+        return program
+    return program + "```"
