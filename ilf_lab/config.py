@@ -12,7 +12,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
 from ilf_lab.errors import ConfigError  # noqa: E402  (re-exported)
 
 
@@ -95,7 +94,9 @@ class TrainOnConfig:
 
 @dataclass
 class X0Config:
-    source: str = "annotations"  # annotations (the paper's x0) | policy (Algorithm 1 step 2: own failing samples)
+    source: str = (
+        "annotations"  # annotations (the paper's x0) | policy (Algorithm 1 step 2: own failing samples)
+    )
     n: int = 4
     temperature: float = 0.8
     max_new_tokens: int = 256
@@ -160,6 +161,7 @@ class ExecutionConfig:
 @dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 10])
+    split: str = "test"  # test (MBPPTest, the paper's numbers) | refine (model selection, App. A.1)
     benchmarks: list[str] = field(default_factory=lambda: ["mbpp"])
 
 
@@ -209,26 +211,8 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas; each group's YAML names its schema in its defaults list."""
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    for group, node in [
-        ("paths", PathsConfig),
-        ("data", DataConfig),
-        ("model", ModelConfig),
-        ("feedback", FeedbackConfig),
-        ("train_on", TrainOnConfig),
-        ("x0", X0Config),
-        ("refiner", OptimConfig),
-        ("refine", RefineConfig),
-        ("policy", OptimConfig),
-        ("sampling", SamplingConfig),
-        ("execution", ExecutionConfig),
-        ("eval", EvalConfig),
-        ("trainer", TrainerConfig),
-        ("logger", LoggerConfig),
-    ]:
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    """Register the schema; conf/config.yaml lists it first, so every group's YAML is merged into it."""
+    ConfigStore.instance().store(name="config_schema", node=Config)
 
 
 # ----------------------------------------------------------------------------------------- value checks
@@ -245,6 +229,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "policy.scheduler": ("linear", "cosine", "constant"),
     "sampling.engine": ("hf", "vllm"),
     "execution.comparison": ("exact", "approx"),
+    "eval.split": ("test", "refine"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
 }
@@ -329,5 +314,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.benchmarks contains {b!r}; choose from mbpp, humaneval")
     if cfg.feedback.provider == "llm" and cfg.feedback.shots < 1:
         raise ConfigError("feedback.shots must be 1 or 2 for feedback.provider=llm")
+    if cfg.feedback.provider == "human" and cfg.x0.source != "annotations":
+        raise ConfigError(
+            "x0.source=policy needs feedback on the policy's own programs: use feedback=instructgpt_1shot/2shot, "
+            "or collect human feedback with `python -m ilf_lab.annotate` and set data.annotations_file"
+        )
+    if cfg.rounds > 1 and cfg.feedback.provider != "llm":
+        raise ConfigError("rounds>1 needs fresh feedback each round: use an llm feedback option")
     if cfg.feedback.backend == "openai" and cfg.feedback.provider == "llm" and not cfg.feedback.base_url:
         raise ConfigError("feedback.base_url is required for feedback.backend=openai")

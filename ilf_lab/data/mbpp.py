@@ -16,7 +16,13 @@ from ilf_lab.errors import DataError
 log = logging.getLogger(__name__)
 
 MBPP_KEYS = ("task_id", "text", "code", "test_list")
-ANNOTATION_KEYS = ("task_id", "prompt", "Feedback", "original_model_completion", "unedited_annotator_completion")
+ANNOTATION_KEYS = (
+    "task_id",
+    "prompt",
+    "Feedback",
+    "original_model_completion",
+    "unedited_annotator_completion",
+)
 SPLIT_NAMES = ("prompt", "test", "refine", "train")
 
 

@@ -152,3 +152,66 @@ def target_for(task: Task, program: str, fmt: str) -> str:
             return rest.split("\n", 1)[1] if "\n" in rest else "\n"
         return program
     return program + "```"
+
+
+# ------------------------------------------------------------------ LLM feedback (the InstructGPT ablation)
+
+FEEDBACK_SYSTEM = (
+    "You review Python programs. Given a task and an incorrect program, explain briefly what is wrong "
+    "(FEEDBACK), then write the corrected program (REFINEMENT) in one ```python block."
+)
+FEEDBACK_QUERY = (
+    "Task: {text}\nYour code should pass this test:\n{test}\n\nIncorrect program:\n```python\n{old_code}\n```"
+)
+FEEDBACK_ANSWER = "FEEDBACK: {feedback}\n\nREFINEMENT:\n```python\n{refinement}\n```"
+
+
+def feedback_messages(
+    task: Task, old_code: str, shots: list[tuple[Task, str, str, str]]
+) -> list[dict[str, str]]:
+    """k-shot chat for an LLM that writes feedback and a refinement; shots are (task, x0, f, x1)."""
+    messages = [{"role": "system", "content": FEEDBACK_SYSTEM}]
+    for s_task, s_old, s_feedback, s_refinement in shots:
+        messages.append({"role": "user", "content": _feedback_query(s_task, s_old)})
+        messages.append(
+            {
+                "role": "assistant",
+                "content": FEEDBACK_ANSWER.format(
+                    feedback=s_feedback.strip(), refinement=s_refinement.strip("\n")
+                ),
+            }
+        )
+    messages.append({"role": "user", "content": _feedback_query(task, old_code)})
+    return messages
+
+
+def _feedback_query(task: Task, old_code: str) -> str:
+    return FEEDBACK_QUERY.format(text=task.text, test=task.tests[0], old_code=old_code.strip("\n"))
+
+
+def feedback_text_prompt(task: Task, old_code: str, shots: list[tuple[Task, str, str, str]]) -> str:
+    """The same k-shot request as plain text, for base (non-chat) models: ends where the feedback starts."""
+    parts = [FEEDBACK_SYSTEM, ""]
+    for s_task, s_old, s_feedback, s_refinement in shots:
+        parts += [
+            _feedback_query(s_task, s_old),
+            FEEDBACK_ANSWER.format(feedback=s_feedback.strip(), refinement=s_refinement.strip("\n")),
+            "",
+        ]
+    parts += [_feedback_query(task, old_code), "FEEDBACK:"]
+    return "\n".join(parts)
+
+
+def parse_feedback_reply(reply: str) -> tuple[str, str | None]:
+    """(feedback, refinement program or None) from an LLM reply in FEEDBACK_ANSWER's shape (tolerant)."""
+    text = reply.strip()
+    if text.upper().startswith("FEEDBACK:"):
+        text = text[len("FEEDBACK:") :]
+    head, sep, tail = text.partition("REFINEMENT:")
+    if not sep:
+        head, sep, tail = text.partition("```")
+        tail = sep + tail if sep else ""
+    feedback = head.strip()
+    match = re.search(r"```(?:python)?\n(.*?)(?:```|$)", tail, flags=re.S)
+    code = match.group(1).strip("\n") + "\n" if match else None
+    return feedback, (code if code and code.strip() else None)

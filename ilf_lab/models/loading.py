@@ -71,8 +71,9 @@ def _atomic_dir(final: Path, build) -> Path:
     return final
 
 
-def build_tiny_random(out_dir: str | os.PathLike, hidden: int = 64, layers: int = 2, heads: int = 4,
-                      seed: int = 0) -> Path:
+def build_tiny_random(
+    out_dir: str | os.PathLike, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0
+) -> Path:
     """A small random Llama with a byte-level tokenizer and a ChatML template; no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -80,7 +81,10 @@ def build_tiny_random(out_dir: str | os.PathLike, hidden: int = 64, layers: int 
     out = Path(out_dir)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab = {**{s: i for i, s in enumerate(specials)}, **{ch: i + len(specials) for ch, i in byte_vocab.items()}}
+    vocab = {
+        **{s: i for i, s in enumerate(specials)},
+        **{ch: i + len(specials) for ch, i in byte_vocab.items()},
+    }
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -137,7 +141,9 @@ def resolve_model_dir(model_cfg: Any, cache_dir: str | os.PathLike) -> str:
             raise ConfigError("model.path is required for model.source=hub")
         return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
     if source == "tiny_random":
-        hidden, layers, heads = (_get(model_cfg, k) for k in ("tiny_hidden_size", "tiny_layers", "tiny_heads"))
+        hidden, layers, heads = (
+            _get(model_cfg, k) for k in ("tiny_hidden_size", "tiny_layers", "tiny_heads")
+        )
         final = models_dir / f"tiny_random-h{hidden}-l{layers}-a{heads}"
         if not (final / "config.json").exists():
             _atomic_dir(final, lambda d: build_tiny_random(d, hidden, layers, heads))
@@ -181,7 +187,8 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
 def load_configured(model_cfg: Any, cache_dir: str | os.PathLike) -> tuple[Any, Any]:
     """Resolve then load the configured base model."""
     return load_model(
-        resolve_model_dir(model_cfg, cache_dir), _get(model_cfg, "dtype", "float32"),
+        resolve_model_dir(model_cfg, cache_dir),
+        _get(model_cfg, "dtype", "float32"),
         bool(_get(model_cfg, "trust_remote_code", False)),
     )
 

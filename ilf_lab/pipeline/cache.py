@@ -1,0 +1,105 @@
+"""Content-addressed stage cache.
+
+A stage's artifact lives at `<cache_dir>/stages/<stage>/<key>/`, where the key hashes the stage's config slice and
+its upstream keys. The directory is built under a temporary name and renamed into place only when complete, with
+`meta.json` inside, so a killed stage leaves nothing that looks finished and a rerun recomputes exactly what did
+not finish. Jobs of a sweep that share a slice share the artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# bump when a stage's artifact format or semantics change, so old caches are not reused
+CACHE_VERSION = 1
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
+def stage_key(stage: str, slice_: Any, upstream: dict[str, str] | None = None) -> str:
+    payload = {"stage": stage, "version": CACHE_VERSION, "config": _plain(slice_), "upstream": upstream or {}}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class Artifact:
+    """A finished stage: its directory and the metadata the stage returned."""
+
+    stage: str
+    key: str
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+    seconds: float = 0.0
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+class StageCache:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root) / "stages"
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def lookup(self, stage: str, key: str) -> Artifact | None:
+        path = self.path(stage, key)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            return None
+        meta = json.loads(meta_file.read_text())
+        return Artifact(stage, key, path, meta.get("meta", {}), cached=True, seconds=0.0)
+
+    def run(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> Artifact:
+        """Return the cached artifact, or compute it into a temp dir and publish it atomically."""
+        t0 = time.perf_counter()
+        hit = self.lookup(stage, key)
+        if hit is not None:
+            hit.seconds = time.perf_counter() - t0
+            return hit
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
+        try:
+            meta = compute(tmp) or {}
+            (tmp / "meta.json").write_text(json.dumps({"stage": stage, "key": key, "meta": meta}, indent=1))
+            try:
+                os.rename(tmp, final)
+            except OSError:  # a concurrent job published the same key first: theirs is equivalent
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        art = self.lookup(stage, key)
+        assert art is not None
+        art.cached = False
+        art.seconds = time.perf_counter() - t0
+        return art
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,337 @@
+"""The ILF experiment as a DAG of cached stages, top to bottom (Chen et al. 2023, Algorithm 1):
+
+    tasks -> x0 -> feedback -> train_refiner -> refine -> train_policy -> evaluate
+                 ^------------------- rounds > 1: x0 from the improved policy ------'
+
+Each stage's key hashes its config slice and its upstream keys (see cache.py), so a sweep computes shared stages
+once and a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ilf_lab.data.mbpp import load_mbpp
+from ilf_lab.models.loading import model_fingerprint, resolve_model_dir
+from ilf_lab.pipeline import stages as S
+from ilf_lab.pipeline.cache import Artifact, StageCache, read_jsonl, stage_key
+
+log = logging.getLogger("ilf_lab.pipeline")
+
+
+def _slice(cfg: DictConfig, *keys: str) -> dict[str, Any]:
+    return {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in keys
+    }
+
+
+def _data_fingerprint(cfg: DictConfig) -> str:
+    """Changes when the data files change (local dir), so cached tasks are never stale."""
+    parts = []
+    d = cfg.data.dir
+    for rel in ("mbpp/mbpp.jsonl", "ilf/surge_annotations.jsonl"):
+        p = Path(d) / rel if d else None
+        if p is not None and p.exists():
+            parts.append(f"{rel}:{p.stat().st_size}:{int(p.stat().st_mtime)}")
+    f = cfg.data.annotations_file
+    if f and Path(f).exists():
+        parts.append(hashlib.sha256(Path(f).read_bytes()).hexdigest())
+    return "|".join(parts) or "hub"
+
+
+class StageLog:
+    """Records each stage for results.json and W&B, and says what runs, what is cached and how long it took."""
+
+    def __init__(self, tracker: Any):
+        self.tracker = tracker
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, name: str, art: Artifact | None, status: str = "ok", info: dict | None = None) -> None:
+        row = {
+            "name": name,
+            "cached": bool(art and art.cached),
+            "seconds": round(art.seconds, 3) if art else 0.0,
+            "key": art.key if art else None,
+            "status": status,
+            "info": info or {},
+        }
+        self.rows.append(row)
+        how = "skipped" if art is None else ("cached" if art.cached else f"ran in {art.seconds:.1f} s")
+        log.info("stage %-14s %-8s %s %s", name, status, how, json.dumps(info or {}, default=str)[:160])
+        self.tracker.log_stage(name, row["seconds"], row["cached"], status=status, info=info)
+
+
+def run_experiment(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) one experiment; write results.json in the run's output dir; return the results."""
+    from ilf_lab.tracking import Tracker
+
+    t_start = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = StageCache(cfg.paths.cache_dir)
+    tracker = Tracker.from_config(cfg)
+    try:
+        results = _run(cfg, cache, tracker, out_dir)
+        results["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+        results["wandb"] = getattr(tracker, "info", {})
+        tracker.log_metrics({k: results[k] for k in ("pass@1", "pass@10") if results.get(k) is not None})
+        _write_json_atomic(out_dir / "results.json", results)
+        log.info("results: %s", {k: results[k] for k in ("experiment", "pass@1", "pass@10", "wall_seconds")})
+        return results
+    finally:
+        tracker.finish()
+
+
+def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dict[str, Any]:
+    stages = StageLog(tracker)
+    models = S.Models(cfg)
+    fmt = cfg.model.prompt_format
+    mbpp = load_mbpp(cfg.data)
+
+    # the base policy πθ, materialised as a HF dir (GGUF conversion and tiny models are cached)
+    base_path = resolve_model_dir(cfg.model, cfg.paths.cache_dir)
+    base_id = {"model": _slice(cfg, "model")["model"], "fingerprint": model_fingerprint(base_path)}
+
+    # 1. tasks: splits and the filtered human annotations
+    k_tasks = stage_key(
+        "tasks", {**_slice(cfg, "data"), "x0_source": cfg.x0.source, "fp": _data_fingerprint(cfg)}
+    )
+    a_tasks = cache.run("tasks", k_tasks, lambda d: S.stage_tasks(cfg, mbpp, d))
+    stages.add("tasks", a_tasks, info=a_tasks.meta.get("split_sizes"))
+    splits, anns = S.load_splits(a_tasks.path), S.load_annotations(a_tasks.path)
+
+    counts: dict[str, Any] = {"annotations": a_tasks.meta.get("annotation_counts", {})}
+    training: dict[str, Any] = {}
+    artifacts: dict[str, str] = {}
+    train_on = cfg.train_on.source
+    policy_path, policy_key = base_path, stage_key("base", base_id)
+    refiner_path: str | None = None
+    needs_feedback = train_on in ("refinements", "human_refinements", "mbpp_gold")
+
+    for round_ in range(1, cfg.rounds + 1):
+        r = f"[{round_}]" if cfg.rounds > 1 else ""
+        feedback_rows: list[dict] = []
+        k_fb = None
+        if needs_feedback:
+            # 2. x0: incorrect programs
+            from_policy = cfg.x0.source == "policy" or round_ > 1
+            x0_slice: dict[str, Any] = {"source": "annotations"}
+            x0_up = {"tasks": k_tasks}
+            if from_policy:
+                x0_slice = _slice(cfg, "x0", "execution") | {
+                    "seed": cfg.seed,
+                    "round": round_,
+                    "fmt": fmt,
+                    "top_p": cfg.sampling.top_p,
+                }
+                x0_up["policy"] = policy_key
+            k_x0 = stage_key("x0", x0_slice, x0_up)
+            a_x0 = cache.run(
+                "x0", k_x0, lambda d: S.stage_x0(cfg, mbpp, splits, anns, models, policy_path, d, round_)
+            )
+            stages.add(f"x0{r}", a_x0, "ok" if a_x0.meta["x0"] else "empty", a_x0.meta)
+            x0_rows = read_jsonl(a_x0.file("x0.jsonl"))
+
+            # 3. feedback f (and, from an LLM, its refinement)
+            fb_slice = _slice(cfg, "feedback") | {"seed": cfg.seed}
+            if cfg.feedback.provider == "llm":
+                fb_slice |= {"base": base_id, "prompt_format": fmt}
+            k_fb = stage_key("feedback", fb_slice, {"x0": k_x0, "tasks": k_tasks})
+            a_fb = cache.run(
+                "feedback", k_fb, lambda d: S.stage_feedback(cfg, mbpp, anns, x0_rows, models, base_path, d)
+            )
+            stages.add(f"feedback{r}", a_fb, "ok" if a_fb.meta["feedback"] else "empty", a_fb.meta)
+            feedback_rows = read_jsonl(a_fb.file("feedback.jsonl"))
+            artifacts["feedback"] = str(a_fb.file("feedback.jsonl"))
+            counts["x0"], counts["feedback"] = a_x0.meta["x0"], a_fb.meta["feedback"]
+
+        refine_key = None
+        if train_on == "refinements":
+            # 4. train πRefine on MBPPRefine's (t, x0, f) -> x1 (human feedback; LLM feedback brings its own x1)
+            if cfg.feedback.provider == "human" and refiner_path is None:
+                records = _refiner_records(mbpp, feedback_rows)
+                counts["refiner_examples"] = len(records)
+                k_ref = stage_key(
+                    "train_refiner",
+                    _slice(cfg, "refiner", "trainer") | {"base": base_id, "seed": cfg.seed, "fmt": fmt},
+                    {"feedback": k_fb},
+                )
+                if records:
+                    a_ref = cache.run(
+                        "train_refiner",
+                        k_ref,
+                        lambda d: S.stage_train(
+                            cfg,
+                            "refiner",
+                            records,
+                            base_path,
+                            cfg.refiner,
+                            d,
+                            tracker.lightning_logger("refiner"),
+                        ),
+                    )
+                    refiner_path = str(a_ref.file("model"))
+                    training["refiner"] = a_ref.meta.get("training", {})
+                    stages.add("train_refiner", a_ref, info={"examples": len(records)})
+                else:
+                    stages.add("train_refiner", None, "empty", {"examples": 0})
+                    refiner_path = base_path  # no human data: refine with the base model, zero-shot
+            # 5. refine MBPPTrain: sample x1, run the tests, keep one passing refinement per task
+            refine_slice = _slice(cfg, "refine", "execution") | {
+                "seed": cfg.seed,
+                "round": round_,
+                "fmt": fmt,
+            }
+            refine_up = {
+                "feedback": k_fb,
+                "refiner": model_fingerprint(refiner_path) if refiner_path else "llm",
+            }
+            refine_key = stage_key("refine", refine_slice, refine_up)
+            src = refiner_path if cfg.feedback.provider == "human" else None
+            a_rf = cache.run(
+                "refine",
+                refine_key,
+                lambda d: S.stage_refine(cfg, mbpp, feedback_rows, src, models, d, round_),
+            )
+            stages.add(f"refine{r}", a_rf, "ok" if a_rf.meta["tasks_with_passing"] else "empty", a_rf.meta)
+            artifacts["refinements"] = str(a_rf.file("refinements.jsonl"))
+            counts["refinements"] = a_rf.meta["refinements"]
+            counts["refinements_passing"] = a_rf.meta["refinements_passing"]
+            policy_records = [
+                (mbpp[x["task_id"]], x["program"])
+                for x in read_jsonl(a_rf.file("refinements.jsonl"))
+                if x["kept"]
+            ]
+        elif train_on == "human_refinements":
+            policy_records = [
+                (mbpp[x["task_id"]], x["refinement"])
+                for x in feedback_rows
+                if x["split"] == "train" and x.get("refinement")
+            ]
+        elif train_on == "mbpp_gold":  # the same MBPPTrain tasks, gold programs: controls for the task set
+            policy_records = [
+                (mbpp[x["task_id"]], mbpp[x["task_id"]].code) for x in feedback_rows if x["split"] == "train"
+            ]
+        else:
+            policy_records = []
+
+        # 6. train πθ* on the chosen fine-tuning data (nothing: the base policy is evaluated)
+        counts["policy_examples"] = len(policy_records)
+        if train_on == "none":
+            stages.add(f"train_policy{r}", None, "skipped", {"train_on": "none"})
+        elif not policy_records:
+            stages.add(f"train_policy{r}", None, "empty", {"train_on": train_on, "examples": 0})
+        else:
+            from ilf_lab.training import PolicyRecord
+
+            records = [PolicyRecord(task=t, program=p) for t, p in policy_records]
+            k_pol = stage_key(
+                "train_policy",
+                _slice(cfg, "policy", "trainer") | {"seed": cfg.seed, "fmt": fmt, "train_on": train_on},
+                {"policy": policy_key, "data": refine_key or k_fb or "", "n": str(len(records))},
+            )
+            a_pol = cache.run(
+                "train_policy",
+                k_pol,
+                lambda d: S.stage_train(
+                    cfg, "policy", records, policy_path, cfg.policy, d, tracker.lightning_logger("policy")
+                ),
+            )
+            stages.add(f"train_policy{r}", a_pol, info={"examples": len(records), "train_on": train_on})
+            training["policy"] = a_pol.meta.get("training", {})
+            policy_path, policy_key = str(a_pol.file("model")), k_pol
+
+    # 7. evaluate πθ* on MBPPTest (or MBPPRefine for model selection): n samples at T, pass@k
+    split = "test" if cfg.eval.split == "test" else "refine_all"
+    eval_tasks = [mbpp[i] for i in splits[split]]
+    k_eval = stage_key(
+        "evaluate",
+        _slice(cfg, "sampling", "execution")
+        | {"ks": list(cfg.eval.ks), "split": split, "seed": cfg.seed, "fmt": fmt},
+        {"policy": policy_key, "tasks": k_tasks},
+    )
+    a_ev = cache.run("evaluate", k_eval, lambda d: S.stage_evaluate(cfg, eval_tasks, policy_path, models, d))
+    ev = a_ev.meta
+    stages.add("evaluate", a_ev, info={k: ev.get(k) for k in ("pass@1", "pass@10", "num_tasks", "n_samples")})
+    artifacts["eval_samples"] = str(a_ev.file("eval_samples.jsonl"))
+
+    # copy the small JSONL artifacts beside results.json (the cache keeps the originals)
+    for name, path in list(artifacts.items()):
+        dst = out_dir / Path(path).name
+        shutil.copyfile(path, dst)
+        artifacts[name] = str(dst)
+    _log_tables(tracker, artifacts)
+    if "policy" in training:
+        tracker.log_metrics({"policy/final_loss": (training["policy"].get("losses") or [None])[-1]})
+
+    return {
+        "experiment": cfg.name,
+        "feedback": cfg.feedback.name,
+        "train_on": train_on,
+        "model": cfg.model.name,
+        "scale": cfg.scale,
+        "pass@1": ev.get("pass@1"),
+        "pass@10": ev.get("pass@10"),
+        "n_samples": ev["n_samples"],
+        "num_tasks": ev["num_tasks"],
+        "eval_split": cfg.eval.split,
+        "temperature": cfg.sampling.temperature,
+        "seed": cfg.seed,
+        "rounds": cfg.rounds,
+        "per_task": ev["per_task"],
+        "benchmarks": {
+            "mbpp": {k: ev.get(k) for k in ("pass@1", "pass@10", "num_tasks", "n_samples", "per_task")}
+        },
+        "stages": stages.rows,
+        "counts": counts,
+        "training": training,
+        "artifacts": artifacts,
+        "overrides": _overrides(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def _refiner_records(mbpp: dict, feedback_rows: list[dict]) -> list[Any]:
+    from ilf_lab.training import RefinerRecord
+
+    return [
+        RefinerRecord(
+            task=mbpp[x["task_id"]],
+            old_code=x["old_code"],
+            feedback=x["feedback"],
+            refinement=x["refinement"],
+        )
+        for x in feedback_rows
+        if x["split"] == "refine" and x.get("refinement")
+    ]
+
+
+def _log_tables(tracker: Any, artifacts: dict[str, str]) -> None:
+    for name, path in artifacts.items():
+        rows = read_jsonl(path)
+        tracker.log_table(name, rows[:2000])
+
+
+def _overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # not under Hydra (called from Python)
+        return []
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)

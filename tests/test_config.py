@@ -1,0 +1,124 @@
+"""Every config group composes; bad values fail at start with a short message naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ilf_lab.config import Config, validate
+from ilf_lab.errors import ConfigError
+from tests.conftest import REPO, compose
+
+CONF = REPO / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__"))
+TABLE4 = {
+    "ilf": ("human", "refinements"),
+    "instructgpt_1shot": ("instructgpt_1shot", "refinements"),
+    "instructgpt_2shot": ("instructgpt_2shot", "refinements"),
+    "mbpp_gold": ("human", "mbpp_gold"),
+    "human_refinements": ("human", "human_refinements"),
+    "zero_shot": ("human", "none"),
+}
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
+)
+def test_every_option_composes_and_validates(group, option):
+    extra = ["feedback=instructgpt_1shot"] if (group, option) == ("x0", "policy") else []
+    cfg = compose([f"{group}={option}", "paths.cache_dir=/c", "paths.output_dir=/o", *extra])
+    validate(cfg)
+    obj = OmegaConf.to_object(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    assert obj["name"] and (group in ("experiment", "scale") or obj[group] is not None)
+
+
+def test_contract_options_exist():
+    need = {
+        "feedback": {"human", "instructgpt_1shot", "instructgpt_2shot"},
+        "train_on": {"refinements", "mbpp_gold", "human_refinements", "none"},
+        "experiment": set(TABLE4),
+        "model": {"smollm2_135m_instruct", "tiny_random", "codegen_6b_mono"},
+        "scale": {"smoke", "demo", "paper"},
+        "logger": {"wandb", "none"},
+    }
+    for group, options in need.items():
+        assert options <= {p.stem for p in (CONF / group).glob("*.yaml")}, group
+
+
+def test_defaults():
+    cfg = compose()
+    assert cfg.model.name == "smollm2_135m_instruct"
+    assert cfg.scale == "demo" and cfg.logger.name == "wandb" and cfg.logger.mode == "offline"
+    assert cfg.sampling.n >= 10 and "cache_dir" in cfg.paths
+
+
+@pytest.mark.parametrize("experiment,expected", TABLE4.items())
+def test_table4_presets(experiment, expected):
+    cfg = compose([f"experiment={experiment}"])
+    assert (cfg.name, cfg.feedback.name, cfg.train_on.source) == (experiment, *expected)
+
+
+def test_paper_scale_carries_paper_settings():
+    cfg = compose(["scale=paper", "model=codegen_6b_mono"])
+    assert (cfg.sampling.n, cfg.sampling.temperature) == (30, 0.8)
+    assert (cfg.policy.lr, cfg.policy.batch_size, cfg.policy.epochs) == (5e-6, 32, 2)
+    assert (cfg.refiner.max_length, cfg.policy.max_length) == (1024, 512)
+    assert cfg.data.max_test_tasks is None and cfg.model.prompt_format == "docstring"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("sampling.temperature=-1", "sampling.temperature"),
+        ("sampling.top_p=0", "sampling.top_p"),
+        ("refine.n=0", "refine.n"),
+        ("policy.lr=0", "policy.lr"),
+        ("feedback.shots=3", "feedback.shots"),
+        ("execution.comparison=fuzzy", "execution.comparison"),
+        ("policy.batch_size=5", "policy.batch_size"),
+        ("rounds=2", "rounds"),
+        ("x0=policy", "x0.source"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override, key):
+    cfg = compose([override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_schema_is_a_dataclass():
+    assert OmegaConf.structured(Config).sampling.n == 30
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ilf_lab", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["feedback=unknown_source"], "feedback"),
+        (["sampling.n=many"], "sampling.n"),
+        (["sampling.temperature=-1", "logger=none"], "sampling.temperature"),
+        (["no_such_key=1"], "no_such_key"),
+    ],
+)
+def test_cli_rejects_bad_values_briefly(args, needle, tmp_path):
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) < 15
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_cli_prints_config_from_any_directory(tmp_path):
+    r = _cli("--cfg", "job", "experiment=zero_shot", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = OmegaConf.create(r.stdout)
+    assert cfg.name == "zero_shot" and cfg.train_on.source == "none"
