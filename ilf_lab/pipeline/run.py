@@ -141,6 +141,9 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
             )
             stages.add(f"x0{r}", a_x0, "ok" if a_x0.meta["x0"] else "empty", a_x0.meta)
             x0_rows = read_jsonl(a_x0.file("x0.jsonl"))
+            artifacts["x0"] = str(a_x0.file("x0.jsonl"))
+            if a_x0.file("x0_samples.jsonl").exists():
+                artifacts["x0_samples"] = str(a_x0.file("x0_samples.jsonl"))
 
             # 3. feedback f (and, from an LLM, its refinement)
             fb_slice = _slice(cfg, "feedback") | {"seed": cfg.seed}
