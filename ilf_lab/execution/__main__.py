@@ -1,0 +1,111 @@
+"""CLI: ``python -m ilf_lab.execution --input IN.jsonl --output OUT.jsonl``.
+
+Every input line is validated before anything runs, so a malformed file costs nothing
+and leaves no partial output; the output is written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+EXIT_USAGE = 2
+
+
+class InputError(Exception):
+    pass
+
+
+def _load(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError as e:
+        raise InputError(f"input file not found: {path}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    rows = []
+    name = os.path.basename(path)
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{name} line {no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: invalid JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        for key in ("task_id", "program", "tests"):
+            if key not in obj:
+                raise InputError(f"{where}: missing key '{key}'")
+        if not isinstance(obj["program"], str):
+            raise InputError(f"{where}: 'program' must be a string")
+        if not isinstance(obj["tests"], list) or not all(isinstance(t, str) for t in obj["tests"]):
+            raise InputError(f"{where}: 'tests' must be a list of strings")
+        if "setup" in obj and obj["setup"] is not None and not isinstance(obj["setup"], str):
+            raise InputError(f"{where}: 'setup' must be a string")
+        rows.append(obj)
+    return rows
+
+
+def _write_atomic(path: str, rows: list[dict]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ilf_lab.execution", description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help="JSONL: task_id, program, tests[, setup]")
+    p.add_argument("--output", required=True, help="JSONL: the input objects plus passed and result")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
+    p.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
+    p.add_argument("--comparison", choices=("exact", "approx"), default="exact")
+    p.add_argument("--memory-mb", type=int, default=4096)
+    p.add_argument("--progress", action="store_true", help="tqdm progress bar on stderr")
+    args = p.parse_args(argv)
+    if args.timeout <= 0 or (args.workers is not None and args.workers < 1):
+        p.error("--timeout must be > 0 and --workers >= 1")
+    try:
+        rows = _load(args.input)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from ilf_lab.execution.sandbox import run_programs
+
+    verdicts = run_programs(
+        rows,
+        timeout=args.timeout,
+        workers=args.workers,
+        comparison=args.comparison,
+        memory_mb=args.memory_mb,
+        progress=args.progress,
+    )
+    out = [{**row, "passed": v.passed, "result": v.result} for row, v in zip(rows, verdicts, strict=True)]
+    try:
+        _write_atomic(args.output, out)
+    except OSError as e:
+        print(f"error: cannot write {args.output}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    n_pass = sum(v.passed for v in verdicts)
+    print(f"{n_pass}/{len(verdicts)} passed", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
