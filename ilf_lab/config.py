@@ -317,7 +317,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.feedback.provider == "human" and cfg.x0.source != "annotations":
         raise ConfigError(
             "x0.source=policy needs feedback on the policy's own programs: use feedback=instructgpt_1shot/2shot, "
-            "or collect human feedback with `python -m ilf_lab.annotate` and set data.annotations_file"
+            "or collect human feedback with `python -m ilf_lab.annotate` and run with x0=annotations "
+            "data.annotations_file=<the imported file> (its records carry the policy's x0)"
         )
     if cfg.rounds > 1 and cfg.feedback.provider != "llm":
         raise ConfigError("rounds>1 needs fresh feedback each round: use an llm feedback option")
