@@ -151,6 +151,9 @@ def target_for(task: Task, program: str, fmt: str) -> str:
             rest = program[i + len(prefix) :]
             return rest.split("\n", 1)[1] if "\n" in rest else "\n"
         return program
+    prompt = docstring_prompt(task)
+    if program.startswith(prompt):  # an annotation-style program: keep the code, drop the task docstring
+        program = code_prefix(task) + "\n" + program[len(prompt) :]
     return program + "```"
 
 
