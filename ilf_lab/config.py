@@ -162,7 +162,8 @@ class ExecutionConfig:
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 10])
     split: str = "test"  # test (MBPPTest, the paper's numbers) | refine (model selection, App. A.1)
-    benchmarks: list[str] = field(default_factory=lambda: ["mbpp"])
+    benchmarks: list[str] = field(default_factory=lambda: ["mbpp"])  # add humaneval for transfer (issue 9)
+    humaneval_max_problems: int | None = None  # the first N of HumanEval's 164 (null = all)
 
 
 @dataclass
@@ -259,6 +260,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "feedback.max_new_tokens": (1, None, True),
     "feedback.num_tasks": (1, None, True),
     "data.max_edit_distance": (0.0, 1.0, True),
+    "eval.humaneval_max_problems": (1, 164, True),
     "data.max_test_tasks": (1, None, True),
     "data.max_refine_tasks": (1, None, True),
     "data.max_train_tasks": (1, None, True),

@@ -108,6 +108,15 @@ def build_tiny_random(
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
+    # re-initialise in a fixed order from one generator: the same weights in every process, whatever the
+    # library's own init order or PYTHONHASHSEED
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     model.generation_config.eos_token_id = fast.eos_token_id
     model.generation_config.pad_token_id = fast.pad_token_id
     model.save_pretrained(out)

@@ -267,6 +267,25 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
     ev = a_ev.meta
     stages.add("evaluate", a_ev, info={k: ev.get(k) for k in ("pass@1", "pass@10", "num_tasks", "n_samples")})
     artifacts["eval_samples"] = str(a_ev.file("eval_samples.jsonl"))
+    benchmarks = {"mbpp": {k: ev.get(k) for k in ("pass@1", "pass@10", "num_tasks", "n_samples", "per_task")}}
+    if "humaneval" in cfg.eval.benchmarks:  # transfer: the same policy, sampler and sandbox on HumanEval
+        k_he = stage_key(
+            "evaluate_humaneval",
+            _slice(cfg, "sampling", "execution")
+            | {"ks": list(cfg.eval.ks), "seed": cfg.seed, "fmt": fmt, "max": cfg.eval.humaneval_max_problems},
+            {"policy": policy_key},
+        )
+        a_he = cache.run(
+            "evaluate_humaneval", k_he, lambda d: S.stage_evaluate_humaneval(cfg, policy_path, models, d)
+        )
+        he = a_he.meta
+        stages.add(
+            "evaluate_humaneval", a_he, info={k: he.get(k) for k in ("pass@1", "pass@10", "num_tasks")}
+        )
+        benchmarks["humaneval"] = {
+            k: he.get(k) for k in ("pass@1", "pass@10", "num_tasks", "n_samples", "per_task")
+        }
+        artifacts["humaneval_samples"] = str(a_he.file("humaneval_samples.jsonl"))
 
     # copy the small JSONL artifacts beside results.json (the cache keeps the originals)
     for name, path in list(artifacts.items()):
@@ -292,9 +311,7 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
         "seed": cfg.seed,
         "rounds": cfg.rounds,
         "per_task": ev["per_task"],
-        "benchmarks": {
-            "mbpp": {k: ev.get(k) for k in ("pass@1", "pass@10", "num_tasks", "n_samples", "per_task")}
-        },
+        "benchmarks": benchmarks,
         "stages": stages.rows,
         "counts": counts,
         "training": training,

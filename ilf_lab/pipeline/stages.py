@@ -407,3 +407,63 @@ def stage_evaluate(
     counts = [(pt["n"], pt["c"]) for pt in per_task.values()]
     metrics = {f"pass@{k}": (mean_pass_at_k(counts, k) if k <= s.n else None) for k in cfg.eval.ks}
     return {**metrics, "num_tasks": len(tasks), "n_samples": s.n, "per_task": per_task}
+
+
+def stage_evaluate_humaneval(cfg: Any, policy_path: str, models: Models, out: Path) -> dict[str, Any]:
+    """Transfer: the same sampler and sandbox on HumanEval (its own prompts, or a chat rendering)."""
+    from ilf_lab.data.humaneval import (
+        humaneval_item,
+        humaneval_program,
+        humaneval_prompt,
+        humaneval_stops,
+        load_humaneval,
+    )
+    from ilf_lab.execution import mean_pass_at_k, run_programs
+    from ilf_lab.generation import SamplingParams
+
+    problems = load_humaneval()
+    if cfg.eval.humaneval_max_problems:
+        problems = problems[: cfg.eval.humaneval_max_problems]
+    fmt, s = cfg.model.prompt_format, cfg.sampling
+    engine, tok = models.engine(policy_path)
+    params = SamplingParams(
+        n=s.n,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        max_new_tokens=s.max_new_tokens,
+        stop=humaneval_stops(fmt),
+        seed=cfg.seed + 11,
+    )
+    outs = engine.generate([humaneval_prompt(p, fmt, tok) for p in problems], params, progress=True)
+    flat = [
+        (p, i, c, humaneval_program(p, c, fmt))
+        for p, cs in zip(problems, outs, strict=True)
+        for i, c in enumerate(cs)
+    ]
+    ex = cfg.execution
+    verdicts = run_programs(
+        [humaneval_item(p, prog) for p, _, _, prog in flat],
+        timeout=ex.timeout,
+        workers=ex.workers,
+        comparison="exact",
+        memory_mb=ex.memory_mb,
+    )
+    rows, per_task = [], {}
+    for (p, i, c, prog), v in zip(flat, verdicts, strict=True):
+        rows.append(
+            {
+                "task_id": p.task_id,
+                "sample_idx": i,
+                "completion": c,
+                "program": prog,
+                "passed": v.passed,
+                "result": v.result,
+            }
+        )
+        pt = per_task.setdefault(p.task_id, {"n": 0, "c": 0})
+        pt["n"] += 1
+        pt["c"] += int(v.passed)
+    write_jsonl(out / "humaneval_samples.jsonl", rows)
+    counts = [(pt["n"], pt["c"]) for pt in per_task.values()]
+    metrics = {f"pass@{k}": (mean_pass_at_k(counts, k) if k <= s.n else None) for k in cfg.eval.ks}
+    return {**metrics, "num_tasks": len(problems), "n_samples": s.n, "per_task": per_task}

