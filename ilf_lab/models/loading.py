@@ -80,7 +80,8 @@ def build_tiny_random(
 
     out = Path(out_dir)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # sorted: alphabet() comes from a set, whose order changes between processes
+    byte_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab = {
         **{s: i for i, s in enumerate(specials)},
         **{ch: i + len(specials) for ch, i in byte_vocab.items()},
