@@ -1,0 +1,45 @@
+"""Sampling engines behind one interface: `make_engine(name, model_path).generate(prompts, SamplingParams)`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ilf_lab.generation.params import Engine, SamplingParams
+
+__all__ = ["Engine", "SamplingParams", "make_engine", "vllm_available"]
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def make_engine(
+    name: str,
+    model_path: str,
+    *,
+    dtype: str = "float32",
+    batch_size: int | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+) -> Engine:
+    """An engine by name: "hf" (our batched loop, CPU or GPU) or "vllm" (GPU, needs the vllm extra).
+    Pass an already-loaded `model`/`tokenizer` to reuse them (hf only; vLLM loads its own copy)."""
+    if name == "hf":
+        from ilf_lab.generation.hf import HFEngine
+
+        if model is None or tokenizer is None:
+            from ilf_lab.models.loading import load_model, load_tokenizer
+
+            if model is None:
+                model, tok = load_model(model_path, dtype)
+                tokenizer = tokenizer or tok
+            else:
+                tokenizer = load_tokenizer(model_path)
+        return HFEngine(model, tokenizer, batch_size=batch_size)
+    if name == "vllm":
+        from ilf_lab.generation.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, dtype=dtype, batch_size=batch_size)
+    raise ValueError(f"unknown engine {name!r} (expected 'hf' or 'vllm')")

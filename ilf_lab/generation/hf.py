@@ -1,0 +1,488 @@
+"""The default engine: our own batched sampling loop over a Hugging Face causal LM, on CPU or GPU.
+
+Two backends share the scheduler's bookkeeping (seeds, sampling, stop strings, progress):
+
+* `slots` (Llama-family models: llama, mistral, qwen2): continuous batching over a preallocated KV cache of
+  `batch_size` slots. Each slot holds one sample; its cache starts at column 0 (no padding) and grows one
+  column per step, so rows of different lengths decode together with a per-row length mask. A prompt is
+  prefilled once and its KV copied into its n slots; a finished row is replaced by the last active row (one
+  row copy, the batch stays dense) and freed slots are refilled with the next prompts' samples. Attention is
+  computed by this module (grouped-query heads folded into the query axis, so the KV cache is never expanded);
+  everything else calls the model's own modules.
+* `generic` (any causal LM): prompts grouped by length, left-padded, prefilled once with the model's own
+  forward and a `DynamicCache`, cache expanded n times, finished rows dropped from the batch and the cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ilf_lab.generation.params import SamplingParams
+from ilf_lab.generation.sampling import (
+    StopChecker,
+    choose_tokens,
+    draw_uniforms,
+    make_generator,
+    prompt_seeds,
+)
+
+log = logging.getLogger(__name__)
+
+SLOT_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# decode rows beyond which a step's matmuls gain nothing on CPU (measured on 2 cores, see benchmarks/sampling.py)
+CPU_MAX_ROWS = 128
+GPU_MAX_ROWS = 1024
+PREFILL_TOKENS_CPU = 2048  # prompt tokens per prefill forward (bounds activation memory)
+PREFILL_TOKENS_GPU = 16384
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for the KV cache on `device` (CUDA: free device memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    cfg = model.config
+    kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * kvh * _head_dim(cfg) * elem
+
+
+def auto_batch_size(model: Any, max_len: int, device: torch.device) -> int:
+    """Concurrent sequences: as many as half the free memory holds (KV cache of `max_len` tokens plus the
+    per-row logits), capped where bigger decode batches stop paying (compute-bound on CPU sooner than GPU)."""
+    vocab = model.config.vocab_size
+    per_row = kv_bytes_per_token(model) * max_len + vocab * 4 * 4
+    budget = available_memory(device) * (0.6 if device.type == "cuda" else 0.5)
+    if device.type != "cuda":  # the model itself is already resident; leave room for a trainer next door
+        budget -= sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = max(1, int(budget // per_row))
+    return max(1, min(rows, GPU_MAX_ROWS if device.type == "cuda" else CPU_MAX_ROWS))
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        if e is not None:
+            ids.update(e if isinstance(e, (list, tuple)) else [e])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids per prompt; BOS is added by the tokenizer unless the prompt text already starts with it
+    (chat templates often render it)."""
+    bos = tokenizer.bos_token
+    out = []
+    for p in prompts:
+        add = not (bos and p.startswith(bos))
+        out.append(tokenizer(p, add_special_tokens=add)["input_ids"])
+    return out
+
+
+def supports_slots(model: Any) -> bool:
+    """Llama-family decoder whose modules the slot forward can call (no sliding-window attention in use)."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in SLOT_MODEL_TYPES:
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return False  # e.g. Mistral-7B-v0.1: windowed attention, which the slot forward does not implement
+    inner = getattr(model, "model", None)
+    return all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+
+
+class _Progress:
+    """tqdm over samples with generated tokens/s; a no-op when disabled."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="sample", desc="sampling", dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self.last = 0.0
+
+    def step(self, tokens: int, done: int) -> None:
+        self.tokens += tokens
+        if self.bar is None:
+            return
+        if done:
+            self.bar.update(done)
+        now = time.perf_counter()
+        if now - self.last > 0.5:
+            self.last = now
+            self.bar.set_postfix_str(f"{self.tokens / max(now - self.t0, 1e-9):.0f} tok/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Rows:
+    """Per-row bookkeeping of the active batch (row i = one sample being generated)."""
+
+    def __init__(self) -> None:
+        self.prompt: list[int] = []
+        self.sample: list[int] = []
+        self.gen: list[torch.Generator | None] = []
+        self.tokens: list[list[int]] = []
+        self.lens: list[int] = []  # cache columns filled (slots backend)
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def add(self, prompt: int, sample: int, gen: torch.Generator | None, length: int) -> None:
+        self.prompt.append(prompt)
+        self.sample.append(sample)
+        self.gen.append(gen)
+        self.tokens.append([])
+        self.lens.append(length)
+
+    def keep(self, idx: Sequence[int]) -> None:
+        for name in ("prompt", "sample", "gen", "tokens", "lens"):
+            seq = getattr(self, name)
+            setattr(self, name, [seq[i] for i in idx])
+
+    def move(self, dst: Sequence[int], src: Sequence[int], new_len: int) -> None:
+        for name in ("prompt", "sample", "gen", "tokens", "lens"):
+            seq = getattr(self, name)
+            for d, s in zip(dst, src, strict=True):
+                seq[d] = seq[s]
+            del seq[new_len:]
+
+
+class _SlotCache:
+    """A preallocated KV cache [layer, k|v, slot, kv_head, position, head_dim] and a Llama-family forward
+    that reads and writes it. Pages are touched only as far as sequences actually grow."""
+
+    def __init__(self, model: Any, slots: int, max_len: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.inner = model.model
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.group = self.heads // self.kv_heads
+        self.head_dim = _head_dim(cfg)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.kv = torch.empty(
+            cfg.num_hidden_layers,
+            2,
+            slots,
+            self.kv_heads,
+            max_len,
+            self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def _qkv(self, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, t, _ = h.shape
+        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
+        """Run the prompts (right-padded; causal attention never sees the padding), write each prompt's KV
+        into `copies` consecutive slots from `row0`, return next-token logits per prompt."""
+        b, t = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(b, t, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        pos = torch.arange(t, device=self.device).unsqueeze(0).expand(b, t)
+        x = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(x, pos)
+        rows = slice(row0, row0 + b * copies)
+        for i, layer in enumerate(self.inner.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
+            self.kv[i, 0, rows, :, :t] = k.repeat_interleave(copies, 0) if copies > 1 else k
+            self.kv[i, 1, rows, :, :t] = v.repeat_interleave(copies, 0) if copies > 1 else v
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        h = self.inner.norm(x[torch.arange(b, device=self.device), last])
+        return self.model.lm_head(h).float()
+
+    def decode(self, tokens: torch.Tensor, lens: torch.Tensor, width: int) -> torch.Tensor:
+        """One step for rows 0..A-1: token i goes to position lens[i] of slot i; `width` = max(lens) + 1."""
+        a = tokens.shape[0]
+        max_len = self.kv.shape[4]
+        # flat row index of (slot i, kv head h, column lens[i]) in a [slots * kv_heads * max_len, head_dim] view:
+        # one index_copy_ per layer writes the new K (V) of every row
+        heads = torch.arange(self.kv_heads, device=self.device)
+        rows = torch.arange(a, device=self.device)
+        flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * max_len + lens.unsqueeze(1)).view(-1)
+        x = self.inner.embed_tokens(tokens).unsqueeze(1)
+        cos, sin = self.inner.rotary_emb(x, lens.unsqueeze(1))
+        cols = torch.arange(width, device=self.device)
+        mask = torch.zeros(a, 1, 1, width, dtype=self.dtype, device=self.device)
+        mask.masked_fill_((cols.unsqueeze(0) > lens.unsqueeze(1)).view(a, 1, 1, width), float("-inf"))
+        for i, layer in enumerate(self.inner.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
+            kc, vc = self.kv[i, 0], self.kv[i, 1]
+            kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
+            vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
+            # the query heads sharing a KV head ride along the query axis: no repeat of the cache
+            qg = q.reshape(a, self.kv_heads, self.group, self.head_dim)
+            # plain matmuls beat CPU flash-SDPA here (3 queries per KV head): 1.8 vs 2.6 ms/layer at 128 rows
+            scores = torch.matmul(qg, kc[:a, :, :width].transpose(-1, -2)).mul_(attn.scaling).add_(mask)
+            o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(qg.dtype), vc[:a, :, :width])
+            x = x + attn.o_proj(o.reshape(a, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(self.inner.norm(x[:, 0])).float()
+
+    def move(self, dst: Sequence[int], src: Sequence[int], width: int) -> None:
+        d = torch.tensor(dst, device=self.device)
+        s = torch.tensor(src, device=self.device)
+        self.kv[:, :, d, :, :width] = self.kv[:, :, s, :, :width]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class HFEngine:
+    """Batched temperature/top-p sampling with stop strings over a loaded HF causal LM (see module doc)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        batch_size: int | None = None,
+        backend: str = "auto",
+        refill_fraction: float = 0.0,
+    ) -> None:
+        if backend not in ("auto", "slots", "generic"):
+            raise ValueError(f"backend must be auto, slots or generic, got {backend!r}")
+        if backend == "slots" and not supports_slots(model):
+            raise ValueError(f"the slots backend supports {SLOT_MODEL_TYPES}, not {model.config.model_type}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.backend = ("slots" if supports_slots(model) else "generic") if backend == "auto" else backend
+        # refill freed slots once this share of them is free (0: as soon as one prompt's n samples fit)
+        self.refill_fraction = refill_fraction
+        self.eos = eos_token_ids(model, tokenizer)
+        self.device = next(model.parameters()).device
+        self.last_stats: dict[str, float] = {}
+
+    def generate(
+        self, prompts: Sequence[str], params: SamplingParams, progress: bool = False
+    ) -> list[list[str]]:
+        """n raw completions per prompt, in prompt order (greedy: one decode, copied n times)."""
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        if params.max_new_tokens == 0:
+            return [[""] * params.n for _ in prompts]
+        n = 1 if params.greedy else params.n
+        ids = encode_prompts(self.tokenizer, prompts)
+        seeds = prompt_seeds(prompts, params.seed, n)
+        max_len = max(len(p) for p in ids) + params.max_new_tokens
+        slots = self.batch_size or auto_batch_size(self.model, max_len, self.device)
+        slots = max(slots, n)
+        out: list[list[str | None]] = [[None] * n for _ in prompts]
+        stopper = StopChecker(self.tokenizer, params.stop)
+        bar = _Progress(len(prompts) * n, progress)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                run = self._run_slots if self.backend == "slots" else self._run_generic
+                run(ids, seeds, n, params, slots, max_len, stopper, out, bar)
+        finally:
+            bar.close()
+        self.last_stats = {
+            "seconds": time.perf_counter() - t0,
+            "generated_tokens": bar.tokens,
+            "batch_size": slots,
+        }
+        if n != params.n:
+            return [[o[0]] * params.n for o in out]  # type: ignore[list-item]
+        return out  # type: ignore[return-value]
+
+    # -- shared step logic ------------------------------------------------------------------------------
+
+    def _advance(
+        self,
+        rows: _Rows,
+        logits: torch.Tensor,
+        idx: Sequence[int],
+        params: SamplingParams,
+        stopper: StopChecker,
+        out: list[list[str | None]],
+    ) -> list[int]:
+        """Sample the next token for rows `idx` (logits row j belongs to rows idx[j]), record finished
+        samples, return the row indices that finished."""
+        uniforms = None if params.greedy else draw_uniforms([rows.gen[i] for i in idx])
+        chosen = choose_tokens(logits, params.temperature, params.top_p, uniforms).tolist()
+        finished, check = [], []
+        for j, i in enumerate(idx):
+            tok = chosen[j]
+            if tok in self.eos:
+                finished.append(i)
+                continue
+            rows.tokens[i].append(tok)
+            if len(rows.tokens[i]) >= params.max_new_tokens:
+                finished.append(i)
+            else:
+                check.append(i)
+        if stopper.stop and check:
+            hits = stopper.hits([rows.tokens[i] for i in check])
+            finished.extend(i for i, h in zip(check, hits, strict=True) if h)
+        for i in finished:
+            out[rows.prompt[i]][rows.sample[i]] = stopper.finish(rows.tokens[i], self.eos)
+        return finished
+
+    # -- slots backend ----------------------------------------------------------------------------------
+
+    def _run_slots(self, ids, seeds, n, params, slots, max_len, stopper, out, bar) -> None:
+        cache = _SlotCache(self.model, slots, max_len)
+        queue = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        budget = PREFILL_TOKENS_GPU if self.device.type == "cuda" else PREFILL_TOKENS_CPU
+        refill_at = max(n, int(math.ceil(self.refill_fraction * slots)))
+        rows = _Rows()
+        last: list[int] = []  # the newest token of each row (not yet in the cache)
+        while queue or len(rows):
+            free = slots - len(rows)
+            if queue and (free >= refill_at or (free >= n and not len(rows))):
+                take: list[int] = []
+                while queue and (len(take) + 1) * n <= free:
+                    if take and (len(take) + 1) * len(ids[queue[0]]) > budget:
+                        break
+                    take.append(queue.pop(0))
+                row0 = len(rows)
+                logits = cache.prefill([ids[p] for p in take], row0, n)
+                for p in take:
+                    for j in range(n):
+                        gen = None if params.greedy else make_generator(seeds[p][j])
+                        rows.add(p, j, gen, len(ids[p]))
+                new = list(range(row0, len(rows)))
+                done = self._advance(rows, logits.repeat_interleave(n, 0), new, params, stopper, out)
+                last.extend(rows.tokens[i][-1] if rows.tokens[i] else 0 for i in new)
+                self._compact(cache, rows, last, done)
+                bar.step(len(new), len(done))
+                continue
+            a = len(rows)
+            lens = torch.tensor(rows.lens, device=self.device)
+            logits = cache.decode(torch.tensor(last, device=self.device), lens, max(rows.lens) + 1)
+            for i in range(a):
+                rows.lens[i] += 1
+            done = self._advance(rows, logits, range(a), params, stopper, out)
+            for i in range(a):
+                if rows.tokens[i]:
+                    last[i] = rows.tokens[i][-1]
+            self._compact(cache, rows, last, done)
+            bar.step(a, len(done))
+
+    @staticmethod
+    def _compact(cache: _SlotCache, rows: _Rows, last: list[int], done: Sequence[int]) -> None:
+        """Fill the holes left by finished rows with the last active rows, keeping rows 0..A-1 dense."""
+        if not done:
+            return
+        gone = set(done)
+        new_len = len(rows) - len(gone)
+        holes = sorted(i for i in gone if i < new_len)
+        movers = [i for i in range(new_len, len(rows)) if i not in gone]
+        if holes:
+            cache.move(holes, movers, max(rows.lens[i] for i in movers))
+            for d, s in zip(holes, movers, strict=True):
+                last[d] = last[s]
+        rows.move(holes, movers, new_len)
+        del last[new_len:]
+
+    # -- generic backend --------------------------------------------------------------------------------
+
+    def _run_generic(self, ids, seeds, n, params, slots, max_len, stopper, out, bar) -> None:
+        from transformers import DynamicCache
+
+        fwd = inspect.signature(self.model.forward).parameters
+        cache_kw = "cache" if "cache" in fwd else "past_key_values"
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in fwd else {}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        per_group = max(1, slots // n)
+        for g0 in range(0, len(order), per_group):
+            group = order[g0 : g0 + per_group]
+            t = max(len(ids[p]) for p in group)
+            inp = torch.full((len(group), t), pad, dtype=torch.long)
+            mask = torch.zeros(len(group), t, dtype=torch.long)
+            for r, p in enumerate(group):
+                inp[r, t - len(ids[p]) :] = torch.tensor(ids[p])
+                mask[r, t - len(ids[p]) :] = 1
+            inp, mask = inp.to(self.device), mask.to(self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            try:
+                kv = DynamicCache(config=self.model.config)
+            except TypeError:
+                kv = DynamicCache()
+            res = self.model(
+                input_ids=inp,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                **{cache_kw: kv},
+                **extra,
+            )
+            logits = res.logits[:, -1].float()
+            if n > 1:
+                kv.batch_repeat_interleave(n)
+                mask = mask.repeat_interleave(n, 0)
+                logits = logits.repeat_interleave(n, 0)
+            rows = _Rows()
+            for p in group:
+                for j in range(n):
+                    rows.add(p, j, None if params.greedy else make_generator(seeds[p][j]), 0)
+            while True:
+                a = len(rows)
+                done = set(self._advance(rows, logits, range(a), params, stopper, out))
+                bar.step(a, len(done))
+                if done:
+                    keep = [i for i in range(a) if i not in done]
+                    if not keep:
+                        break
+                    keep_t = torch.tensor(keep, device=self.device)
+                    kv.batch_select_indices(keep_t)
+                    mask = mask[keep_t]
+                    rows.keep(keep)
+                last = torch.tensor([r[-1] for r in rows.tokens], device=self.device).unsqueeze(1)
+                pos = mask.sum(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                res = self.model(
+                    input_ids=last, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: kv}
+                )
+                logits = res.logits[:, -1].float()
