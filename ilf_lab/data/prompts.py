@@ -64,9 +64,12 @@ def example_line(test: str) -> str:
 
 def code_prefix(task: Task) -> str:
     """The gold program up to and including the entry point's signature (imports, constants, def line)."""
-    match = re.search(rf"def {re.escape(task.entry_point)}\(.*\):", task.code)
-    if match is None:
-        raise ValueError(f"task {task.task_id}: no 'def {task.entry_point}(...):' in its gold code")
+    name = re.escape(task.entry_point)
+    match = re.search(rf"def {name}\(.*\):", task.code)  # the reference's pattern (pinned by the annotations)
+    if match is None:  # 5 MBPPTest tasks write `def f (x) :`; the reference skipped them, we keep them
+        match = re.search(rf"def\s+{name}\s*\(.*\)\s*(->[^:]*)?:", task.code)
+    if match is None:  # 3 MBPPTrain tasks (769, 912, 927) have no such def: the model writes the whole program
+        return ""
     return task.code[: match.end()]
 
 
@@ -146,7 +149,7 @@ def target_for(task: Task, program: str, fmt: str) -> str:
         if program.startswith(prompt):
             return program[len(prompt) :]
         prefix = code_prefix(task)
-        i = program.find(prefix)
+        i = program.find(prefix) if prefix else -1
         if i != -1:  # gold code or a refinement that starts at the top of the file: the lines after the def
             rest = program[i + len(prefix) :]
             return rest.split("\n", 1)[1] if "\n" in rest else "\n"
