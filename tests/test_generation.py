@@ -62,6 +62,20 @@ def test_greedy_matches_model_generate(tiny, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_algorithms_mode_does_not_break_sampling(tiny, backend):
+    """Lightning's deterministic=True leaves this global flag set after a training stage in the same process."""
+    eng = _engine(tiny, backend)
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=16, seed=3)
+    free = eng.generate(PROMPTS, params)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert eng.generate(PROMPTS, params) == free
+        assert torch.are_deterministic_algorithms_enabled()  # restored for the caller
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_batching_does_not_change_greedy(tiny, backend):
     eng = _engine(tiny, backend, batch_size=3)  # forces refills / several groups
     params = SamplingParams(temperature=0, max_new_tokens=16)

@@ -320,11 +320,17 @@ class HFEngine:
         stopper = StopChecker(self.tokenizer, params.stop)
         bar = _Progress(len(prompts) * n, progress)
         t0 = time.perf_counter()
+        # Lightning's deterministic=True leaves torch.use_deterministic_algorithms(True) set after training; under
+        # it, index_copy_ into a view of the KV cache does not write through (torch 2.13, CPU) and samples
+        # degenerate. Sampling is deterministic without it (per-sample generators), so switch it off here.
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(False)
         try:
             with torch.inference_mode():
                 run = self._run_slots if self.backend == "slots" else self._run_generic
                 run(ids, seeds, n, params, slots, max_len, stopper, out, bar)
         finally:
+            torch.use_deterministic_algorithms(was_deterministic)
             bar.close()
         self.last_stats = {
             "seconds": time.perf_counter() - t0,
