@@ -164,6 +164,7 @@ class EvalConfig:
     split: str = "test"  # test (MBPPTest, the paper's numbers) | refine (model selection, App. A.1)
     benchmarks: list[str] = field(default_factory=lambda: ["mbpp"])  # add humaneval for transfer (issue 9)
     humaneval_max_problems: int | None = None  # the first N of HumanEval's 164 (null = all)
+    perplexity: bool = False  # Figure 3: perplexity of the fine-tuning sources under the base model
 
 
 @dataclass

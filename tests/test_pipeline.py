@@ -102,8 +102,13 @@ def test_sigkill_mid_stage_resumes_with_same_numbers(first_run, mini_data, tmp_p
     assert {k: resumed[k] for k in NUMBERS} == {k: res[k] for k in NUMBERS}
 
 
-def test_sweep_shares_stages(mini_data, tmp_path):
-    r = run_cli(["-m", "feedback=human,instructgpt_1shot", *SMOKE], mini_data, tmp_path / "cache", tmp_path / "sweep")
+def test_sweep_shares_stages_logs_wandb_and_reports(mini_data, tmp_path):
+    """The user's command: `-m feedback=human,instructgpt_1shot logger=wandb` -> two offline W&B runs in one
+    group with pass@1 in their summaries, shared stages computed once, and both rows in the report."""
+    from ilf_lab.tracking import read_offline_run
+
+    args = ["-m", "feedback=human,instructgpt_1shot", *[a for a in SMOKE if a != "logger=none"], "logger=wandb"]
+    r = run_cli(args, mini_data, tmp_path / "cache", tmp_path / "sweep")
     assert r.returncode == 0, r.stderr[-3000:]
     found = sorted((tmp_path / "sweep").rglob("results.json"))
     assert len(found) == 2
@@ -113,6 +118,18 @@ def test_sweep_shares_stages(mini_data, tmp_path):
     by_name = {s["name"]: s for s in second["stages"]}
     assert by_name["tasks"]["cached"] and by_name["x0"]["cached"]  # shared with the first job
     assert not by_name["feedback"]["cached"]
+
+    runs = [read_offline_run(j["wandb"]["run_dir"]) for j in jobs]
+    assert runs[0]["group"] == runs[1]["group"] is not None
+    assert len({j["wandb"]["run_id"] for j in jobs}) == 2
+    for run, job in zip(runs, jobs, strict=True):
+        assert run["summary"]["pass@1"] == job["pass@1"]
+
+    rep = subprocess.run([sys.executable, "-m", "ilf_lab.report", str(tmp_path / "sweep")], capture_output=True,
+                         text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr
+    assert "1-shot InstructGPT" in rep.stdout and "ILF" in rep.stdout
+    assert (tmp_path / "sweep" / "table.csv").exists() and (tmp_path / "sweep" / "table.png").exists()
 
 
 def test_zero_shot_skips_training(first_run, mini_data, tmp_path):
@@ -150,3 +167,17 @@ def test_gold_finetune_trains_and_evaluates_the_new_policy(first_run, mini_data,
     assert not st["evaluate"]["cached"]  # a new policy is evaluated
     assert out["counts"]["policy_examples"] == 2
     assert len(out["training"]["policy"]["losses"]) >= 1
+
+
+def test_humaneval_transfer_and_perplexity_analysis(first_run, mini_data, tmp_path):
+    cache, _, res = first_run
+    r = run_cli([*SMOKE, "eval=with_humaneval", "eval.perplexity=true"], mini_data, cache, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = results(tmp_path)
+    st = {s["name"]: s for s in out["stages"]}
+    assert st["evaluate"]["cached"]  # the MBPP evaluation is shared with the first run
+    he = out["benchmarks"]["humaneval"]
+    assert he["num_tasks"] == 3 and he["n_samples"] == 10 and 0 <= he["pass@1"] <= 1
+    assert out["pass@1"] == out["benchmarks"]["mbpp"]["pass@1"] == res["pass@1"]
+    rows = [json.loads(x) for x in Path(out["artifacts"]["perplexity"]).read_text().splitlines()]
+    assert {x["source"] for x in rows} >= {"mbpp_gold", "human_refinements"} and all(x["ppl"] > 1 for x in rows)

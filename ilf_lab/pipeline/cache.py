@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # bump when a stage's artifact format or semantics change, so old caches are not reused
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def _plain(obj: Any) -> Any:

@@ -467,3 +467,36 @@ def stage_evaluate_humaneval(cfg: Any, policy_path: str, models: Models, out: Pa
     counts = [(pt["n"], pt["c"]) for pt in per_task.values()]
     metrics = {f"pass@{k}": (mean_pass_at_k(counts, k) if k <= s.n else None) for k in cfg.eval.ks}
     return {**metrics, "num_tasks": len(problems), "n_samples": s.n, "per_task": per_task}
+
+
+def stage_perplexity(
+    cfg: Any, sources: dict[str, list[tuple[Task, str]]], base_path: str, out: Path
+) -> dict[str, Any]:
+    """Figure 3: per-program perplexity of each fine-tuning source under the base model (target tokens only)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ilf_lab.data.prompts import target_for
+    from ilf_lab.models.loading import load_model
+
+    model, tok = load_model(base_path, cfg.model.dtype)
+    fmt = cfg.model.prompt_format
+    rows = []
+    for source, pairs in sources.items():
+        for task, program in pairs:
+            p_ids = tok(task_prompt(task, fmt, tok), add_special_tokens=False).input_ids
+            t_ids = tok(target_for(task, program, fmt), add_special_tokens=False).input_ids
+            if not t_ids:
+                continue
+            ids = torch.tensor([p_ids + t_ids])
+            with torch.inference_mode():
+                logits = model(ids).logits[0, len(p_ids) - 1 : -1]
+            nll = F.cross_entropy(logits.float(), torch.tensor(t_ids))
+            rows.append(
+                {"source": source, "task_id": task.task_id, "ppl": float(nll.exp()), "tokens": len(t_ids)}
+            )
+    write_jsonl(out / "perplexity.jsonl", rows)
+    by = {}
+    for r in rows:
+        by.setdefault(r["source"], []).append(r["ppl"])
+    return {"median_ppl": {k: sorted(v)[len(v) // 2] for k, v in by.items()}, "programs": len(rows)}
