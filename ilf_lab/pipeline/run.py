@@ -157,6 +157,9 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
             feedback_rows = read_jsonl(a_fb.file("feedback.jsonl"))
             artifacts["feedback"] = str(a_fb.file("feedback.jsonl"))
             counts["x0"], counts["feedback"] = a_x0.meta["x0"], a_fb.meta["feedback"]
+        else:
+            for name in ("x0", "feedback"):
+                stages.add(f"{name}{r}", None, "skipped", {"train_on": train_on})
 
         refine_key = None
         if train_on == "refinements":
@@ -189,6 +192,8 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
                 else:
                     stages.add("train_refiner", None, "empty", {"examples": 0})
                     refiner_path = base_path  # no human data: refine with the base model, zero-shot
+            elif cfg.feedback.provider == "llm" and round_ == 1:
+                stages.add("train_refiner", None, "skipped", {"reason": "the LLM wrote the refinements"})
             # 5. refine MBPPTrain: sample x1, run the tests, keep one passing refinement per task
             refine_slice = _slice(cfg, "refine", "execution") | {
                 "seed": cfg.seed,
@@ -215,18 +220,24 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
                 for x in read_jsonl(a_rf.file("refinements.jsonl"))
                 if x["kept"]
             ]
-        elif train_on == "human_refinements":
-            policy_records = [
-                (mbpp[x["task_id"]], x["refinement"])
-                for x in feedback_rows
-                if x["split"] == "train" and x.get("refinement")
-            ]
-        elif train_on == "mbpp_gold":  # the same MBPPTrain tasks, gold programs: controls for the task set
-            policy_records = [
-                (mbpp[x["task_id"]], mbpp[x["task_id"]].code) for x in feedback_rows if x["split"] == "train"
-            ]
         else:
-            policy_records = []
+            for name in ("train_refiner", "refine"):
+                stages.add(f"{name}{r}", None, "skipped", {"train_on": train_on})
+            if train_on == "human_refinements":
+                policy_records = [
+                    (mbpp[x["task_id"]], x["refinement"])
+                    for x in feedback_rows
+                    if x["split"] == "train" and x.get("refinement")
+                ]
+            elif train_on == "mbpp_gold":
+                # the gold programs of the same MBPPTrain tasks: controls for the task set
+                policy_records = [
+                    (mbpp[x["task_id"]], mbpp[x["task_id"]].code)
+                    for x in feedback_rows
+                    if x["split"] == "train"
+                ]
+            else:
+                policy_records = []
 
         # 6. train πθ* on the chosen fine-tuning data (nothing: the base policy is evaluated)
         counts["policy_examples"] = len(policy_records)
