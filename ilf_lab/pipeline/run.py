@@ -266,18 +266,18 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
             policy_path, policy_key = str(a_pol.file("model")), k_pol
 
     # analysis (Figure 3): how surprising is each fine-tuning source to the base model?
-    if cfg.eval.perplexity and needs_feedback:
-        train_rows = [x for x in feedback_rows if x["split"] == "train"]
+    if cfg.eval.perplexity:
+        train_tasks = [mbpp[i] for i in splits["train"] if i in anns]
         sources = {
-            "mbpp_gold": [(mbpp[x["task_id"]], mbpp[x["task_id"]].code) for x in train_rows],
-            "human_refinements": [
-                (mbpp[x["task_id"]], x["refinement"]) for x in train_rows if x.get("refinement")
-            ],
+            "mbpp_gold": [(t, t.code) for t in train_tasks],
+            "human_refinements": [(t, anns[t.task_id].refinement) for t in train_tasks],
         }
         if train_on == "refinements":
             sources["refinements"] = policy_records
         k_ppl = stage_key(
-            "perplexity", {"base": base_id, "fmt": fmt}, {"feedback": k_fb or "", "refine": refine_key or ""}
+            "perplexity",
+            {"base": base_id, "fmt": fmt},
+            {"tasks": k_tasks, "refine": refine_key or ""},
         )
         a_ppl = cache.run("perplexity", k_ppl, lambda d: S.stage_perplexity(cfg, sources, base_path, d))
         stages.add("perplexity", a_ppl, info=a_ppl.meta)
