@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ilf_lab.data.mbpp import iter_jsonl
 from ilf_lab.errors import DataError
 
 # key order as in the released file
@@ -205,19 +206,10 @@ def read_jsonl_rows(path: str | os.PathLike, what: str = "file") -> list[tuple[i
     path = Path(path)
     if not path.is_file():
         raise AnnotateError(f"missing {what}: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AnnotateError(f"{path} line {lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise AnnotateError(f"{path} line {lineno}: expected a JSON object")
-            rows.append((lineno, row))
-    return rows
+    try:
+        return list(iter_jsonl(path))
+    except DataError as e:
+        raise AnnotateError(str(e)) from None
 
 
 def read_csv_rows(path: str | os.PathLike, required: Iterable[str] = ()) -> list[tuple[int, dict[str, str]]]:

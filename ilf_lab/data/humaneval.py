@@ -9,14 +9,13 @@ our sandbox with HumanEval's `check` function as one multi-line test string.
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ilf_lab.data.mbpp import iter_jsonl
 from ilf_lab.data.prompts import CHAT_STOPS, DOCSTRING_STOPS, render_chat, truncate_completion
 from ilf_lab.errors import DataError
 
@@ -61,25 +60,12 @@ def load_humaneval(path: str | None = None) -> list[Problem]:
     file = Path(path).expanduser() if path is not None else packaged_data_file()
     if not file.is_file():
         raise DataError(f"missing HumanEval data file: {file}")
-    opener = gzip.open if file.name.endswith(".gz") else open
     problems = []
-    try:
-        with opener(file, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file} line {lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{file} line {lineno}: expected a JSON object")
-                missing = [k for k in HUMANEVAL_KEYS if not isinstance(row.get(k), str)]
-                if missing:
-                    raise DataError(f"{file} line {lineno}: missing or non-string key {missing[0]!r}")
-                problems.append(Problem(**{k: row[k] for k in HUMANEVAL_KEYS}))
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"cannot read HumanEval data file {file}: {e}") from None
+    for lineno, row in iter_jsonl(file):
+        missing = [k for k in HUMANEVAL_KEYS if not isinstance(row.get(k), str)]
+        if missing:
+            raise DataError(f"{file} line {lineno}: missing or non-string key {missing[0]!r}")
+        problems.append(Problem(**{k: row[k] for k in HUMANEVAL_KEYS}))
     if not problems:
         raise DataError(f"HumanEval data file {file} holds no problems")
     return problems

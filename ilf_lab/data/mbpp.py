@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,27 +27,34 @@ ANNOTATION_KEYS = (
 SPLIT_NAMES = ("prompt", "test", "refine", "train")
 
 
-def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Strict JSONL reader: a missing file or a bad line stops with one message naming file and line."""
+def iter_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-blank line of a .jsonl or .jsonl.gz file; the one strict JSONL reader:
+    a missing file or a bad line stops with one DataError naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing data file: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {lineno}: expected a JSON object")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataError(f"{path} line {lineno}: missing key {missing[0]!r}")
-            rows.append(row)
-    return rows
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {lineno}: malformed JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {lineno}: expected a JSON object")
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise DataError(f"{path} line {lineno}: missing key {missing[0]!r}")
+                yield lineno, row
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    return [row for _, row in iter_jsonl(path, required)]
 
 
 def _data_dir(data_cfg: Any) -> Path | None:

@@ -68,7 +68,9 @@ def code_prefix(task: Task) -> str:
     match = re.search(rf"def {name}\(.*\):", task.code)  # the reference's pattern (pinned by the annotations)
     if match is None:  # 5 MBPPTest tasks write `def f (x) :`; the reference skipped them, we keep them
         match = re.search(rf"def\s+{name}\s*\(.*\)\s*(->[^:]*)?:", task.code)
-    if match is None:  # 3 MBPPTrain tasks (769, 912, 927) have no such def: the model writes the whole program
+    if (
+        match is None
+    ):  # 3 MBPPTrain tasks (769, 912, 927) have no such def: the model writes the whole program
         return ""
     return task.code[: match.end()]
 

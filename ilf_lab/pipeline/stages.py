@@ -99,6 +99,32 @@ def run_tests(cfg: Any, rows: Sequence[tuple[Task, str]]) -> list[Any]:
     )
 
 
+def score(
+    flat: Sequence[tuple[Any, int, str, str]], verdicts: Sequence[Any], ks: Sequence[int], n: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Sample rows with verdicts, and per-task counts with pass@k for every k <= n (null above n)."""
+    from ilf_lab.execution import mean_pass_at_k
+
+    rows, per_task = [], {}
+    for (task_id, i, c, p), v in zip(flat, verdicts, strict=True):
+        rows.append(
+            {
+                "task_id": task_id,
+                "sample_idx": i,
+                "completion": c,
+                "program": p,
+                "passed": v.passed,
+                "result": v.result,
+            }
+        )
+        pt = per_task.setdefault(str(task_id), {"n": 0, "c": 0})
+        pt["n"] += 1
+        pt["c"] += int(v.passed)
+    counts = [(pt["n"], pt["c"]) for pt in per_task.values()]
+    metrics = {f"pass@{k}": (mean_pass_at_k(counts, k) if k <= n else None) for k in ks}
+    return rows, {**metrics, "num_tasks": len(per_task), "n_samples": n, "per_task": per_task}
+
+
 # -------------------------------------------------------------------------------------------------- stages
 
 
@@ -371,8 +397,6 @@ def stage_evaluate(
     out: Path,
 ) -> dict[str, Any]:
     """n samples per task at T; verdicts; per-task counts and pass@k for every k <= n."""
-    from ilf_lab.execution import mean_pass_at_k
-
     s = cfg.sampling
     samples = sample_programs(
         models,
@@ -388,25 +412,9 @@ def stage_evaluate(
     )
     flat = [(t, i, c, p) for t, ss in zip(tasks, samples, strict=True) for i, (c, p) in enumerate(ss)]
     verdicts = run_tests(cfg, [(t, p) for t, _, _, p in flat])
-    rows, per_task = [], {}
-    for (t, i, c, p), v in zip(flat, verdicts, strict=True):
-        rows.append(
-            {
-                "task_id": t.task_id,
-                "sample_idx": i,
-                "completion": c,
-                "program": p,
-                "passed": v.passed,
-                "result": v.result,
-            }
-        )
-        pt = per_task.setdefault(str(t.task_id), {"n": 0, "c": 0})
-        pt["n"] += 1
-        pt["c"] += int(v.passed)
+    rows, result = score([(t.task_id, i, c, p) for t, i, c, p in flat], verdicts, cfg.eval.ks, s.n)
     write_jsonl(out / "eval_samples.jsonl", rows)
-    counts = [(pt["n"], pt["c"]) for pt in per_task.values()]
-    metrics = {f"pass@{k}": (mean_pass_at_k(counts, k) if k <= s.n else None) for k in cfg.eval.ks}
-    return {**metrics, "num_tasks": len(tasks), "n_samples": s.n, "per_task": per_task}
+    return result
 
 
 def stage_evaluate_humaneval(cfg: Any, policy_path: str, models: Models, out: Path) -> dict[str, Any]:
@@ -418,7 +426,7 @@ def stage_evaluate_humaneval(cfg: Any, policy_path: str, models: Models, out: Pa
         humaneval_stops,
         load_humaneval,
     )
-    from ilf_lab.execution import mean_pass_at_k, run_programs
+    from ilf_lab.execution import run_programs
     from ilf_lab.generation import SamplingParams
 
     problems = load_humaneval()
@@ -448,25 +456,9 @@ def stage_evaluate_humaneval(cfg: Any, policy_path: str, models: Models, out: Pa
         comparison="exact",
         memory_mb=ex.memory_mb,
     )
-    rows, per_task = [], {}
-    for (p, i, c, prog), v in zip(flat, verdicts, strict=True):
-        rows.append(
-            {
-                "task_id": p.task_id,
-                "sample_idx": i,
-                "completion": c,
-                "program": prog,
-                "passed": v.passed,
-                "result": v.result,
-            }
-        )
-        pt = per_task.setdefault(p.task_id, {"n": 0, "c": 0})
-        pt["n"] += 1
-        pt["c"] += int(v.passed)
+    rows, result = score([(p.task_id, i, c, prog) for p, i, c, prog in flat], verdicts, cfg.eval.ks, s.n)
     write_jsonl(out / "humaneval_samples.jsonl", rows)
-    counts = [(pt["n"], pt["c"]) for pt in per_task.values()]
-    metrics = {f"pass@{k}": (mean_pass_at_k(counts, k) if k <= s.n else None) for k in cfg.eval.ks}
-    return {**metrics, "num_tasks": len(problems), "n_samples": s.n, "per_task": per_task}
+    return result
 
 
 def stage_perplexity(
