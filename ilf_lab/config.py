@@ -233,6 +233,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "execution.comparison": ("exact", "approx"),
     "eval.split": ("test", "refine"),
     "logger.name": ("wandb", "none"),
+    "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto"),
+    "trainer.precision": ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
+    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "fsdp"),
     "logger.mode": ("offline", "online", "disabled"),
 }
 
@@ -268,6 +271,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.tiny_hidden_size": (8, None, True),
     "model.tiny_layers": (1, None, True),
     "model.tiny_heads": (1, None, True),
+    "trainer.num_nodes": (1, None, True),
 }
 for _stage in ("refiner", "policy"):
     _RANGES.update(
@@ -299,6 +303,14 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be {'>=' if low_incl else '>'} {low}")
         if high is not None and value > high:
             raise ConfigError(f"{key}={value} must be <= {high}")
+    devices = cfg.trainer.devices
+    ok = (
+        devices == "auto"
+        or (isinstance(devices, int) and devices >= 1)
+        or (OmegaConf.is_list(devices) and all(isinstance(d, int) and d >= 0 for d in devices))
+    )
+    if not ok:
+        raise ConfigError(f"trainer.devices={devices!r} must be an int >= 1, a list of device ids, or auto")
     for stage in ("refiner", "policy"):
         opt = cfg[stage]
         if opt.batch_size % opt.micro_batch_size:

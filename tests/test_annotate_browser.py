@@ -19,7 +19,9 @@ import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-SCREENSHOT = Path("/tmp/annotate_screenshot.png")
+SCREENSHOT = Path(
+    os.environ.get("ILF_LAB_SCREENSHOT", Path(tempfile.gettempdir()) / "annotate_screenshot.png")
+)
 XSS = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
 GOLD = {
     "add": "def add(a, b):\n    return a + b\n",

@@ -83,6 +83,8 @@ def test_paper_scale_carries_paper_settings():
         ("policy.batch_size=5", "policy.batch_size"),
         ("rounds=2", "rounds"),
         ("x0=policy", "x0.source"),
+        ("trainer.devices=abc", "trainer.devices"),
+        ("trainer.precision=bogus", "trainer.precision"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, key):

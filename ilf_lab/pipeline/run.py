@@ -79,7 +79,11 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = StageCache(cfg.paths.cache_dir)
-    tracker = Tracker.from_config(cfg)
+    try:
+        tracker = Tracker.from_config(cfg)
+    except Exception as e:  # W&B must never fail a run
+        print(f"wandb: disabled ({type(e).__name__}: {e})")
+        tracker = Tracker(enabled=False)
     try:
         results = _run(cfg, cache, tracker, out_dir)
         results["wall_seconds"] = round(time.perf_counter() - t_start, 2)
@@ -88,6 +92,9 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         _write_json_atomic(out_dir / "results.json", results)
         log.info("results: %s", {k: results[k] for k in ("experiment", "pass@1", "pass@10", "wall_seconds")})
         return results
+    except BaseException:
+        tracker.finish(exit_code=1)  # the W&B run is marked failed; finish() is idempotent
+        raise
     finally:
         tracker.finish()
 
@@ -183,7 +190,7 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
                             base_path,
                             cfg.refiner,
                             d,
-                            tracker.lightning_logger("refiner"),
+                            _train_logger(cfg, tracker, "refiner"),
                         ),
                     )
                     refiner_path = str(a_ref.file("model"))
@@ -258,7 +265,7 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
                 "train_policy",
                 k_pol,
                 lambda d: S.stage_train(
-                    cfg, "policy", records, policy_path, cfg.policy, d, tracker.lightning_logger("policy")
+                    cfg, "policy", records, policy_path, cfg.policy, d, _train_logger(cfg, tracker, "policy")
                 ),
             )
             stages.add(f"train_policy{r}", a_pol, info={"examples": len(records), "train_on": train_on})
@@ -348,6 +355,12 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
         "overrides": _overrides(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def _train_logger(cfg: DictConfig, tracker: Any, prefix: str) -> Any:
+    """Training curves go to the run's W&B logger when training stays in this process (one device)."""
+    single = str(cfg.trainer.devices) in ("1", "auto") and cfg.trainer.num_nodes == 1
+    return tracker.lightning_logger(prefix) if single else None
 
 
 def _refiner_records(mbpp: dict, feedback_rows: list[dict]) -> list[Any]:
