@@ -11,13 +11,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ilf_lab.data.mbpp import iter_jsonl
 from ilf_lab.errors import DataError
+from ilf_lab.io import atomic_write_text  # noqa: F401  (re-exported for annotate)
 
 # key order as in the released file
 RELEASED_KEYS = (
@@ -237,25 +237,6 @@ def read_csv_rows(path: str | os.PathLike, required: Iterable[str] = ()) -> list
         except csv.Error as e:
             raise AnnotateError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
     return rows
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same directory + rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:

@@ -10,7 +10,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
+
+from ilf_lab.io import atomic_write_text
 
 EXIT_USAGE = 2
 
@@ -52,22 +53,6 @@ def _load(path: str) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: str, rows: list[dict]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ilf_lab.execution", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="JSONL: task_id, program, tests[, setup]")
@@ -98,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = [{**row, "passed": v.passed, "result": v.result} for row, v in zip(rows, verdicts, strict=True)]
     try:
-        _write_atomic(args.output, out)
+        atomic_write_text(args.output, "".join(json.dumps(row) + "\n" for row in out))
     except OSError as e:
         print(f"error: cannot write {args.output}: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,6 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ilf_lab.data.mbpp import read_jsonl  # noqa: F401  (the one strict JSONL reader)
+
 # bump when a stage's artifact format or semantics change, so old caches are not reused
 CACHE_VERSION = 2
 
@@ -98,8 +100,3 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ilf_lab.data.mbpp import load_mbpp
+from ilf_lab.io import atomic_write_text
 from ilf_lab.models.loading import model_fingerprint, resolve_model_dir
 from ilf_lab.pipeline import stages as S
 from ilf_lab.pipeline.cache import Artifact, StageCache, read_jsonl, stage_key
@@ -89,7 +89,7 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
         results["wall_seconds"] = round(time.perf_counter() - t_start, 2)
         results["wandb"] = getattr(tracker, "info", {})
         tracker.log_metrics({k: results[k] for k in ("pass@1", "pass@10") if results.get(k) is not None})
-        _write_json_atomic(out_dir / "results.json", results)
+        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, default=str))
         log.info("results: %s", {k: results[k] for k in ("experiment", "pass@1", "pass@10", "wall_seconds")})
         return results
     except BaseException:
@@ -391,9 +391,3 @@ def _overrides() -> list[str]:
         return list(HydraConfig.get().overrides.task)
     except Exception:  # not under Hydra (called from Python)
         return []
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
