@@ -85,6 +85,7 @@ class FeedbackConfig:
     temperature: float = 0.0
     max_new_tokens: int = 256
     num_tasks: int | None = None  # Fig. 4: feedback on only the first k tasks of MBPPTrain
+    shuffle: bool = False  # Table 2: give each MBPPTrain task another task's human feedback (a derangement)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class OptimConfig:
 class RefineConfig:
     """Sampling refinements x1 from πRefine on MBPPTrain."""
 
+    refiner: str = "trained"  # trained (πRefine) | base (the base model, zero-shot: Tables 2-3)
     n: int = 30
     temperature: float = 0.8
     top_p: float = 0.95
@@ -196,6 +198,7 @@ class Config:
     scale: str = "demo"
     seed: int = 0
     rounds: int = 1  # iterative ILF: repeat x0 -> refine -> train with the improved policy
+    stop_after: str | None = None  # end the run after this stage (analyses of refinements need no policy)
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -219,7 +222,10 @@ def register_configs() -> None:
 
 # ----------------------------------------------------------------------------------------- value checks
 
-_CHOICES: dict[str, tuple[str, ...]] = {
+# the pipeline's stages in order (ilf_lab/pipeline/run.py); `stop_after` may name any but the last
+STAGES = ("tasks", "x0", "feedback", "train_refiner", "refine", "train_policy", "evaluate")
+
+_CHOICES: dict[str, tuple[str | None, ...]] = {
     "model.source": ("hub", "gguf", "tiny_random"),
     "model.prompt_format": ("chat", "docstring"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -227,6 +233,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "feedback.backend": ("hf", "openai"),
     "train_on.source": ("refinements", "mbpp_gold", "human_refinements", "none"),
     "x0.source": ("annotations", "policy"),
+    "refine.refiner": ("trained", "base"),
+    "stop_after": (None, *STAGES[:-1]),
     "refiner.scheduler": ("linear", "cosine", "constant"),
     "policy.scheduler": ("linear", "cosine", "constant"),
     "sampling.engine": ("hf", "vllm"),
@@ -294,7 +302,7 @@ def validate(cfg: DictConfig) -> None:
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
     for key, (low, high, low_incl) in _RANGES.items():
         value = OmegaConf.select(cfg, key)
         if value is None:
@@ -334,6 +342,14 @@ def validate(cfg: DictConfig) -> None:
             "x0.source=policy needs feedback on the policy's own programs: use feedback=instructgpt_1shot/2shot, "
             "or collect human feedback with `python -m ilf_lab.annotate` and run with x0=annotations "
             "data.annotations_file=<the imported file> (its records carry the policy's x0)"
+        )
+    if cfg.feedback.shuffle and cfg.feedback.provider != "human":
+        raise ConfigError(
+            "feedback.shuffle=true shuffles human feedback; the llm provider writes its own refinements"
+        )
+    if cfg.refine.refiner == "base" and cfg.feedback.provider != "human":
+        raise ConfigError(
+            "refine.refiner=base refines with human feedback; the llm provider writes its own refinements"
         )
     if cfg.rounds > 1 and cfg.feedback.provider != "llm":
         raise ConfigError("rounds>1 needs fresh feedback each round: use an llm feedback option")

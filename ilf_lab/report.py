@@ -5,7 +5,9 @@
 finds every `results.json` under the dirs, prints the table as markdown (ours beside the paper's numbers, one
 table per model/scale), and writes `table.csv` and `table.png` into `--out` (default: the first DIR). Results
 that are no row of Table 4 (a hyper-parameter point, a feedback-scaling point, iterative rounds, ...) are listed in
-a section of their own; several runs of one row (seeds) are shown as mean ± std with their count.
+a section of their own; several runs of one row (seeds) are shown as mean ± std with their count. Runs that
+sampled refinements (every ILF-style run, and the `refine_analysis` sweep's runs, which stop after the refine
+stage) also give Tables 2-3: how often the refinements pass, by refiner and feedback (`refinements.csv/.png`).
 
 Everything the notebooks plot comes from the functions here, so the notebooks hold no logic of their own.
 No pandas: the csv module and matplotlib only.
@@ -206,6 +208,8 @@ def table(results: Sequence[dict[str, Any]]) -> list[Row]:
     experiment and deviations. Several runs of one row are averaged by `Row.stat`."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
+        if r.get("stopped_after"):
+            continue  # an analysis run without a policy (Tables 2-3): see refinement_rows
         groups.setdefault((str(r.get("model")), str(r.get("scale") or "?")), []).append(r)
     rows: list[Row] = []
     for (model, scale), rs in sorted(groups.items()):
@@ -369,13 +373,17 @@ def to_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
 
 def write_csv(rows: Sequence[Row], path: str | os.PathLike) -> Path:
     """table.csv: one line per row, empty cells where missing."""
+    return _write_records(to_records(rows), CSV_COLUMNS, path)
+
+
+def _write_records(recs: Sequence[dict[str, Any]], columns: Sequence[str], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
+        w = csv.DictWriter(f, fieldnames=list(columns))
         w.writeheader()
-        for rec in to_records(rows):
-            w.writerow({k: "" if rec.get(k) is None else rec[k] for k in CSV_COLUMNS})
+        for rec in recs:
+            w.writerow({k: "" if rec.get(k) is None else rec[k] for k in columns})
     return path
 
 
@@ -603,20 +611,190 @@ def best_overrides(
     return keep, best
 
 
+# ------------------------------------------------------------------------------ Tables 2-3: refinements
+
+REFINER_NAMES = {"trained": "πRefine", "base": "base model, zero-shot", "llm": "the LLM's own (k-shot)"}
+
+
+@dataclass
+class RefineRow:
+    """Refinements of MBPPTrain's x0 by one refiner given one kind of feedback, over seeds."""
+
+    model: str
+    scale: str
+    refiner: str
+    feedback: str
+    shuffled: bool
+    tasks: int
+    samples_per_task: int
+    runs: list[dict[str, Any]] = field(default_factory=list)  # the results' `refine` blocks, one per seed
+
+    @property
+    def feedback_label(self) -> str:
+        return f"{self.feedback}, shuffled (unrelated)" if self.shuffled else self.feedback
+
+    def stat(self, key: str) -> tuple[float | None, float | None, int]:
+        values = [r[key] * 100 for r in self.runs if r.get(key) is not None]
+        if not values:
+            return None, None, 0
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
+
+
+def refinement_rows(results: Sequence[dict[str, Any]]) -> list[RefineRow]:
+    """Every result with a `refine` block, grouped by (model, scale, refiner, feedback, shuffled, sizes); runs
+    that share a refine stage (an ILF run and the refine_trained analysis of the same seed) count once."""
+    groups: dict[tuple[Any, ...], RefineRow] = {}
+    seen: set[tuple[Any, ...]] = set()
+    for r in results:
+        b = r.get("refine")
+        if not isinstance(b, dict) or not b.get("tasks"):
+            continue
+        key = (
+            str(r.get("model")),
+            str(r.get("scale") or "?"),
+            str(b.get("refiner")),
+            str(b.get("feedback")),
+            bool(b.get("feedback_shuffled")),
+            int(b["tasks"]),
+            int(b.get("samples_per_task") or 1),
+        )
+        if (key, r.get("seed")) in seen:
+            continue
+        seen.add((key, r.get("seed")))
+        groups.setdefault(key, RefineRow(*key)).runs.append(b)
+    order = {"trained": 0, "base": 1, "llm": 2}
+    return sorted(
+        groups.values(), key=lambda g: (g.model, g.scale, order.get(g.refiner, 3), g.feedback, g.shuffled)
+    )
+
+
+def refinements_markdown(rows: Sequence[RefineRow]) -> str:
+    """Tables 2-3 as markdown: pass@k of the sampled refinements and the share of tasks with a passing one."""
+    if not rows:
+        return ""
+    out = [
+        "### Tables 2-3 — refinements of MBPPTrain's incorrect programs (x0)",
+        "",
+        "Table 2 compares the base model given related vs. shuffled feedback; Table 3 πRefine vs. the base model. "
+        f"pass@k over the refinements sampled per task, in %; ≥1 passing = tasks with a passing refinement; {MISSING} = "
+        "fewer samples than k.",
+        "",
+        "| Model | Scale | Refiner | Feedback | Tasks | Samples/task | pass@1 | pass@10 | ≥1 passing | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in rows:
+        cells = [
+            g.model,
+            g.scale,
+            REFINER_NAMES.get(g.refiner, g.refiner),
+            g.feedback_label,
+            str(g.tasks),
+            str(g.samples_per_task),
+            _fmt(*g.stat("pass@1")),
+            _fmt(*g.stat("pass@10")),
+            _fmt(*g.stat("frac_tasks_with_passing")),
+            str(len(g.runs)),
+        ]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+REFINE_CSV_COLUMNS = (
+    "model",
+    "scale",
+    "refiner",
+    "feedback",
+    "shuffled",
+    "tasks",
+    "samples_per_task",
+    "runs",
+    "pass@1_mean",
+    "pass@1_std",
+    "pass@10_mean",
+    "pass@10_std",
+    "tasks_with_passing_pct_mean",
+    "tasks_with_passing_pct_std",
+)
+
+
+def write_refinements_csv(rows: Sequence[RefineRow], path: str | os.PathLike) -> Path:
+    """refinements.csv: one line per refiner/feedback group, numbers in %."""
+    recs = []
+    for g in rows:
+        rec: dict[str, Any] = {
+            k: getattr(g, k) for k in ("model", "scale", "refiner", "feedback", "shuffled")
+        }
+        rec |= {"tasks": g.tasks, "samples_per_task": g.samples_per_task, "runs": len(g.runs)}
+        for key, col in (
+            ("pass@1", "pass@1"),
+            ("pass@10", "pass@10"),
+            ("frac_tasks_with_passing", "tasks_with_passing_pct"),
+        ):
+            mean, std, _ = g.stat(key)
+            rec[f"{col}_mean"] = None if mean is None else round(mean, 4)
+            rec[f"{col}_std"] = None if std is None else round(std, 4)
+        recs.append(rec)
+    return _write_records(recs, REFINE_CSV_COLUMNS, path)
+
+
+def plot_refinements(rows: Sequence[RefineRow], path: str | os.PathLike | None = None) -> Any:
+    """refinements.png: per refiner/feedback, pass@1 of the refinements and the share of tasks with a passing one."""
+    if not rows:
+        return None
+    fig, axes = _figure(max(6.0, 1.5 * len(rows)), 3.8, ncols=1)
+    ax = axes[0]
+    labels = [
+        f"{REFINER_NAMES.get(g.refiner, g.refiner)}\n{g.feedback_label}\n({g.model}, {g.scale})" for g in rows
+    ]
+    xs = range(len(rows))
+    for off, key, name in (
+        (-0.2, "pass@1", "pass@1"),
+        (0.2, "frac_tasks_with_passing", "tasks with ≥1 passing"),
+    ):
+        vals = [g.stat(key)[0] for g in rows]
+        ax.bar([x + off for x in xs], [v or 0.0 for v in vals], 0.4, label=name)
+        for x, v in zip(xs, vals, strict=True):
+            ax.text(x + off, (v or 0.0) + 0.5, MISSING if v is None else f"{v:.1f}", ha="center", fontsize=7)
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("% (refinements of MBPPTrain x0)")
+    ax.set_title("Tables 2-3: do refinements pass their tests?", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
 def report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> tuple[str, list[Row]]:
-    """Collect, tabulate, write table.csv + table.png into `out` (default: the first dir); return the markdown."""
+    """Collect, tabulate, write table.csv + table.png (and refinements.csv/.png for Tables 2-3) into `out`
+    (default: the first dir); return the markdown. Only analysis runs (stop_after) give no Table 4 files."""
+    md, rows, _ = _report(dirs, out)
+    return md, rows
+
+
+def _report(
+    dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None
+) -> tuple[str, list[Row], list[Path]]:
     results = collect(dirs)
     rows = table(results)
+    ref_rows = refinement_rows(results)
     out_dir = Path(out) if out is not None else Path(dirs[0])
     if out_dir.is_file():
         out_dir = out_dir.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out_dir / "table.csv")
-    plot(rows, out_dir / "table.png")
-    return to_markdown(rows), rows
+    md, written = [], []
+    if rows:
+        written += [write_csv(rows, out_dir / "table.csv"), out_dir / "table.png"]
+        plot(rows, written[-1])
+        md.append(to_markdown(rows))
+    if ref_rows:
+        written += [write_refinements_csv(ref_rows, out_dir / "refinements.csv"), out_dir / "refinements.png"]
+        plot_refinements(ref_rows, written[-1])
+        md.append(refinements_markdown(ref_rows))
+    return "\n".join(md), rows, written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -647,15 +825,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(" ".join(best))
         return 0
     try:
-        md, _ = report(args.dirs, args.out)
+        md, _, written = _report(args.dirs, args.out)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(md)
-    out_dir = Path(args.out or args.dirs[0])
-    if out_dir.is_file():
-        out_dir = out_dir.parent
-    print(f"wrote {out_dir / 'table.csv'} and {out_dir / 'table.png'}", file=sys.stderr)
+    print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
     return 0
 
 

@@ -85,10 +85,15 @@ def test_paper_scale_carries_paper_settings():
         ("x0=policy", "x0.source"),
         ("trainer.devices=abc", "trainer.devices"),
         ("trainer.precision=bogus", "trainer.precision"),
+        ("refine.refiner=oracle", "refine.refiner"),
+        ("stop_after=evaluate", "stop_after"),
+        ("stop_after=nowhere", "stop_after"),
+        ("feedback=instructgpt_1shot feedback.shuffle=true", "feedback.shuffle"),
+        ("feedback=instructgpt_2shot refine.refiner=base", "refine.refiner"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, key):
-    cfg = compose([override])
+    cfg = compose(override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
 

@@ -31,8 +31,9 @@ class ChatModel:
         from ilf_lab.generation import SamplingParams
 
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        params = SamplingParams(n=1, temperature=temperature, max_new_tokens=max_tokens, stop=("<|im_end|>",),
-                                seed=seed)
+        params = SamplingParams(
+            n=1, temperature=temperature, max_new_tokens=max_tokens, stop=("<|im_end|>",), seed=seed
+        )
         with self.lock:
             return self.engine.generate([prompt], params)[0][0]
 
@@ -64,17 +65,30 @@ def make_handler(chat: ChatModel) -> type[BaseHTTPRequestHandler]:
                 req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 messages = req["messages"]
                 text = chat.reply(
-                    messages, float(req.get("temperature", 1.0)), int(req.get("max_tokens") or 256),
+                    messages,
+                    float(req.get("temperature", 1.0)),
+                    int(req.get("max_tokens") or 256),
                     int(req.get("seed") or 0),
                 )
             except (KeyError, ValueError, TypeError) as e:
                 self._send(400, {"error": {"message": f"bad request: {e}"}})
                 return
-            self._send(200, {
-                "id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
-                "model": req.get("model", chat.name),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            })
+            self._send(
+                200,
+                {
+                    "id": f"chatcmpl-{time.time_ns()}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": req.get("model", chat.name),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                },
+            )
 
     return Handler
 

@@ -4,7 +4,8 @@
                  ^------------------- rounds > 1: x0 from the improved policy ------'
 
 Each stage's key hashes its config slice and its upstream keys (see cache.py), so a sweep computes shared stages
-once and a killed run resumes where it stopped.
+once and a killed run resumes where it stopped. `stop_after=<stage>` ends a run early: the refinement analyses
+(Tables 2-3) need no policy, and their results.json carries `refine` metrics with pass@k null.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,19 @@ from ilf_lab.pipeline.cache import Artifact, StageCache, read_jsonl, stage_key
 log = logging.getLogger("ilf_lab.pipeline")
 
 
+# options added after caches existed: left out of stage keys while at their default, so those caches stay valid
+_KEY_OMIT_AT_DEFAULT = {"feedback": {"shuffle": False}, "refine": {"refiner": "trained"}}
+
+
 def _slice(cfg: DictConfig, *keys: str) -> dict[str, Any]:
-    return {
-        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-        for k in keys
-    }
+    out = {}
+    for k in keys:
+        v = OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for sub, default in _KEY_OMIT_AT_DEFAULT.get(k, {}).items():
+            if isinstance(v, dict) and v.get(sub) == default:
+                del v[sub]
+        out[k] = v
+    return out
 
 
 def _data_fingerprint(cfg: DictConfig) -> str:
@@ -49,11 +59,16 @@ def _data_fingerprint(cfg: DictConfig) -> str:
     return "|".join(parts) or "hub"
 
 
+class StopAfter(Exception):
+    """Raised once the stage named by `stop_after` is recorded: the run ends there (results without pass@k)."""
+
+
 class StageLog:
     """Records each stage for results.json and W&B, and says what runs, what is cached and how long it took."""
 
-    def __init__(self, tracker: Any):
+    def __init__(self, tracker: Any, stop_after: str | None = None):
         self.tracker = tracker
+        self.stop_after = stop_after
         self.rows: list[dict[str, Any]] = []
 
     def add(self, name: str, art: Artifact | None, status: str = "ok", info: dict | None = None) -> None:
@@ -69,6 +84,21 @@ class StageLog:
         how = "skipped" if art is None else ("cached" if art.cached else f"ran in {art.seconds:.1f} s")
         log.info("stage %-14s %-8s %s %s", name, status, how, json.dumps(info or {}, default=str)[:160])
         self.tracker.log_stage(name, row["seconds"], row["cached"], status=status, info=info)
+        if name.split("[")[0] == self.stop_after:
+            raise StopAfter(name)
+
+
+@dataclass
+class RunState:
+    """What the stages leave for results.json."""
+
+    counts: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    refine: dict[str, Any] = field(default_factory=dict)  # Tables 2-3: how good the refinements are
+    eval: dict[str, Any] = field(default_factory=dict)
+    benchmarks: dict[str, Any] = field(default_factory=dict)
+    stopped_after: str | None = None
 
 
 def run_experiment(cfg: DictConfig) -> dict[str, Any]:
@@ -100,7 +130,16 @@ def run_experiment(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dict[str, Any]:
-    stages = StageLog(tracker)
+    stages, state = StageLog(tracker, cfg.stop_after), RunState()
+    try:
+        _stages(cfg, cache, tracker, stages, state)
+    except StopAfter as e:
+        state.stopped_after = str(e)
+        log.info("stop_after=%s: the run ends after stage %s", cfg.stop_after, e)
+    return _results(cfg, tracker, stages, state, out_dir)
+
+
+def _stages(cfg: DictConfig, cache: StageCache, tracker: Any, stages: StageLog, state: RunState) -> None:
     models = S.Models(cfg)
     fmt = cfg.model.prompt_format
     mbpp = load_mbpp(cfg.data)
@@ -117,9 +156,8 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
     stages.add("tasks", a_tasks, info=a_tasks.meta.get("split_sizes"))
     splits, anns = S.load_splits(a_tasks.path), S.load_annotations(a_tasks.path)
 
-    counts: dict[str, Any] = {"annotations": a_tasks.meta.get("annotation_counts", {})}
-    training: dict[str, Any] = {}
-    artifacts: dict[str, str] = {}
+    counts, training, artifacts = state.counts, state.training, state.artifacts
+    counts["annotations"] = a_tasks.meta.get("annotation_counts", {})
     train_on = cfg.train_on.source
     policy_path, policy_key = base_path, stage_key("base", base_id)
     refiner_path: str | None = None
@@ -146,11 +184,11 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
             a_x0 = cache.run(
                 "x0", k_x0, lambda d: S.stage_x0(cfg, mbpp, splits, anns, models, policy_path, d, round_)
             )
-            stages.add(f"x0{r}", a_x0, "ok" if a_x0.meta["x0"] else "empty", a_x0.meta)
             x0_rows = read_jsonl(a_x0.file("x0.jsonl"))
             artifacts["x0"] = str(a_x0.file("x0.jsonl"))
             if a_x0.file("x0_samples.jsonl").exists():
                 artifacts["x0_samples"] = str(a_x0.file("x0_samples.jsonl"))
+            stages.add(f"x0{r}", a_x0, "ok" if a_x0.meta["x0"] else "empty", a_x0.meta)
 
             # 3. feedback f (and, from an LLM, its refinement)
             fb_slice = _slice(cfg, "feedback") | {"seed": cfg.seed}
@@ -160,10 +198,10 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
             a_fb = cache.run(
                 "feedback", k_fb, lambda d: S.stage_feedback(cfg, mbpp, anns, x0_rows, models, base_path, d)
             )
-            stages.add(f"feedback{r}", a_fb, "ok" if a_fb.meta["feedback"] else "empty", a_fb.meta)
             feedback_rows = read_jsonl(a_fb.file("feedback.jsonl"))
             artifacts["feedback"] = str(a_fb.file("feedback.jsonl"))
             counts["x0"], counts["feedback"] = a_x0.meta["x0"], a_fb.meta["feedback"]
+            stages.add(f"feedback{r}", a_fb, "ok" if a_fb.meta["feedback"] else "empty", a_fb.meta)
         else:
             for name in ("x0", "feedback"):
                 stages.add(f"{name}{r}", None, "skipped", {"train_on": train_on})
@@ -171,7 +209,10 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
         refine_key = None
         if train_on == "refinements":
             # 4. train πRefine on MBPPRefine's (t, x0, f) -> x1 (human feedback; LLM feedback brings its own x1)
-            if cfg.feedback.provider == "human" and refiner_path is None:
+            if cfg.refine.refiner == "base" and refiner_path is None:
+                stages.add("train_refiner", None, "skipped", {"reason": "refine.refiner=base (zero-shot)"})
+                refiner_path = base_path
+            elif cfg.feedback.provider == "human" and refiner_path is None:
                 records = _refiner_records(mbpp, feedback_rows)
                 counts["refiner_examples"] = len(records)
                 k_ref = stage_key(
@@ -218,15 +259,13 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
                 refine_key,
                 lambda d: S.stage_refine(cfg, mbpp, feedback_rows, src, models, d, round_),
             )
-            stages.add(f"refine{r}", a_rf, "ok" if a_rf.meta["tasks_with_passing"] else "empty", a_rf.meta)
             artifacts["refinements"] = str(a_rf.file("refinements.jsonl"))
             counts["refinements"] = a_rf.meta["refinements"]
             counts["refinements_passing"] = a_rf.meta["refinements_passing"]
-            policy_records = [
-                (mbpp[x["task_id"]], x["program"])
-                for x in read_jsonl(a_rf.file("refinements.jsonl"))
-                if x["kept"]
-            ]
+            refinements = read_jsonl(a_rf.file("refinements.jsonl"))
+            policy_records = [(mbpp[x["task_id"]], x["program"]) for x in refinements if x["kept"]]
+            state.refine = _refine_stats(cfg, refinements, a_rf.meta["tasks"])
+            stages.add(f"refine{r}", a_rf, "ok" if a_rf.meta["tasks_with_passing"] else "empty", a_rf.meta)
         else:
             for name in ("train_refiner", "refine"):
                 stages.add(f"{name}{r}", None, "skipped", {"train_on": train_on})
@@ -268,8 +307,8 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
                     cfg, "policy", records, policy_path, cfg.policy, d, _train_logger(cfg, tracker, "policy")
                 ),
             )
-            stages.add(f"train_policy{r}", a_pol, info={"examples": len(records), "train_on": train_on})
             training["policy"] = a_pol.meta.get("training", {})
+            stages.add(f"train_policy{r}", a_pol, info={"examples": len(records), "train_on": train_on})
             policy_path, policy_key = str(a_pol.file("model")), k_pol
 
     # analysis (Figure 3): how surprising is each fine-tuning source to the base model?
@@ -300,10 +339,11 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
         {"policy": policy_key, "tasks": k_tasks},
     )
     a_ev = cache.run("evaluate", k_eval, lambda d: S.stage_evaluate(cfg, eval_tasks, policy_path, models, d))
-    ev = a_ev.meta
-    stages.add("evaluate", a_ev, info={k: ev.get(k) for k in ("pass@1", "pass@10", "num_tasks", "n_samples")})
+    ev = state.eval = a_ev.meta
     artifacts["eval_samples"] = str(a_ev.file("eval_samples.jsonl"))
-    benchmarks = {"mbpp": {k: ev.get(k) for k in ("pass@1", "pass@10", "num_tasks", "n_samples", "per_task")}}
+    benchmarks = state.benchmarks
+    benchmarks["mbpp"] = {k: ev.get(k) for k in ("pass@1", "pass@10", "num_tasks", "n_samples", "per_task")}
+    stages.add("evaluate", a_ev, info={k: ev.get(k) for k in ("pass@1", "pass@10", "num_tasks", "n_samples")})
     if "humaneval" in cfg.eval.benchmarks:  # transfer: the same policy, sampler and sandbox on HumanEval
         k_he = stage_key(
             "evaluate_humaneval",
@@ -323,6 +363,12 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
         }
         artifacts["humaneval_samples"] = str(a_he.file("humaneval_samples.jsonl"))
 
+
+def _results(
+    cfg: DictConfig, tracker: Any, stages: StageLog, state: RunState, out_dir: Path
+) -> dict[str, Any]:
+    """results.json (architecture contract 2); pass@k are null when the run stopped before `evaluate`."""
+    artifacts, training, ev = state.artifacts, state.training, state.eval
     # copy the small JSONL artifacts beside results.json (the cache keeps the originals)
     for name, path in list(artifacts.items()):
         dst = out_dir / Path(path).name
@@ -331,25 +377,30 @@ def _run(cfg: DictConfig, cache: StageCache, tracker: Any, out_dir: Path) -> dic
     _log_tables(tracker, artifacts)
     if "policy" in training:
         tracker.log_metrics({"policy/final_loss": (training["policy"].get("losses") or [None])[-1]})
+    refine_metrics = {f"refine/{k}": v for k, v in state.refine.items() if isinstance(v, float)}
+    if refine_metrics:
+        tracker.log_metrics(refine_metrics)
 
     return {
         "experiment": cfg.name,
         "feedback": cfg.feedback.name,
-        "train_on": train_on,
+        "train_on": cfg.train_on.source,
         "model": cfg.model.name,
         "scale": cfg.scale,
         "pass@1": ev.get("pass@1"),
         "pass@10": ev.get("pass@10"),
-        "n_samples": ev["n_samples"],
-        "num_tasks": ev["num_tasks"],
+        "n_samples": ev.get("n_samples"),
+        "num_tasks": ev.get("num_tasks"),
         "eval_split": cfg.eval.split,
         "temperature": cfg.sampling.temperature,
         "seed": cfg.seed,
         "rounds": cfg.rounds,
-        "per_task": ev["per_task"],
-        "benchmarks": benchmarks,
+        "stopped_after": state.stopped_after,
+        "per_task": ev.get("per_task", {}),
+        "benchmarks": state.benchmarks,
+        "refine": state.refine,
         "stages": stages.rows,
-        "counts": counts,
+        "counts": state.counts,
         "training": training,
         "artifacts": artifacts,
         "overrides": _overrides(),
@@ -361,6 +412,34 @@ def _train_logger(cfg: DictConfig, tracker: Any, prefix: str) -> Any:
     """Training curves go to the run's W&B logger when training stays in this process (one device)."""
     single = str(cfg.trainer.devices) in ("1", "auto") and cfg.trainer.num_nodes == 1
     return tracker.lightning_logger(prefix) if single else None
+
+
+def _refine_stats(cfg: DictConfig, refinements: list[dict], tasks: int) -> dict[str, Any]:
+    """Tables 2-3: pass@k of the refinements sampled per MBPPTrain task, and the share of tasks with one passing.
+
+    A task with no candidate (the LLM wrote no refinement) counts as failed, so every row is over `tasks`.
+    """
+    from ilf_lab.execution import mean_pass_at_k
+
+    llm = cfg.feedback.provider == "llm"
+    n = 1 if llm else cfg.refine.n
+    per_task: dict[int, list[int]] = {}
+    for x in refinements:
+        nc = per_task.setdefault(x["task_id"], [0, 0])
+        nc[0] += 1
+        nc[1] += int(x["passed"])
+    counts = [(a, c) for a, c in per_task.values()] + [(n, 0)] * (tasks - len(per_task))
+    with_passing = sum(c > 0 for _, c in counts)
+    return {
+        "refiner": "llm" if llm else cfg.refine.refiner,
+        "feedback": cfg.feedback.name,
+        "feedback_shuffled": bool(cfg.feedback.shuffle),
+        "tasks": tasks,
+        "samples_per_task": n,
+        **{f"pass@{k}": mean_pass_at_k(counts, k) if counts and k <= n else None for k in cfg.eval.ks},
+        "tasks_with_passing": with_passing,
+        "frac_tasks_with_passing": with_passing / tasks if tasks else None,
+    }
 
 
 def _refiner_records(mbpp: dict, feedback_rows: list[dict]) -> list[Any]:

@@ -254,8 +254,10 @@ def stage_feedback(
             for r in x0_rows
             if r["task_id"] in anns
         ]
+        if fb.shuffle:
+            shuffle_feedback([r for r in rows if r["split"] == "train"], cfg.seed)
         write_jsonl(out / "feedback.jsonl", rows)
-        return {"feedback": len(rows), "provider": "human"}
+        return {"feedback": len(rows), "provider": "human", "shuffled": bool(fb.shuffle)}
 
     from ilf_lab.feedback import HFBackend, OpenAIBackend, llm_feedback
 
@@ -293,6 +295,20 @@ def stage_feedback(
         "shots": [a.task_id for a in shot_anns],
         "with_refinement": sum(r["refinement"] is not None for r in rows),
     }
+
+
+def shuffle_feedback(rows: list[dict], seed: int) -> None:
+    """Table 2's control: give every row the feedback written for another row (a seeded derangement).
+
+    Only MBPPTrain rows are passed in, so πRefine still learns from related feedback; with one row nothing moves.
+    """
+    if len(rows) < 2:
+        return
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    donors = [(rows[i]["task_id"], rows[i]["feedback"]) for i in order]
+    for j, i in enumerate(order):  # a cycle through the shuffled order: nobody keeps their own feedback
+        rows[i]["feedback_from"], rows[i]["feedback"] = donors[(j + 1) % len(rows)]
 
 
 def stage_train(
