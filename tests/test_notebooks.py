@@ -79,7 +79,9 @@ def synthetic_results(tmp_path_factory) -> Path:
         )
     )
     for i, exp in enumerate(EXPERIMENTS):
-        extra = {"artifacts": {"perplexity": str(ppl)}} if exp == "ilf" else {}
+        refine = {"refiner": "trained", "feedback": "human", "feedback_shuffled": False, "tasks": 4,
+                  "samples_per_task": 10, "pass@1": 0.3, "pass@10": 0.75, "frac_tasks_with_passing": 0.75}
+        extra = {"artifacts": {"perplexity": str(ppl)}, "refine": refine} if exp == "ilf" else {}
         write(root, f"{i}_experiment={exp}", make_result(exp, 0.02 * (i + 1), 0.1 * (i + 1), **extra))
     for j, n in enumerate((50, 100, 200)):
         write(
@@ -105,19 +107,21 @@ def test_notebook_runs_on_results(synthetic_results, tmp_path, name):
         assert image_count(nb) == 1
     else:
         assert "absent" not in text
-        assert image_count(nb) == 3
+        assert image_count(nb) == 4
         assert {p.name for p in tmp_path.glob("*.png")} == {
             "training_curves.png",
             "perplexity.png",
             "feedback_scaling.png",
+            "refinements.png",
         }
+        assert "| πRefine | human | 4 | 10 | 30.0 | 75.0 | 75.0 | 1 |" in text
 
 
 def test_figures_notebook_says_what_is_absent(tmp_path):
     write(tmp_path / "res", "z", make_result("zero_shot", training={}))
     nb = execute(ROOT / "notebooks" / "figures.ipynb", [tmp_path / "res"], tmp_path / "out")
     text = outputs_text(nb)
-    assert text.count("absent:") == 3 and image_count(nb) == 0
+    assert text.count("absent:") == 4 and image_count(nb) == 0
 
 
 # ---------------------------------------------------------------------------------------------- a real sweep
@@ -175,3 +179,5 @@ def test_smoke_sweep_reports(smoke_sweep, tmp_path):
 def test_notebook_runs_on_smoke_sweep(smoke_sweep, tmp_path, name):
     nb = execute(ROOT / "notebooks" / name, [smoke_sweep], tmp_path)
     assert image_count(nb) >= (1 if name == "table.ipynb" else 0)
+    if name == "figures.ipynb":  # the ILF run sampled refinements: Tables 2-3 have a πRefine row
+        assert (tmp_path / "refinements.png").is_file() and "πRefine" in outputs_text(nb)
