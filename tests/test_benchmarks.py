@@ -1,0 +1,32 @@
+"""Benchmark scripts keep contract 6 (last line: one JSON object with metric, value, baseline, ratio, unit).
+
+The GPU throughput script runs here in its CPU plumbing mode (a tiny random model): the numbers mean nothing on
+this machine, the point is that the script a GPU session runs once works end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_gpu_throughput_script_plumbing_on_cpu(tmp_path):
+    args = [
+        "--device", "cpu", "--size", "tiny", "--precision", "32", "--steps", "2", "--warmup", "1",
+        "--micro-batch", "2", "--seq-len", "64", "--prompts", "4", "--baseline-prompts", "2", "--n", "2",
+        "--max-new-tokens", "8", "--prompt-len", "16", "--out", str(tmp_path / "gpu.json"),
+    ]
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), *args],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert {"metric", "value", "baseline", "ratio", "unit"} <= set(last)
+    assert last["value"] > 0 and last["baseline"] > 0
+    assert abs(last["ratio"] - last["value"] / last["baseline"]) < 1e-3
+    s = last["sampling"]
+    assert s["engine_tokens_per_s"] > 0 and s["generate_tokens_per_s"] > 0 and s["vllm_tokens_per_s"] is None
+    assert last["train"]["flops_per_token"] > 0 and last["mfu_datasheet"] is None  # fp32 on a CPU: no datasheet
+    assert json.loads((tmp_path / "gpu.json").read_text()) == last
