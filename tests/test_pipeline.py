@@ -100,6 +100,28 @@ def test_sigkill_mid_stage_resumes_with_same_numbers(first_run, mini_data, tmp_p
     resumed = results(tmp_path / "b")
     assert resumed["stages"][0]["cached"]  # tasks was finished before the kill
     assert {k: resumed[k] for k in NUMBERS} == {k: res[k] for k in NUMBERS}
+    assert not list((cache / "stages").glob("*/.tmp-*"))  # the killed stage's temp dir was cleaned up
+
+
+def test_cache_removes_only_this_hosts_dead_temp_dirs(tmp_path):
+    from ilf_lab.pipeline.cache import _HOST, StageCache
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parent = tmp_path / "stages" / "refine"
+    orphans = {
+        "dead": parent / f".tmp-k1-{_HOST}-{dead.pid}-x",
+        "alive": parent / f".tmp-k1-{_HOST}-{os.getpid()}-y",
+        "other_host": parent / f".tmp-k1-elsewhere-{dead.pid}-z",
+        "other_key": parent / f".tmp-k2-{_HOST}-{dead.pid}-w",
+    }
+    for d in orphans.values():
+        d.mkdir(parents=True)
+        (d / "partial.jsonl").write_text("{}\n")
+    art = StageCache(tmp_path).run("refine", "k1", lambda d: {"ok": True})
+    assert art.meta == {"ok": True} and not art.cached
+    left = {name for name, d in orphans.items() if d.exists()}
+    assert left == {"alive", "other_host", "other_key"}
 
 
 def test_sweep_shares_stages_logs_wandb_and_reports(mini_data, tmp_path):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -78,7 +79,8 @@ class StageCache:
             return hit
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
+        _remove_orphans(final.parent, key)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{_HOST}-{os.getpid()}-", dir=final.parent))
         try:
             meta = compute(tmp) or {}
             (tmp / "meta.json").write_text(json.dumps({"stage": stage, "key": key, "meta": meta}, indent=1))
@@ -94,6 +96,25 @@ class StageCache:
         art.cached = False
         art.seconds = time.perf_counter() - t0
         return art
+
+
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _remove_orphans(parent: Path, key: str) -> None:
+    """Temp dirs of this key left by a killed process of this host (a SIGKILL skips the cleanup above).
+
+    Only this host's dead PIDs: on a shared filesystem another host's job may be writing its own temp dir."""
+    for d in parent.glob(f".tmp-{key}-*"):
+        parts = d.name.split("-")  # .tmp-<key>-<host>-<pid>-<random>
+        if len(parts) < 5 or parts[2] != _HOST or not parts[3].isdigit():
+            continue
+        try:
+            os.kill(int(parts[3]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
