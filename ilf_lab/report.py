@@ -176,6 +176,61 @@ class Row:
         )
 
 
+def per_task_pass(runs: Sequence[dict[str, Any]], k: int = 1) -> dict[str, float]:
+    """Per-task pass@k (a fraction) from results.json's `per_task` counts, averaged over runs (seeds)."""
+    from ilf_lab.execution.passk import pass_at_k
+
+    acc: dict[str, list[float]] = {}
+    for r in runs:
+        for tid, nc in (r.get("per_task") or {}).items():
+            n, c = (nc or {}).get("n"), (nc or {}).get("c")
+            if isinstance(n, int) and isinstance(c, int) and 0 <= c <= n and n >= k:
+                acc.setdefault(str(tid), []).append(pass_at_k(n, c, k))
+    return {t: statistics.fmean(v) for t, v in acc.items()}
+
+
+def paired_delta(
+    runs: Sequence[dict[str, Any]],
+    reference: Sequence[dict[str, Any]],
+    k: int = 1,
+    iters: int = 4000,
+    seed: int = 0,
+) -> tuple[float, float, float] | None:
+    """pass@k of `runs` minus `reference` in points, over the tasks both evaluated, with a 95 % paired bootstrap
+    interval over tasks (which tasks are solvable dominates the noise); None when they share no task."""
+    import numpy as np
+
+    a, b = per_task_pass(runs, k), per_task_pass(reference, k)
+    tasks = sorted(set(a) & set(b))
+    if not tasks:
+        return None
+    d = np.array([a[t] - b[t] for t in tasks]) * 100
+    boots = d[np.random.default_rng(seed).integers(0, len(d), (iters, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def _delta_fmt(delta: tuple[float, float, float] | None) -> str:
+    if delta is None:
+        return MISSING
+    mean, lo, hi = delta
+    return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
+def _zero_shot(rows: Sequence[Row]) -> dict[tuple[str, str], Row]:
+    """Per (model, scale) the zero-shot row with runs: the reference for the Δ column."""
+    return {
+        (r.model, r.scale): r for r in rows if r.paper is not None and r.experiment == "zero_shot" and r.runs
+    }
+
+
+def _delta(row: Row, zero: dict[tuple[str, str], Row]) -> tuple[float, float, float] | None:
+    ref = zero.get((row.model, row.scale))
+    if ref is None or ref is row or not row.runs:
+        return None
+    return paired_delta(row.runs, ref.runs)
+
+
 def _metric(result: dict[str, Any], key: str, benchmark: str = "mbpp") -> float | None:
     if benchmark == "mbpp":
         return result.get(key)
@@ -264,30 +319,38 @@ def _paper_fmt(v: float | None) -> str:
 def to_markdown(rows: Sequence[Row]) -> str:
     """The report as markdown: per (model, scale) a heading, Table 4 with the paper's numbers, other results."""
     out: list[str] = []
+    zero = _zero_shot(rows)
     for (model, scale), group in _by_setting(rows).items():
         he = any(r.has_humaneval for r in group)
         out.append(f"### Table 4 — ours: model={model}, scale={scale}")
         out.append("")
-        out.append(f"Paper: {paper.SETTING}. pass@k in %; ours = mean ± std over runs; {MISSING} = not run.")
+        out.append(
+            f"Paper: {paper.SETTING}. pass@k in %; ours = mean ± std over runs; {MISSING} = not run. "
+            "Δ pass@1 = ours minus our zero-shot row on the same tasks, with a 95 % paired bootstrap interval "
+            "over tasks."
+        )
         out.append("")
-        out += _md_table([r for r in group if r.section == "paper"], he, with_paper=True)
+        out += _md_table([r for r in group if r.section == "paper"], he, with_paper=True, zero=zero)
         other = [r for r in group if r.section == "other"]
         if other:
             out.append("")
             out.append(f"#### Other results (no Table 4 row) — model={model}, scale={scale}")
             out.append("")
-            out += _md_table(other, he, with_paper=False)
+            out += _md_table(other, he, with_paper=False, zero=zero)
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
-def _md_table(rows: Sequence[Row], he: bool, with_paper: bool) -> list[str]:
+def _md_table(
+    rows: Sequence[Row], he: bool, with_paper: bool, zero: dict[tuple[str, str], Row] | None = None
+) -> list[str]:
     head = ["Method", "Feedback source", "Fine-tuning data"]
     if not with_paper:
         head = ["Experiment", "Feedback", "train_on", "Setting"]
     head += ["pass@1 (ours)", "pass@10 (ours)"]
     if with_paper:
         head += ["pass@1 (paper)", "pass@10 (paper)"]
+    head += ["Δ pass@1 vs zero-shot"]
     if he:
         head += ["HumanEval pass@1", "HumanEval pass@10"]
     head += ["n_samples", "num_tasks", "runs"]
@@ -302,6 +365,7 @@ def _md_table(rows: Sequence[Row], he: bool, with_paper: bool) -> list[str]:
         if with_paper:
             assert r.paper is not None
             cells += [_paper_fmt(r.paper.pass1), _paper_fmt(r.paper.pass10)]
+        cells += [_delta_fmt(_delta(r, zero or {}))]
         if he:
             cells += [_fmt(*r.stat("pass@1", "humaneval")), _fmt(*r.stat("pass@10", "humaneval"))]
         cells += [r.counts("n_samples"), r.counts("num_tasks"), str(len(r.runs))]
@@ -332,6 +396,9 @@ CSV_COLUMNS = (
     "pass@10_std",
     "paper_pass@1",
     "paper_pass@10",
+    "delta_pass@1_vs_zero_shot",
+    "delta_pass@1_ci_low",
+    "delta_pass@1_ci_high",
     "humaneval_pass@1_mean",
     "humaneval_pass@1_std",
     "humaneval_pass@10_mean",
@@ -345,7 +412,9 @@ CSV_COLUMNS = (
 def to_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
     """Rows as flat dicts (the CSV's columns); numbers in %, missing values as None."""
     recs = []
+    zero = _zero_shot(rows)
     for r in rows:
+        delta = _delta(r, zero)
         rec: dict[str, Any] = {
             "model": r.model,
             "scale": r.scale,
@@ -358,6 +427,13 @@ def to_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
             "runs": len(r.runs),
             "paper_pass@1": r.paper.pass1 if r.paper else None,
             "paper_pass@10": r.paper.pass10 if r.paper else None,
+            **dict(
+                zip(
+                    ("delta_pass@1_vs_zero_shot", "delta_pass@1_ci_low", "delta_pass@1_ci_high"),
+                    [round(x, 4) for x in delta] if delta else (None, None, None),
+                    strict=True,
+                )
+            ),
             "n_samples": r.counts("n_samples") if r.runs else None,
             "num_tasks": r.counts("num_tasks") if r.runs else None,
             "results": ";".join(x["_path"] for x in r.runs if "_path" in x),

@@ -12,7 +12,12 @@ SWEEP_DIR=$out/cpu_refine_analysis bash sweeps/refine_analysis.sh scale=cpu
 # Figure 4: 2-shot LLM feedback (SmolLM2 itself) on 50/100/200 MBPPTrain tasks, x0 from the policy's own samples
 # of the first 200 MBPPTrain tasks; evaluated with 10 samples per MBPPTest task to fit the time
 SWEEP_DIR=$out/cpu_feedback_scaling bash sweeps/feedback_scaling.sh scale=cpu data.max_train_tasks=200 sampling.n=10
-for name in paper_table refine_analysis feedback_scaling; do
+# App. A.1 at CPU scale: ILF's policy learning rate on MBPPRefine (200 tasks x 5 samples), never on MBPPTest
+# (the grid's batch size and epochs fixed at the table's; the stage cache reuses πRefine and the refinements)
+python -m ilf_lab -m --config-dir sweeps --config-name hparams hydra.sweep.dir=$out/cpu_hparams \
+  scale=cpu sampling.n=5 'policy.lr=1e-5,2e-5,5e-5' policy.batch_size=4 policy.epochs=2
+python -m ilf_lab.report $out/cpu_hparams --best-overrides
+for name in paper_table refine_analysis feedback_scaling hparams; do
   mkdir -p results/cpu_$name
   python -m ilf_lab.report "$out/cpu_$name" --out results/cpu_$name > results/cpu_$name/table.md
 done

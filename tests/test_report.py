@@ -143,6 +143,27 @@ def test_table_means_seeds_and_shows_missing_rows(tmp_path):
     assert zs[3:5] == ["0.0", "—"]
 
 
+def test_delta_vs_zero_shot_is_a_paired_bootstrap_over_tasks(tmp_path):
+    # 40 shared tasks: ILF solves 4 more of 10 samples on tasks 0-9 and is equal elsewhere -> +10 points on average
+    zero = {str(t): {"n": 10, "c": 2 if t % 3 == 0 else 0} for t in range(40)}
+    ilf = {t: {"n": 10, "c": v["c"] + (4 if int(t) < 10 else 0)} for t, v in zero.items()}
+    write(tmp_path, "z", make_result("zero_shot", 0.05, 0.2, per_task=zero))
+    write(tmp_path, "i", make_result("ilf", 0.15, 0.3, per_task=ilf))
+    write(tmp_path, "g", make_result("mbpp_gold", 0.05, 0.2, per_task=zero))
+    rows = report.table(report.collect([tmp_path]))
+    by = {r.experiment: r for r in rows if r.section == "paper"}
+    mean, lo, hi = report.paired_delta(by["ilf"].runs, by["zero_shot"].runs)
+    assert mean == pytest.approx(10.0) and 0 < lo < 10 < hi < 25
+    assert report.paired_delta(by["mbpp_gold"].runs, by["zero_shot"].runs) == (0.0, 0.0, 0.0)
+    assert report.paired_delta(by["ilf"].runs, [make_result("zero_shot", per_task={"999": {"n": 1, "c": 0}})]) is None
+    line = {ln.split("|")[1].strip(): ln for ln in report.to_markdown(rows).splitlines() if ln.startswith("| ")}
+    assert "| +10.0 [+" in line["ILF"] and "| +0.0 [+0.0, +0.0] |" in line["Fine-tuned on MBPP gold"]
+    assert "| — |" in line["Zero-shot"]  # no delta against itself
+    recs = {r["experiment"]: r for r in report.to_records(rows)}
+    assert recs["ilf"]["delta_pass@1_vs_zero_shot"] == pytest.approx(10.0)
+    assert recs["zero_shot"]["delta_pass@1_vs_zero_shot"] is None
+
+
 def test_results_off_the_table_go_to_their_own_section(tmp_path):
     write(tmp_path, "hp1", make_result("ilf", 0.1, 0.2, overrides=["policy.lr=1e-06", "policy.epochs=1"]))
     write(
