@@ -168,6 +168,13 @@ class Row:
         vals = sorted({r.get(key) for r in self.runs if r.get(key) is not None})
         return "/".join(str(v) for v in vals) if vals else MISSING
 
+    def policy_examples(self) -> str:
+        """How many programs πθ* was fine-tuned on (0: nothing passed, the base policy was evaluated)."""
+        vals = sorted({(r.get("counts") or {}).get("policy_examples") for r in self.runs} - {None})
+        if not vals or all(r.get("train_on") == "none" for r in self.runs):
+            return MISSING
+        return "/".join(str(v) for v in vals) + (" (base policy)" if vals == [0] else "")
+
     @property
     def has_humaneval(self) -> bool:
         return any(
@@ -353,7 +360,7 @@ def _md_table(
     head += ["Δ pass@1 vs zero-shot"]
     if he:
         head += ["HumanEval pass@1", "HumanEval pass@10"]
-    head += ["n_samples", "num_tasks", "runs"]
+    head += ["πθ* trained on", "n_samples", "num_tasks", "runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = (
@@ -368,7 +375,7 @@ def _md_table(
         cells += [_delta_fmt(_delta(r, zero or {}))]
         if he:
             cells += [_fmt(*r.stat("pass@1", "humaneval")), _fmt(*r.stat("pass@10", "humaneval"))]
-        cells += [r.counts("n_samples"), r.counts("num_tasks"), str(len(r.runs))]
+        cells += [r.policy_examples(), r.counts("n_samples"), r.counts("num_tasks"), str(len(r.runs))]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines
 

@@ -222,11 +222,13 @@ def test_one_table_per_model_and_scale_and_humaneval_columns(tmp_path):
 def test_cli_prints_table_and_writes_csv_png(tmp_path):
     root = tmp_path / "multirun"
     for i, exp in enumerate(EXPERIMENTS):
-        write(root, f"{i}_experiment={exp}", make_result(exp, 0.01 * (i + 1), 0.1 * (i + 1)))
+        counts = {"policy_examples": 0 if exp.startswith("instructgpt") else 3}
+        write(root, f"{i}_experiment={exp}", make_result(exp, 0.01 * (i + 1), 0.1 * (i + 1), counts=counts))
     p = run_cli(str(root))
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("\n| ") >= 7 and "| ILF | Humans |" in p.stdout
     assert "—" not in p.stdout.split("| ILF")[1].splitlines()[0]
+    assert "| 0 (base policy) |" in p.stdout.split("| 1-shot InstructGPT")[1].splitlines()[0]
     with open(root / "table.csv") as f:
         recs = list(csv.DictReader(f))
     assert len(recs) == 6
