@@ -838,6 +838,10 @@ def plot_refinements(rows: Sequence[RefineRow], path: str | os.PathLike | None =
         ax.bar([x + off for x in xs], [v or 0.0 for v in vals], 0.4, label=name)
         for x, v in zip(xs, vals, strict=True):
             ax.text(x + off, (v or 0.0) + 0.5, MISSING if v is None else f"{v:.1f}", ha="center", fontsize=7)
+    top = max(
+        (v for g in rows for k in ("pass@1", "frac_tasks_with_passing") if (v := g.stat(k)[0])), default=0
+    )
+    ax.set_ylim(0, top * 1.15 + 1.0)  # room for the value labels
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("% (refinements of MBPPTrain x0)")
     ax.set_title("Tables 2-3: do refinements pass their tests?", fontsize=10)
