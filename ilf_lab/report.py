@@ -667,6 +667,7 @@ def plot_feedback_scaling(results: Sequence[dict[str, Any]], path: str | os.Path
             ys = [p[idx] for p in pts if p[idx] is not None]
             ax.plot(xs, ys, marker="o", label=fb)
         ax.set_xlabel("MBPPTrain tasks with LLM feedback")
+        ax.set_ylim(bottom=0)  # from zero: small differences should look small
         ax.set_ylabel(f"{key} on MBPPTest (%)")
         ax.set_title(f"Figure 4: {key}")
         ax.grid(alpha=0.3)
@@ -881,6 +882,9 @@ def _report(
         written += [write_refinements_csv(ref_rows, out_dir / "refinements.csv"), out_dir / "refinements.png"]
         plot_refinements(ref_rows, written[-1])
         md.append(refinements_markdown(ref_rows))
+    if feedback_scaling(results):
+        written.append(out_dir / "feedback_scaling.png")
+        plot_feedback_scaling(results, written[-1])
     return "\n".join(md), rows, written
 
 

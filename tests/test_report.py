@@ -196,6 +196,8 @@ def test_results_off_the_table_go_to_their_own_section(tmp_path):
             (100, pytest.approx(20.0), pytest.approx(30.0), 1),
         ]
     }
+    p = run_cli(str(tmp_path), "--out", str(tmp_path / "out"))  # the CLI draws Figure 4 when it has the data
+    assert p.returncode == 0 and (tmp_path / "out" / "feedback_scaling.png").is_file(), p.stderr
 
 
 def test_one_table_per_model_and_scale_and_humaneval_columns(tmp_path):
