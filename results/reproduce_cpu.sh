@@ -16,8 +16,11 @@ SWEEP_DIR=$out/cpu_feedback_scaling bash sweeps/feedback_scaling.sh scale=cpu da
 # (the grid's batch size and epochs fixed at the table's; the stage cache reuses πRefine and the refinements)
 python -m ilf_lab -m --config-dir sweeps --config-name hparams hydra.sweep.dir=$out/cpu_hparams \
   scale=cpu sampling.n=5 'policy.lr=1e-5,2e-5,5e-5' policy.batch_size=4 policy.epochs=2
-python -m ilf_lab.report $out/cpu_hparams --best-overrides
+read -r -a best <<< "$(python -m ilf_lab.report $out/cpu_hparams --best-overrides)"
+python -m ilf_lab scale=cpu eval.split=test "${best[@]}" hydra.run.dir=$out/cpu_hparams_best   # once, on MBPPTest
+mkdir -p results/cpu_hparams_best
 for name in paper_table refine_analysis feedback_scaling hparams; do
   mkdir -p results/cpu_$name
   python -m ilf_lab.report "$out/cpu_$name" --out results/cpu_$name > results/cpu_$name/table.md
 done
+python -m ilf_lab.report $out/cpu_hparams_best $out/cpu_paper_table --out results/cpu_hparams_best > results/cpu_hparams_best/table.md
