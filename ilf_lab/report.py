@@ -726,7 +726,7 @@ class RefineRow:
 
 def refinement_rows(results: Sequence[dict[str, Any]]) -> list[RefineRow]:
     """Every result with a `refine` block, grouped by (model, scale, refiner, feedback, shuffled, sizes); runs
-    that share a refine stage (an ILF run and the refine_trained analysis of the same seed) count once."""
+    that share a refine stage (an ILF run and the refine_trained analysis with the same settings) count once."""
     groups: dict[tuple[Any, ...], RefineRow] = {}
     seen: set[tuple[Any, ...]] = set()
     for r in results:
@@ -742,9 +742,14 @@ def refinement_rows(results: Sequence[dict[str, Any]]) -> list[RefineRow]:
             int(b["tasks"]),
             int(b.get("samples_per_task") or 1),
         )
-        if (key, r.get("seed")) in seen:
+        # the refine stage's cache key names the artifact exactly; older results fall back to the seed
+        stage_keys = [
+            st.get("key") for st in r.get("stages") or [] if str(st.get("name", "")).startswith("refine")
+        ]
+        ident = (key, (stage_keys[-1] if stage_keys and stage_keys[-1] else None) or f"seed={r.get('seed')}")
+        if ident in seen:
             continue
-        seen.add((key, r.get("seed")))
+        seen.add(ident)
         groups.setdefault(key, RefineRow(*key)).runs.append(b)
     order = {"trained": 0, "base": 1, "llm": 2}
     return sorted(
