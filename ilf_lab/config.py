@@ -6,6 +6,7 @@ type fails at composition. Ranges and choices are checked by `validate()` right 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +214,15 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def structured(cls: type, value: Any) -> Any:
+    """A `cls` dataclass from a DictConfig, a dict, another dataclass or None (unknown keys fail here, not mid-run)."""
+    if isinstance(value, cls):
+        return value
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), value if value is not None else {}))
 
 
 def register_configs() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ilf_lab.generation.params import SamplingParams
+from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.sampling import (
     StopChecker,
     choose_tokens,
@@ -306,10 +306,8 @@ class HFEngine:
     ) -> list[list[str]]:
         """n raw completions per prompt, in prompt order (greedy: one decode, copied n times)."""
         prompts = list(prompts)
-        if not prompts:
-            return []
-        if params.max_new_tokens == 0:
-            return [[""] * params.n for _ in prompts]
+        if (done := trivial_completions(prompts, params)) is not None:
+            return done
         n = 1 if params.greedy else params.n
         ids = encode_prompts(self.tokenizer, prompts)
         seeds = prompt_seeds(prompts, params.seed, n)

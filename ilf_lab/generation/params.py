@@ -42,3 +42,12 @@ class Engine(Protocol):
     def generate(
         self, prompts: Sequence[str], params: SamplingParams, progress: bool = False
     ) -> list[list[str]]: ...
+
+
+def trivial_completions(prompts: Sequence[str], params: SamplingParams) -> list[list[str]] | None:
+    """What every engine answers without running its model (no prompts; no new tokens), else None."""
+    if not prompts:
+        return []
+    if params.max_new_tokens == 0:
+        return [[""] * params.n for _ in prompts]
+    return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ilf_lab.generation.params import SamplingParams
+from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.sampling import cut_at_stop, prompt_seeds
 
 
@@ -33,10 +33,8 @@ class VLLMEngine:
         from vllm import SamplingParams as VParams
 
         prompts = list(prompts)
-        if not prompts:
-            return []
-        if params.max_new_tokens == 0:
-            return [[""] * params.n for _ in prompts]
+        if (done := trivial_completions(prompts, params)) is not None:
+            return done
         n = 1 if params.greedy else params.n
         # one request per sample with its own seed: samples independent of batch composition, as in hf
         seeds = prompt_seeds(prompts, params.seed, n)

@@ -29,7 +29,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from ilf_lab.config import OptimConfig, TrainerConfig
+from ilf_lab.config import OptimConfig, TrainerConfig, structured
 from ilf_lab.errors import ConfigError
 from ilf_lab.training.data import DATAMODULES, CausalLMDataModule, PolicyRecord, RefinerRecord
 from ilf_lab.training.module import MODULES, CausalLMModule, as_optim_config
@@ -60,12 +60,7 @@ class TrainResult:
 
 
 def as_trainer_config(trainer: Any) -> TrainerConfig:
-    if isinstance(trainer, TrainerConfig):
-        return trainer
-    if dataclasses.is_dataclass(trainer):
-        trainer = dataclasses.asdict(trainer)
-    merged = OmegaConf.merge(OmegaConf.structured(TrainerConfig), trainer if trainer is not None else {})
-    return OmegaConf.to_object(merged)
+    return structured(TrainerConfig, trainer)
 
 
 def _accelerator(name: str) -> str:

@@ -16,20 +16,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from ilf_lab.config import OptimConfig
+from ilf_lab.config import OptimConfig, structured
 from ilf_lab.training.data import IGNORE_INDEX
 
 
 def as_optim_config(opt: Any) -> OptimConfig:
     """An `OptimConfig` from a DictConfig, a dict or the dataclass (unknown keys fail here, not mid-run)."""
-    if isinstance(opt, OptimConfig):
-        return opt
-    if dataclasses.is_dataclass(opt):
-        opt = dataclasses.asdict(opt)
-    merged = OmegaConf.merge(OmegaConf.structured(OptimConfig), opt if opt is not None else {})
-    return OmegaConf.to_object(merged)
+    return structured(OptimConfig, opt)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
