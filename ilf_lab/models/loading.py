@@ -141,6 +141,19 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def model_config(name: str) -> Any:
+    """A `conf/model/<name>.yaml` option as the package ships it: scripts and benchmarks use the same models as
+    runs, without a copy of the settings."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    path = files("ilf_lab.conf") / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no model config {name!r} (conf/model/{name}.yaml)")
+    return OmegaConf.create(path.read_text())
+
+
 def resolve_model_dir(model_cfg: Any, cache_dir: str | os.PathLike) -> str:
     """A HF directory or hub id for the configured model, materialising GGUF / tiny models under the cache."""
     source = _get(model_cfg, "source", "hub")
