@@ -74,6 +74,7 @@ class ModelConfig:
 
 @dataclass
 class FeedbackConfig:
+    _target_: str = "ilf_lab.pipeline.stages.feedback.HumanFeedback"  # the feedback stage's implementation
     name: str = "human"
     provider: str = "human"  # human | llm
     shots: int = 0  # k for the llm provider (k-shot from MBPPRefine's human annotations)
@@ -91,16 +92,17 @@ class FeedbackConfig:
 
 @dataclass
 class TrainOnConfig:
+    _target_: str = "ilf_lab.pipeline.stages.train.Refinements"  # a FineTuningData source
     source: str = "refinements"  # refinements | mbpp_gold | human_refinements | none
 
 
 @dataclass
 class X0Config:
-    source: str = (
-        "annotations"  # annotations (the paper's x0) | policy (Algorithm 1 step 2: own failing samples)
-    )
+    _target_: str = "ilf_lab.pipeline.stages.x0.AnnotatedX0"  # the x0 stage's implementation
+    source: str = "annotations"  # annotations (the paper's x0) | policy (Algorithm 1 step 2: own failing samples)
     n: int = 4
     temperature: float = 0.8
+    top_p: float = 0.95
     max_new_tokens: int = 256
 
 
@@ -216,6 +218,19 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+_NO_DEFAULT = object()
+
+
+def default_of(path: str) -> Any:
+    """The schema's default for a dotted config path (stage keys leave values at their default out)."""
+    node: Any = Config()
+    for part in path.split("."):
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            return _NO_DEFAULT
+        node = getattr(node, part)
+    return node
+
+
 def structured(cls: type, value: Any) -> Any:
     """A `cls` dataclass from a DictConfig, a dict, another dataclass or None (unknown keys fail here, not mid-run)."""
     if isinstance(value, cls):
@@ -223,6 +238,26 @@ def structured(cls: type, value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), value if value is not None else {}))
+
+
+# overrides that do not change what a Table 4 row measures: which row / model / scale (group choices, shown in the
+# table), the seed, and where or how fast it runs. The report groups runs with these ignored.
+_REPORT_NEUTRAL_EXACT = frozenset(
+    {
+        "experiment", "feedback", "train_on", "model", "scale", "seed", "name", "data.dir",
+        "sampling.engine", "sampling.batch_size", "execution.workers", "execution.timeout",
+        "execution.memory_mb", "eval", "eval.benchmarks", "eval.perplexity", "eval.humaneval_max_problems",
+        "feedback.backend", "feedback.model", "feedback.base_url", "feedback.api_key_env",
+        "feedback.max_concurrency", "feedback.max_retries", "trainer",
+    }
+)
+_REPORT_NEUTRAL_PREFIXES = ("logger", "paths", "hydra", "trainer")
+
+
+def is_report_neutral(key: str) -> bool:
+    """True for a config key (as written in an override) whose value does not change what a run measures."""
+    key = key.lstrip("+~").split("=", 1)[0]
+    return key in _REPORT_NEUTRAL_EXACT or any(key == p or key.startswith(p + ".") for p in _REPORT_NEUTRAL_PREFIXES)
 
 
 def register_configs() -> None:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
-import os
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ilf_lab.data.prompts import Task
 from ilf_lab.errors import DataError
+from ilf_lab.io import iter_jsonl, read_jsonl  # noqa: F401  (re-exported: the one strict reader)
 
 log = logging.getLogger(__name__)
 
@@ -27,36 +24,6 @@ ANNOTATION_KEYS = (
 SPLIT_NAMES = ("prompt", "test", "refine", "train")
 
 
-def iter_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) per non-blank line of a .jsonl or .jsonl.gz file; the one strict JSONL reader:
-    a missing file or a bad line stops with one DataError naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"missing data file: {path}")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path} line {lineno}: expected a JSON object")
-                missing = [k for k in required if k not in row]
-                if missing:
-                    raise DataError(f"{path} line {lineno}: missing key {missing[0]!r}")
-                yield lineno, row
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"cannot read {path}: {e}") from None
-
-
-def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict[str, Any]]:
-    return [row for _, row in iter_jsonl(path, required)]
-
-
 def _data_dir(data_cfg: Any) -> Path | None:
     d = data_cfg.get("dir") if hasattr(data_cfg, "get") else getattr(data_cfg, "dir", None)
     if not d:
@@ -67,14 +34,13 @@ def _data_dir(data_cfg: Any) -> Path | None:
     return path
 
 
-def load_mbpp(data_cfg: Any) -> dict[int, Task]:
-    """All 974 MBPP tasks by task_id, through `datasets` (local JSONL when data.dir is set, else the hub)."""
+def load_mbpp_records(data_cfg: Any) -> list[dict[str, Any]]:
+    """All 974 MBPP records, through `datasets` (local JSONL when data.dir is set, else the hub)."""
     import datasets
 
     local = _data_dir(data_cfg)
     if local is not None:
-        records = read_jsonl(local / "mbpp" / "mbpp.jsonl", MBPP_KEYS)
-        ds = datasets.Dataset.from_list(records)
+        ds = datasets.Dataset.from_list(read_jsonl(local / "mbpp" / "mbpp.jsonl", MBPP_KEYS))
     else:
         try:
             dd = datasets.load_dataset(data_cfg.hub_id, data_cfg.hub_config)
@@ -84,11 +50,12 @@ def load_mbpp(data_cfg: Any) -> dict[int, Task]:
                 "set data.dir or ILF_LAB_DATA_DIR to a directory with mbpp/mbpp.jsonl"
             ) from None
         ds = datasets.concatenate_datasets([dd[k] for k in dd])
-    tasks = {}
-    for r in ds:
-        task = Task.from_record(r)
-        tasks[task.task_id] = task
-    return dict(sorted(tasks.items()))
+    return sorted((dict(r) for r in ds), key=lambda r: int(r["task_id"]))
+
+
+def load_mbpp(data_cfg: Any) -> dict[int, Task]:
+    """All 974 MBPP tasks by task_id."""
+    return {t.task_id: t for t in map(Task.from_record, load_mbpp_records(data_cfg))}
 
 
 def split_ids(data_cfg: Any, split: str) -> list[int]:

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from typing import Any
 import torch
 
 from ilf_lab.errors import ConfigError
+from ilf_lab.io import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +51,6 @@ def gguf_location(model_cfg: Any) -> Path:
     if not path.is_file():
         raise ConfigError(f"model.gguf_file not found: {path}")
     return path
-
-
-def _atomic_dir(final: Path, build) -> Path:
-    """Build into a temp dir beside `final`, then rename: a killed build never looks finished."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # someone else finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def build_tiny_random(
@@ -169,17 +151,15 @@ def resolve_model_dir(model_cfg: Any, cache_dir: str | os.PathLike) -> str:
         )
         final = models_dir / f"tiny_random-h{hidden}-l{layers}-a{heads}"
         if not (final / "config.json").exists():
-            _atomic_dir(final, lambda d: build_tiny_random(d, hidden, layers, heads))
+            publish_dir(final, lambda d: build_tiny_random(d, hidden, layers, heads))
         return str(final)
     if source == "gguf":
         gguf = gguf_location(model_cfg)
-        st = gguf.stat()
-        key = hashlib.sha256(f"{gguf.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-        final = models_dir / f"{gguf.stem}-{key}"
+        final = models_dir / f"{gguf.stem}-{file_sha256(gguf)[:12]}"
         if not (final / "config.json").exists():
             t0 = time.perf_counter()
             log.info("converting %s to a fp32 HF checkpoint (once per cache)", gguf.name)
-            _atomic_dir(final, lambda d: _convert_gguf(gguf, d))
+            publish_dir(final, lambda d: _convert_gguf(gguf, d))
             log.info("converted in %.1f s -> %s", time.perf_counter() - t0, final)
         return str(final)
     raise ConfigError(f"model.source={source!r} is not one of hub, gguf, tiny_random")
@@ -216,17 +196,32 @@ def load_configured(model_cfg: Any, cache_dir: str | os.PathLike) -> tuple[Any, 
     )
 
 
-def model_fingerprint(path: str) -> str:
-    """A short content id of a model dir (for stage-cache keys); hub ids are their own fingerprint."""
-    p = Path(path)
-    if not p.is_dir():
-        return path
+# bump when a materialised model would come out differently (the tiny builder, the GGUF conversion)
+BUILDER_VERSION = 1
+
+
+def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
-    for f in sorted(p.iterdir()):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}".encode())
-    cfg = p / "config.json"
-    if cfg.exists():
-        h.update(json.dumps(json.loads(cfg.read_text()), sort_keys=True).encode())
-    return h.hexdigest()[:16]
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(model_cfg: Any) -> dict[str, Any]:
+    """What the base model *is*, for stage keys: its content, never its file names, sizes or mtimes.
+
+    tiny_random: the builder's settings (it is deterministic); gguf: the GGUF file's sha256; a local dir: the
+    sha256 of every file in it; a hub id: the id and revision (pin `model.revision` for a reproducible key).
+    """
+    source = _get(model_cfg, "source", "hub")
+    if source == "tiny_random":
+        keys = ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_tokenizer")
+        return {"source": source, "builder": BUILDER_VERSION, **{k: _get(model_cfg, k) for k in keys}}
+    if source == "gguf":
+        return {"source": source, "builder": BUILDER_VERSION, "sha256": file_sha256(gguf_location(model_cfg))}
+    path = Path(str(_get(model_cfg, "path"))).expanduser()
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        return {"source": "dir", "files": {str(f.relative_to(path)): file_sha256(f) for f in files}}
+    return {"source": source, "hub_id": str(path), "revision": _get(model_cfg, "revision")}

@@ -1,5 +1,5 @@
-"""The ILF stage DAG (run.py), one function per stage (stages.py) and the content-addressed cache (cache.py)."""
+"""The ILF experiment: the DAG (dag.py) of declared stages (stages/), run through the stage cache (cache.py)."""
 
-from ilf_lab.pipeline.run import run_experiment
+from ilf_lab.pipeline.experiment import run_experiment
 
 __all__ = ["run_experiment"]

@@ -1,14 +1,15 @@
-"""Content-addressed stage cache.
+"""The stage store: `<cache_dir>/stages/<stage>/<key>/`, published atomically.
 
-A stage's artifact lives at `<cache_dir>/stages/<stage>/<key>/`, where the key hashes the stage's config slice and
-its upstream keys. The directory is built under a temporary name and renamed into place only when complete, with
+Keys are derived in `stage.py` (from the slice, the upstream keys and the code version, never from file names,
+sizes or mtimes). This module only stores: a stage computes into a temp dir that is renamed into place with
 `meta.json` inside, so a killed stage leaves nothing that looks finished and a rerun recomputes exactly what did
-not finish. Jobs of a sweep that share a slice share the artifact.
+not finish. A stage that wants to survive a kill mid-way (training) gets a per-key `scratch` dir that is kept
+until its artifact is published. Verifying an artifact before it is served and a lock per key slot into
+`_verified` and `run` (the integrity work).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,43 +17,12 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from ilf_lab.pipeline.stage import Artifact
 
-from ilf_lab.data.mbpp import read_jsonl  # noqa: F401  (the one strict JSONL reader)
-
-# bump when a stage's artifact format or semantics change, so old caches are not reused
-CACHE_VERSION = 2
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    return obj
-
-
-def stage_key(stage: str, slice_: Any, upstream: dict[str, str] | None = None) -> str:
-    payload = {"stage": stage, "version": CACHE_VERSION, "config": _plain(slice_), "upstream": upstream or {}}
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-@dataclass
-class Artifact:
-    """A finished stage: its directory and the metadata the stage returned."""
-
-    stage: str
-    key: str
-    path: Path
-    meta: dict[str, Any] = field(default_factory=dict)
-    cached: bool = False
-    seconds: float = 0.0
-
-    def file(self, name: str) -> Path:
-        return self.path / name
+_HOST = socket.gethostname().replace("-", "_")
 
 
 class StageCache:
@@ -62,21 +32,31 @@ class StageCache:
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def scratch(self, stage: str, key: str) -> Path:
+        """A dir that survives a killed run of this key (checkpoints to resume from); removed on publish."""
+        d = self.root / stage / f".scratch-{key}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
     def lookup(self, stage: str, key: str) -> Artifact | None:
         path = self.path(stage, key)
+        meta = self._verified(path)
+        if meta is None:
+            return None
+        return Artifact(stage, key, path, meta.get("meta", {}), cached=True)
+
+    def _verified(self, path: Path) -> dict[str, Any] | None:
         meta_file = path / "meta.json"
         if not meta_file.is_file():
             return None
-        meta = json.loads(meta_file.read_text())
-        return Artifact(stage, key, path, meta.get("meta", {}), cached=True, seconds=0.0)
+        return json.loads(meta_file.read_text())
 
     def run(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> Artifact:
-        """Return the cached artifact, or compute it into a temp dir and publish it atomically."""
+        """The cached artifact, or `compute(tmp_dir) -> meta` published atomically under the key."""
         t0 = time.perf_counter()
         hit = self.lookup(stage, key)
         if hit is not None:
-            hit.seconds = time.perf_counter() - t0
-            return hit
+            return _with(hit, seconds=time.perf_counter() - t0)
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_orphans(final.parent, key)
@@ -91,14 +71,16 @@ class StageCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        shutil.rmtree(final.parent / f".scratch-{key}", ignore_errors=True)
         art = self.lookup(stage, key)
         assert art is not None
-        art.cached = False
-        art.seconds = time.perf_counter() - t0
-        return art
+        return _with(art, cached=False, seconds=time.perf_counter() - t0)
 
 
-_HOST = socket.gethostname().replace("-", "_")
+def _with(art: Artifact, **changes: Any) -> Artifact:
+    from dataclasses import replace
+
+    return replace(art, **changes)
 
 
 def _remove_orphans(parent: Path, key: str) -> None:
@@ -115,9 +97,3 @@ def _remove_orphans(parent: Path, key: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
         except PermissionError:  # alive, another user's
             pass
-
-
-def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,1 @@
+"""One module per stage of Algorithm 1; each declares its config slice, its inputs and `run`."""
