@@ -7,6 +7,8 @@ type fails at composition. Ranges and choices are checked by `validate()` right 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,32 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ilf_lab.errors import ConfigError  # noqa: E402  (re-exported)
+
+# ------------------------------------------------------------------ checks declared on the fields themselves
+
+
+def choice(default: Any, *options: Any) -> Any:
+    """A field whose value must be one of `options`."""
+    return field(default=default, metadata={"choices": options})
+
+
+def num(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
+    """A finite number in [lo, hi] (lo excluded with lo_open); null allowed when the default is null."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open)})
+
+
+def implementation(default: str, base: str) -> Any:
+    """A `_target_`: the dotted path of a class that must subclass `base` (the plug point's interface)."""
+    return field(default=default, metadata={"base": base})
+
+
+def neutral(spec: Any) -> Any:
+    """Marks a field whose value does not change what a run measures (where or how fast it runs, or which
+    row it is, shown in the table anyway): the report groups runs with these ignored."""
+    if not isinstance(spec, dataclasses.Field):
+        spec = field(default=spec)
+    spec.metadata = types.MappingProxyType({**spec.metadata, "neutral": True})
+    return spec
 
 
 @dataclass
@@ -35,7 +63,7 @@ class SplitsConfig:
 @dataclass
 class DataConfig:
     # local directory with mbpp/mbpp.jsonl and ilf/surge_annotations.jsonl; null = load from the hub
-    dir: str | None = "${oc.env:ILF_LAB_DATA_DIR,null}"
+    dir: str | None = neutral("${oc.env:ILF_LAB_DATA_DIR,null}")
     hub_id: str = "google-research-datasets/mbpp"
     hub_config: str = "full"
     annotations_url: str = (
@@ -44,12 +72,12 @@ class DataConfig:
     annotations_file: str | None = None  # a new annotation file (same schema), e.g. from `ilf_lab.annotate`
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     # subsets for smaller scales: the first N tasks of each split (null = all)
-    max_test_tasks: int | None = None
-    max_refine_tasks: int | None = None
-    max_train_tasks: int | None = None
+    max_test_tasks: int | None = num(None, 1)
+    max_refine_tasks: int | None = num(None, 1)
+    max_train_tasks: int | None = num(None, 1)
     # the paper's filters on the human annotations
     require_refinement_passes: bool = True
-    max_edit_distance: float = 0.5
+    max_edit_distance: float = num(0.5, 0.0, 1.0)
     one_per_task: bool = True
 
 
@@ -57,61 +85,66 @@ class DataConfig:
 class ModelConfig:
     name: str = MISSING
     # hub: a hub id or local dir; gguf: a .gguf inside an installed package or dir; tiny_random: built locally
-    source: str = "hub"
+    source: str = choice("hub", "hub", "gguf", "tiny_random")
     path: str = ""
     gguf_file: str | None = None
     gguf_package: str | None = None
     revision: str | None = None
-    dtype: str = "float32"
-    prompt_format: str = "chat"  # chat (instruct models) | docstring (the paper's, base models)
+    dtype: str = choice("float32", "float32", "bfloat16", "float16")
+    prompt_format: str = choice("chat", "chat", "docstring")  # chat (instruct models) | docstring (the paper's)
     trust_remote_code: bool = False
     # tiny_random architecture (ignored by other sources)
-    tiny_hidden_size: int = 64
-    tiny_layers: int = 2
-    tiny_heads: int = 4
+    tiny_hidden_size: int = num(64, 8)
+    tiny_layers: int = num(2, 1)
+    tiny_heads: int = num(4, 1)
     tiny_tokenizer: str = "gpt2_bytes"
 
 
 @dataclass
 class FeedbackConfig:
-    _target_: str = "ilf_lab.pipeline.stages.feedback.HumanFeedback"  # the feedback stage's implementation
+    _target_: str = implementation(
+        "ilf_lab.pipeline.stages.feedback.HumanFeedback", "ilf_lab.pipeline.stages.feedback.FeedbackStage"
+    )
     name: str = "human"
-    provider: str = "human"  # human | llm
-    shots: int = 0  # k for the llm provider (k-shot from MBPPRefine's human annotations)
-    backend: str = "hf"  # hf (local model through the sampling engine) | openai (any compatible endpoint)
-    model: str | None = None  # hf: a model config name or path (null = the base model); openai: model name
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = 4
-    max_retries: int = 5
-    temperature: float = 0.0
-    max_new_tokens: int = 256
-    num_tasks: int | None = None  # Fig. 4: feedback on only the first k tasks of MBPPTrain
+    provider: str = choice("human", "human", "llm")
+    shots: int = num(0, 0, 2)  # k for the llm provider (k-shot from MBPPRefine's human annotations)
+    # hf (local model through the sampling engine) | openai (any compatible endpoint)
+    backend: str = neutral(choice("hf", "hf", "openai"))
+    model: str | None = neutral(None)  # hf: a hub id or local dir (null = the base model); openai: model name
+    base_url: str | None = neutral(None)
+    api_key_env: str = neutral("OPENAI_API_KEY")
+    max_concurrency: int = neutral(num(4, 1))
+    max_retries: int = neutral(num(5, 0))
+    temperature: float = num(0.0, 0.0)
+    max_new_tokens: int = num(256, 1)
+    num_tasks: int | None = num(None, 1)  # Fig. 4: feedback on only the first k tasks of MBPPTrain
     shuffle: bool = False  # Table 2: give each MBPPTrain task another task's human feedback (a derangement)
 
 
 @dataclass
 class TrainOnConfig:
-    _target_: str = "ilf_lab.pipeline.stages.train.Refinements"  # a FineTuningData source
-    source: str = "refinements"  # refinements | mbpp_gold | human_refinements | none
+    _target_: str = implementation(
+        "ilf_lab.pipeline.stages.train.Refinements", "ilf_lab.pipeline.stages.train.FineTuningData"
+    )
+    source: str = "refinements"  # the row's label in results.json: refinements | mbpp_gold | human_refinements | none
 
 
 @dataclass
 class X0Config:
-    _target_: str = "ilf_lab.pipeline.stages.x0.AnnotatedX0"  # the x0 stage's implementation
+    _target_: str = implementation("ilf_lab.pipeline.stages.x0.AnnotatedX0", "ilf_lab.pipeline.stages.x0.X0Stage")
     source: str = "annotations"  # annotations (the paper's x0) | policy (Algorithm 1 step 2: own failing samples)
-    n: int = 4
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 256
+    n: int = num(4, 1)
+    temperature: float = num(0.8, 0.0)
+    top_p: float = num(0.95, 0.0, 1.0, lo_open=True)
+    max_new_tokens: int = num(256, 1)
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = num(16, 1)
+    alpha: int = num(32, 1)
+    dropout: float = num(0.05, 0.0, 1.0)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -119,77 +152,85 @@ class LoraConfig:
 class OptimConfig:
     """One fine-tuning run (πRefine or πθ*)."""
 
-    lr: float = 5e-6
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    scheduler: str = "linear"  # linear | cosine | constant
-    batch_size: int = 32  # effective batch, in examples (micro_batch_size x accumulation x devices)
-    micro_batch_size: int = 4
-    epochs: int = 2
-    max_length: int = 1024
-    grad_clip: float = 1.0
+    lr: float = num(5e-6, 0.0, lo_open=True)
+    weight_decay: float = num(0.0, 0.0)
+    warmup_ratio: float = num(0.0, 0.0, 1.0)
+    scheduler: str = choice("linear", "linear", "cosine", "constant")
+    batch_size: int = num(32, 1)  # effective batch, in examples (micro_batch_size x accumulation x devices)
+    micro_batch_size: int = num(4, 1)
+    epochs: int = num(2, 0)
+    max_length: int = num(1024, 16)
+    grad_clip: float = num(1.0, 0.0)
     pack: bool = True  # length-bucketed batches; no padding to max_length
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, int) and isinstance(self.micro_batch_size, int):
+            if self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size:
+                raise ConfigError(
+                    f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}"
+                )
 
 
 @dataclass
 class RefineConfig:
     """Sampling refinements x1 from πRefine on MBPPTrain."""
 
-    refiner: str = "trained"  # trained (πRefine) | base (the base model, zero-shot: Tables 2-3)
-    n: int = 30
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 512
+    refiner: str = choice("trained", "trained", "base")  # πRefine | the base model zero-shot (Tables 2-3)
+    n: int = num(30, 1)
+    temperature: float = num(0.8, 0.0)
+    top_p: float = num(0.95, 0.0, 1.0, lo_open=True)
+    max_new_tokens: int = num(512, 1)
 
 
 @dataclass
 class SamplingConfig:
     """Final evaluation on MBPPTest (the paper: 30 samples at T=0.8)."""
 
-    engine: str = "hf"  # hf | vllm
-    n: int = 30
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 512
-    batch_size: int | None = None  # sequences per forward; null = chosen from memory
+    engine: str = neutral(choice("hf", "hf", "vllm"))
+    n: int = num(30, 1)
+    temperature: float = num(0.8, 0.0)
+    top_p: float = num(0.95, 0.0, 1.0, lo_open=True)
+    max_new_tokens: int = num(512, 1)
+    batch_size: int | None = neutral(num(None, 1))  # sequences per forward; null = chosen from memory
 
 
 @dataclass
 class ExecutionConfig:
-    timeout: float = 10.0
-    workers: int | None = None  # null = CPU count
-    comparison: str = "exact"  # exact (MBPP's asserts) | approx (the ILF reference's pytest.approx)
-    memory_mb: int = 4096
+    timeout: float = neutral(num(10.0, 0.0, lo_open=True))
+    workers: int | None = neutral(num(None, 1))  # null = CPU count
+    comparison: str = choice("exact", "exact", "approx")  # MBPP's asserts | the ILF reference's pytest.approx
+    memory_mb: int = neutral(num(4096, 64))
 
 
 @dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 10])
-    split: str = "test"  # test (MBPPTest, the paper's numbers) | refine (model selection, App. A.1)
-    benchmarks: list[str] = field(default_factory=lambda: ["mbpp"])  # add humaneval for transfer (issue 9)
-    humaneval_max_problems: int | None = None  # the first N of HumanEval's 164 (null = all)
-    perplexity: bool = False  # Figure 3: perplexity of the fine-tuning sources under the base model
+    split: str = choice("test", "test", "refine")  # MBPPTest (the paper's numbers) | MBPPRefine (App. A.1)
+    benchmarks: list[str] = neutral(field(default_factory=lambda: ["mbpp"]))  # + humaneval for transfer
+    humaneval_max_problems: int | None = neutral(num(None, 1, 164))  # the first N of HumanEval's 164
+    perplexity: bool = neutral(False)  # Figure 3: perplexity of the fine-tuning sources under the base model
 
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "cpu"
+    accelerator: str = choice("cpu", "cpu", "gpu", "cuda", "mps", "auto")
     devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    log_every_n_steps: int = 1
+    num_nodes: int = num(1, 1)
+    strategy: str = choice("auto", "auto", "ddp", "ddp_spawn", "fsdp")
+    precision: str = choice("32-true", "32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+    log_every_n_steps: int = num(1, 1)
     enable_progress_bar: bool = True
     deterministic: bool = True
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"  # wandb | none
+    _target_: str | None = None  # a tracker class (ilf_lab/tracking); null = chosen by `name`
+    name: str = choice("wandb", "wandb", "none")
     project: str = "ilf_lab"
     entity: str | None = None
-    mode: str = "offline"  # offline | online | disabled
+    mode: str = choice("offline", "offline", "online", "disabled")
     group: str | None = None  # null = derived from the sweep
     tags: list[str] = field(default_factory=list)
     dir: str = "${paths.output_dir}"
@@ -197,25 +238,25 @@ class LoggerConfig:
 
 @dataclass
 class Config:
-    name: str = "ilf"  # the Table 4 row; results.json's `experiment`
-    scale: str = "demo"
-    seed: int = 0
-    rounds: int = 1  # iterative ILF: repeat x0 -> refine -> train with the improved policy
+    name: str = neutral("ilf")  # the Table 4 row; results.json's `experiment`
+    scale: str = neutral("demo")
+    seed: int = neutral(0)
+    rounds: int = num(1, 1)  # iterative ILF: repeat x0 -> refine -> train with the improved policy
     stop_after: str | None = None  # end the run after this stage (analyses of refinements need no policy)
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    paths: PathsConfig = neutral(field(default_factory=PathsConfig))
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
-    train_on: TrainOnConfig = field(default_factory=TrainOnConfig)
+    model: ModelConfig = neutral(field(default_factory=ModelConfig))
+    feedback: FeedbackConfig = neutral(field(default_factory=FeedbackConfig))
+    train_on: TrainOnConfig = neutral(field(default_factory=TrainOnConfig))
     x0: X0Config = field(default_factory=X0Config)
     refiner: OptimConfig = field(default_factory=OptimConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     policy: OptimConfig = field(default_factory=OptimConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = neutral(field(default_factory=EvalConfig))
+    trainer: TrainerConfig = neutral(field(default_factory=TrainerConfig))
+    logger: LoggerConfig = neutral(field(default_factory=LoggerConfig))
 
 
 _NO_DEFAULT = object()
@@ -240,24 +281,28 @@ def structured(cls: type, value: Any) -> Any:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), value if value is not None else {}))
 
 
-# overrides that do not change what a Table 4 row measures: which row / model / scale (group choices, shown in the
-# table), the seed, and where or how fast it runs. The report groups runs with these ignored.
-_REPORT_NEUTRAL_EXACT = frozenset(
-    {
-        "experiment", "feedback", "train_on", "model", "scale", "seed", "name", "data.dir",
-        "sampling.engine", "sampling.batch_size", "execution.workers", "execution.timeout",
-        "execution.memory_mb", "eval", "eval.benchmarks", "eval.perplexity", "eval.humaneval_max_problems",
-        "feedback.backend", "feedback.model", "feedback.base_url", "feedback.api_key_env",
-        "feedback.max_concurrency", "feedback.max_retries", "trainer",
-    }
-)
-_REPORT_NEUTRAL_PREFIXES = ("logger", "paths", "hydra", "trainer")
-
-
 def is_report_neutral(key: str) -> bool:
-    """True for a config key (as written in an override) whose value does not change what a run measures."""
-    key = key.lstrip("+~").split("=", 1)[0]
-    return key in _REPORT_NEUTRAL_EXACT or any(key == p or key.startswith(p + ".") for p in _REPORT_NEUTRAL_PREFIXES)
+    """True for a config key (as written in an override, `+`/`~` allowed) that the schema marks `neutral`, or
+    that lies under a neutral node (e.g. `trainer.devices`); `hydra.*` is always neutral."""
+    parts = key.lstrip("+~").split("=", 1)[0].split(".")
+    node: Any = Config
+    if parts[0] == "hydra":
+        return True
+    for part in parts:
+        fields_ = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        f = fields_.get(part)
+        if f is None:
+            return False
+        if f.metadata.get("neutral"):
+            return True
+        node = _field_type(node, f)
+    return False
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    import typing
+
+    return typing.get_type_hints(cls).get(f.name)
 
 
 def register_configs() -> None:
@@ -267,95 +312,55 @@ def register_configs() -> None:
 
 # ----------------------------------------------------------------------------------------- value checks
 
-# the pipeline's stages in order (ilf_lab/pipeline/run.py); `stop_after` may name any but the last
+# the pipeline's stages in order (ilf_lab/pipeline/dag.py); `stop_after` may name any but the last
 STAGES = ("tasks", "x0", "feedback", "train_refiner", "refine", "train_policy", "evaluate")
 
-_CHOICES: dict[str, tuple[str | None, ...]] = {
-    "model.source": ("hub", "gguf", "tiny_random"),
-    "model.prompt_format": ("chat", "docstring"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "feedback.provider": ("human", "llm"),
-    "feedback.backend": ("hf", "openai"),
-    "train_on.source": ("refinements", "mbpp_gold", "human_refinements", "none"),
-    "x0.source": ("annotations", "policy"),
-    "refine.refiner": ("trained", "base"),
-    "stop_after": (None, *STAGES[:-1]),
-    "refiner.scheduler": ("linear", "cosine", "constant"),
-    "policy.scheduler": ("linear", "cosine", "constant"),
-    "sampling.engine": ("hf", "vllm"),
-    "execution.comparison": ("exact", "approx"),
-    "eval.split": ("test", "refine"),
-    "logger.name": ("wandb", "none"),
-    "trainer.accelerator": ("cpu", "gpu", "cuda", "mps", "auto"),
-    "trainer.precision": ("32-true", "32", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"),
-    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "fsdp"),
-    "logger.mode": ("offline", "online", "disabled"),
-}
 
-# key -> (low, high, low_inclusive); None = unbounded
-_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
-    "rounds": (1, None, True),
-    "x0.n": (1, None, True),
-    "x0.temperature": (0.0, None, True),
-    "x0.max_new_tokens": (1, None, True),
-    "refine.n": (1, None, True),
-    "refine.temperature": (0.0, None, True),
-    "refine.top_p": (0.0, 1.0, False),
-    "refine.max_new_tokens": (1, None, True),
-    "sampling.n": (1, None, True),
-    "sampling.temperature": (0.0, None, True),
-    "sampling.top_p": (0.0, 1.0, False),
-    "sampling.max_new_tokens": (1, None, True),
-    "sampling.batch_size": (1, None, True),
-    "execution.timeout": (0.0, None, False),
-    "execution.workers": (1, None, True),
-    "execution.memory_mb": (64, None, True),
-    "feedback.shots": (0, 2, True),
-    "feedback.max_concurrency": (1, None, True),
-    "feedback.max_retries": (0, None, True),
-    "feedback.temperature": (0.0, None, True),
-    "feedback.max_new_tokens": (1, None, True),
-    "feedback.num_tasks": (1, None, True),
-    "data.max_edit_distance": (0.0, 1.0, True),
-    "eval.humaneval_max_problems": (1, 164, True),
-    "data.max_test_tasks": (1, None, True),
-    "data.max_refine_tasks": (1, None, True),
-    "data.max_train_tasks": (1, None, True),
-    "model.tiny_hidden_size": (8, None, True),
-    "model.tiny_layers": (1, None, True),
-    "model.tiny_heads": (1, None, True),
-    "trainer.num_nodes": (1, None, True),
-}
-for _stage in ("refiner", "policy"):
-    _RANGES.update(
-        {
-            f"{_stage}.lr": (0.0, None, False),
-            f"{_stage}.weight_decay": (0.0, None, True),
-            f"{_stage}.warmup_ratio": (0.0, 1.0, True),
-            f"{_stage}.batch_size": (1, None, True),
-            f"{_stage}.micro_batch_size": (1, None, True),
-            f"{_stage}.epochs": (0, None, True),
-            f"{_stage}.max_length": (16, None, True),
-            f"{_stage}.grad_clip": (0.0, None, True),
-            f"{_stage}.lora.r": (1, None, True),
-        }
-    )
+def _check_fields(cls: type, node: Any, prefix: str = "") -> None:
+    """Every field's declared check (choices, finite range, implementation class), recursively."""
+    for f in dataclasses.fields(cls):
+        key, sub, meta = f"{prefix}{f.name}", _field_type(cls, f), f.metadata
+        if not (dataclasses.is_dataclass(sub) or {"choices", "range", "base"} & set(meta)):
+            continue  # read only what is checked (paths.* resolve Hydra's runtime values)
+        value = node.get(f.name) if node is not None else None
+        if dataclasses.is_dataclass(sub):
+            _check_fields(sub, value, key + ".")
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if "range" in meta and value is not None:
+            _check_range(key, value, *meta["range"])
+        if "base" in meta and value is not None:
+            _check_implementation(key, value, meta["base"])
+
+
+def _check_range(key: str, value: Any, lo: float | None, hi: float | None, lo_open: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{key}={value} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}={value} must be <= {hi}")
+
+
+def _check_implementation(key: str, value: str, base: str) -> None:
+    from hydra.utils import get_class
+
+    try:
+        cls, base_cls = get_class(value), get_class(base)
+    except Exception as e:
+        raise ConfigError(f"{key}={value!r} does not name an importable class ({type(e).__name__})") from None
+    if not (isinstance(cls, type) and issubclass(cls, base_cls)):
+        raise ConfigError(f"{key}={value!r} is not a {base.rsplit('.', 1)[-1]} (see {base})")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check choices and ranges; raise ConfigError naming the first bad key."""
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
-    for key, (low, high, low_incl) in _RANGES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        if low is not None and (value < low if low_incl else value <= low):
-            raise ConfigError(f"{key}={value} must be {'>=' if low_incl else '>'} {low}")
-        if high is not None and value > high:
-            raise ConfigError(f"{key}={value} must be <= {high}")
+    """Check every field's declared choices and ranges, then the combinations; raise ConfigError naming the key."""
+    _check_fields(Config, cfg)
+    if cfg.stop_after not in (None, *STAGES[:-1]):
+        raise ConfigError(f"stop_after={cfg.stop_after!r} is not one of {', '.join(STAGES[:-1])} (or null)")
     devices = cfg.trainer.devices
     ok = (
         devices == "auto"
@@ -365,12 +370,10 @@ def validate(cfg: DictConfig) -> None:
     if not ok:
         raise ConfigError(f"trainer.devices={devices!r} must be an int >= 1, a list of device ids, or auto")
     for stage in ("refiner", "policy"):
-        opt = cfg[stage]
-        if opt.batch_size % opt.micro_batch_size:
-            raise ConfigError(
-                f"{stage}.batch_size={opt.batch_size} must be a multiple of "
-                f"{stage}.micro_batch_size={opt.micro_batch_size}"
-            )
+        try:
+            OmegaConf.to_object(cfg[stage])  # the dataclass's own __post_init__ checks
+        except ConfigError as e:
+            raise ConfigError(f"{stage}.{e}") from None
     for name, rng in cfg.data.splits.items():
         if len(rng) != 2 or rng[0] > rng[1]:
             raise ConfigError(f"data.splits.{name}={list(rng)} must be [first_task_id, last_task_id]")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ilf_lab.pipeline.stages import shuffle_feedback
+from ilf_lab.pipeline.stages.feedback import shuffle_feedback
 from tests.conftest import REPO
 from tests.test_pipeline import SMOKE, results, run_cli
 

@@ -13,14 +13,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ilf_lab.config import STAGES  # results.json lists each, skipped ones too
 from ilf_lab.pipeline.cache import StageCache
 from ilf_lab.pipeline.stage import Artifact, Stage, content_key, select, stage_key
 from ilf_lab.results import StageRecord
 
 log = logging.getLogger("ilf_lab.pipeline")
 
-# the stages of one round, in order: results.json lists each (skipped ones too); `stop_after` may name any
-STAGES = ("tasks", "x0", "feedback", "train_refiner", "refine", "train_policy", "evaluate")
 
 
 class StopAfter(Exception):
@@ -32,6 +31,7 @@ class Runner:
         self.cfg, self.cache, self.tracker = cfg, cache, tracker
         self.rows: list[StageRecord] = []
         self.done: dict[str, Artifact] = {}  # the last artifact of each stage name (results.json reads these)
+        self.graph: dict[str, tuple[Stage, dict[str, str]]] = {}  # stage -> (instance, {input: upstream stage})
         self.rounds, self.round = rounds, 1
 
     # ---------------------------------------------------------------------------------------- sources
@@ -74,6 +74,7 @@ class Runner:
             stage.logger = self._train_logger(stage.name)
         art = self.cache.run(stage.name, key, lambda out: stage.run(inputs, slice_, out))
         self.done[stage.name] = art
+        self.graph[stage.name] = (stage, {n: a.stage for n, a in inputs.items()})
         empty = _is_empty(stage.name, art.meta)
         info = {k: v for k, v in art.meta.items() if k not in ("per_task", "training")}
         self._record(StageRecord(self._name(stage.name), art.cached, round(art.seconds, 3), key,
@@ -87,7 +88,7 @@ class Runner:
         """The model a training stage published, or `otherwise` when it had nothing to train on."""
         if not art.meta.get("examples"):
             return otherwise
-        return Artifact("model", art.key, art.file("model"), cached=art.cached)
+        return Artifact(art.stage, art.key, art.file("model"), cached=art.cached)
 
     def _name(self, name: str) -> str:
         return f"{name}[{self.round}]" if self.rounds > 1 and name in STAGES[1:6] else name

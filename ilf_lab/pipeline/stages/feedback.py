@@ -10,12 +10,19 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ilf_lab.io import read_jsonl, write_jsonl
 from ilf_lab.pipeline.stage import Artifact, Stage, at, nested
 from ilf_lab.pipeline.stages.common import EngineConfig, engine_for
 from ilf_lab.pipeline.stages.tasks import TaskSet
+
+
+class FeedbackStage(Stage):
+    """The feedback stage's interface (the `feedback` config group's `_target_` names a subclass)."""
+
+    name = "feedback"
+    writes_refinements: ClassVar[bool] = False  # True: the rows carry x1 too, and no πRefine is trained
 
 
 @dataclass(frozen=True)
@@ -24,13 +31,11 @@ class HumanFeedbackConfig:
     seed: int = at("seed")
 
 
-class HumanFeedback(Stage):
+class HumanFeedback(FeedbackStage):
     """The annotators' feedback and refinement for each annotated x0."""
 
-    name = "feedback"
     Config = HumanFeedbackConfig
     inputs = ("tasks", "x0")
-    writes_refinements = False  # πRefine writes them
 
     def run(self, inputs: dict[str, Artifact], cfg: HumanFeedbackConfig, out: Path) -> dict[str, Any]:
         anns = TaskSet.read(inputs["tasks"]).annotations
@@ -82,13 +87,12 @@ class LLMFeedbackConfig:
     seed: int = at("seed")
 
 
-class LLMFeedback(Stage):
+class LLMFeedback(FeedbackStage):
     """An LLM's feedback and refinement for each MBPPTrain x0, k-shot from MBPPRefine's human annotations.
 
     `model` is the model that writes (the base model unless `feedback.model` names another); an endpoint
     backend ignores it."""
 
-    name = "feedback"
     Config = LLMFeedbackConfig
     inputs = ("tasks", "x0", "model")
     writes_refinements = True

@@ -29,14 +29,16 @@ class AnnotatedX0Config:
     max_train_tasks: int | None = at("data.max_train_tasks")
 
 
-class _X0(Stage):
+class X0Stage(Stage):
+    """The x0 stage's interface (the `x0` config group's `_target_` names a subclass)."""
+
     name = "x0"
 
     def __init__(self, round: int = 1):
         self.round = round
 
 
-class AnnotatedX0(_X0):
+class AnnotatedX0(X0Stage):
     """x0 of every annotated MBPPRefine and MBPPTrain task (the first N of each at smaller scales)."""
 
     Config = AnnotatedX0Config
@@ -65,7 +67,7 @@ class PolicyX0Config:
     seed: int = at("seed")
 
 
-class PolicyX0(_X0):
+class PolicyX0(X0Stage):
     """The policy's own failing samples on MBPPTrain: the shortest failing one per task (the paper's annotators
     picked an easy-to-fix sample). Round r samples with seed + 1000 r."""
 
