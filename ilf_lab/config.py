@@ -35,13 +35,18 @@ def implementation(default: str, base: str) -> Any:
     return field(default=default, metadata={"base": base})
 
 
-def neutral(spec: Any) -> Any:
+def neutral(spec: Any, subtree: bool = False) -> Any:
     """Marks a field whose value does not change what a run measures (where or how fast it runs, or which
-    row it is, shown in the table anyway): the report groups runs with these ignored."""
+    Table 4 row it is, shown in the table anyway): the report groups runs with it ignored. On a group node it
+    covers the group's choice (`feedback=human`) and, with `subtree`, every key below it (`trainer.devices`)."""
     if not isinstance(spec, dataclasses.Field):
         spec = field(default=spec)
-    spec.metadata = types.MappingProxyType({**spec.metadata, "neutral": True})
+    spec.metadata = types.MappingProxyType({**spec.metadata, "neutral": "subtree" if subtree else True})
     return spec
+
+
+# preset groups without a schema field of their own: choosing one picks the row, shown in the table
+PRESET_GROUPS = ("experiment",)
 
 
 @dataclass
@@ -243,7 +248,7 @@ class Config:
     seed: int = neutral(0)
     rounds: int = num(1, 1)  # iterative ILF: repeat x0 -> refine -> train with the improved policy
     stop_after: str | None = None  # end the run after this stage (analyses of refinements need no policy)
-    paths: PathsConfig = neutral(field(default_factory=PathsConfig))
+    paths: PathsConfig = neutral(field(default_factory=PathsConfig), subtree=True)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = neutral(field(default_factory=ModelConfig))
     feedback: FeedbackConfig = neutral(field(default_factory=FeedbackConfig))
@@ -255,8 +260,8 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     eval: EvalConfig = neutral(field(default_factory=EvalConfig))
-    trainer: TrainerConfig = neutral(field(default_factory=TrainerConfig))
-    logger: LoggerConfig = neutral(field(default_factory=LoggerConfig))
+    trainer: TrainerConfig = neutral(field(default_factory=TrainerConfig), subtree=True)
+    logger: LoggerConfig = neutral(field(default_factory=LoggerConfig), subtree=True)
 
 
 _NO_DEFAULT = object()
@@ -282,18 +287,18 @@ def structured(cls: type, value: Any) -> Any:
 
 
 def is_report_neutral(key: str) -> bool:
-    """True for a config key (as written in an override, `+`/`~` allowed) that the schema marks `neutral`, or
-    that lies under a neutral node (e.g. `trainer.devices`); `hydra.*` is always neutral."""
+    """True for a config key (as written in an override, `+`/`~` allowed) that the schema marks `neutral`: a
+    neutral leaf, a neutral group's choice, or any key under a `subtree` node; `hydra.*` is always neutral."""
     parts = key.lstrip("+~").split("=", 1)[0].split(".")
-    node: Any = Config
-    if parts[0] == "hydra":
+    if parts[0] == "hydra" or (len(parts) == 1 and parts[0] in PRESET_GROUPS):
         return True
-    for part in parts:
-        fields_ = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        f = fields_.get(part)
+    node: Any = Config
+    for i, part in enumerate(parts):
+        f = {f.name: f for f in dataclasses.fields(node)}.get(part) if dataclasses.is_dataclass(node) else None
         if f is None:
             return False
-        if f.metadata.get("neutral"):
+        mark = f.metadata.get("neutral")
+        if mark == "subtree" or (mark and i == len(parts) - 1):
             return True
         node = _field_type(node, f)
     return False

@@ -2,13 +2,16 @@
 Natural Language Feedback"): CodeGen-Mono 6.1B, MBPPTest tasks 11-110, 30 samples at T=0.8, pass@k in %.
 
 Each row is a preset of two config knobs (`feedback`, `train_on`) and a Hydra `experiment` option; `row_for`
-maps a results.json to its row so the report can put our numbers beside the paper's.
+maps a `Results` (one results.json) to its row so the report can put our numbers beside the paper's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ilf_lab.results import Results
 
 MODEL = "CodeGen-Mono 6.1B"
 BENCHMARK = "MBPPTest (tasks 11-110)"
@@ -72,17 +75,15 @@ TABLE4: tuple[PaperRow, ...] = (
 BY_EXPERIMENT: dict[str, PaperRow] = {r.experiment: r for r in TABLE4}
 
 
-def row_for(result: dict[str, Any]) -> PaperRow | None:
-    """The Table 4 row a results.json reproduces, by (feedback, train_on); None if it is no row of the table.
+def row_for(result: Results) -> PaperRow | None:
+    """The Table 4 row a result reproduces, by (feedback, train_on); None if it is no row of the table.
 
     train_on none / mbpp_gold / human_refinements identify their row whatever the feedback; refinements need
     the feedback source too. A result that changes what the row means (iterative rounds > 1) is no row.
     """
-    if int(result.get("rounds") or 1) != 1:
+    if int(result.rounds or 1) != 1:
         return None
-    train_on = result.get("train_on")
-    feedback = result.get("feedback")
     for row in TABLE4:
-        if row.train_on == train_on and (row.feedback is None or row.feedback == feedback):
+        if row.train_on == result.train_on and (row.feedback is None or row.feedback == result.feedback):
             return row
     return None

@@ -154,13 +154,13 @@ class Results:
     @classmethod
     def from_json(cls, d: Any, where: str = "results.json") -> Results:
         """Any schema version; raises ResultsError naming `where` and the field."""
-        _require(isinstance(d, dict), where, "is not a JSON object")
+        _require(isinstance(d, dict), f"{where}:", "not a JSON object")
         version = d.get("schema_version", 1)
         _require(isinstance(version, int) and 1 <= version <= SCHEMA_VERSION, f"{where}: schema_version",
                  f"={version!r} is not one this code reads (1..{SCHEMA_VERSION})")
         missing = [k for k in ("experiment", "feedback", "train_on", "model", "pass@1", "pass@10",
                                "n_samples", "num_tasks") if k not in d]
-        _require(not missing, where, f"lacks {', '.join(missing)}")
+        _require(not missing, f"{where}: missing", ", ".join(missing))
         for k in ("experiment", "feedback", "train_on", "model"):
             _require(isinstance(d[k], str), f"{where}: {k}", f"={d[k]!r} is not a string")
         benchmarks_raw = d.get("benchmarks") or {}
@@ -182,8 +182,9 @@ class Results:
         for i, s in enumerate(stages_raw):
             ok = isinstance(s, dict) and isinstance(s.get("name"), str)
             _require(ok, f"{where}: stages[{i}]", "is not an object with a name")
-            _require(s.get("key") is None or isinstance(s["key"], str), f"{where}: stages[{i}].key",
-                     f"={s['key']!r} is not a string or null")
+            key = s.get("key")
+            _require(key is None or isinstance(key, str), f"{where}: stages[{i}].key",
+                     f"={key!r} is not a string or null")
             known = {f.name for f in fields(StageRecord)}
             stages.append(StageRecord(**{k: v for k, v in s.items() if k in known}))
         kw: dict[str, Any] = {}

@@ -191,6 +191,47 @@ def test_missing_files_exit_2(tmp_path, mini_data, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bogus"], "error: argument cmd: invalid choice: 'bogus'"),
+        (["import", "--in", "{ann}"], "error: the following arguments are required: --out"),
+        (
+            ["import", "--in", "{latin1}", "--out", "{out}"],
+            "error: cannot read {latin1}: 'utf-8' codec can't",
+        ),
+        (
+            ["import", "--in", "{ann}", "--out", "{blocker}/o.jsonl"],
+            "error: cannot write {blocker}/o.jsonl: ",
+        ),
+    ],
+)
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    """Bad arguments, an undecodable sheet and an unwritable output are user errors: one line, exit 2."""
+    monkeypatch.delenv("ILF_LAB_DATA_DIR", raising=False)
+    paths = {
+        "ann": tmp_path / "ann.jsonl",
+        "latin1": tmp_path / "sheet.csv",
+        "out": tmp_path / "o.jsonl",
+        "blocker": tmp_path / "a_file",
+    }
+    record = {
+        "task_id": 1,
+        "prompt": "p",
+        "Feedback": "f",
+        "original_model_completion": "a",
+        "unedited_annotator_completion": "b",
+        "passed": True,
+    }
+    write_jsonl(paths["ann"], [record])
+    paths["latin1"].write_bytes('"task_id","prompt"\n"1","caf\xe9"\n'.encode("latin-1"))
+    paths["blocker"].write_text("not a directory")
+    assert run_cli(*[a.format(**paths) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.format(**paths)) and err.count("\n") == 1, err
+    assert not paths["out"].exists()
+
+
 # ------------------------------------------------------------------------------------------- the web API
 
 

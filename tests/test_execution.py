@@ -489,6 +489,48 @@ def test_cli_missing_input_file(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--output", "{out}"], "error: the following arguments are required: --input (see python -m"),
+        (["--input", "{inp}", "--output", "{out}", "--timeout", "0"], "error: --timeout must be > 0"),
+        (
+            ["--input", "{inp}", "--output", "{out}", "--comparison", "fuzzy"],
+            "error: argument --comparison: ",
+        ),
+        (
+            ["--input", "{inp}", "--output", "{blocker}/out.jsonl"],
+            "error: cannot write {blocker}/out.jsonl: ",
+        ),
+        (["--input", "{tmp}", "--output", "{out}"], "error: cannot read {tmp}: "),
+    ],
+)
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, args, message):
+    """Bad arguments and unwritable or unreadable files are user errors like a malformed line: one line, exit 2."""
+    paths = {
+        "inp": tmp_path / "in.jsonl",
+        "out": tmp_path / "out.jsonl",
+        "blocker": tmp_path / "a_file",
+        "tmp": tmp_path,
+    }
+    _write_jsonl(paths["inp"], [{"task_id": 1, "program": "", "tests": []}])
+    paths["blocker"].write_text("not a directory")
+    r = _cli(*[a.format(**paths) for a in args])
+    assert r.returncode == 2
+    assert r.stderr.startswith(message.format(**paths)), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not paths["out"].exists()
+
+
+def test_cli_errors_are_ilf_errors():
+    from ilf_lab.errors import DataError, IlfError
+    from ilf_lab.execution.__main__ import InputError, _load
+
+    assert issubclass(InputError, DataError) and issubclass(InputError, IlfError)
+    with pytest.raises(InputError, match="input file not found"):
+        _load("/no/such/file.jsonl")
+
+
 # --------------------------------------------------------------------------- real MBPP
 
 

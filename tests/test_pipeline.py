@@ -34,6 +34,18 @@ def results(out: Path) -> dict:
 NUMBERS = ("pass@1", "pass@10", "n_samples", "num_tasks", "per_task")
 
 
+def kill_when(args: list[str], data: Path, cache: Path, out: Path, pattern: str) -> None:
+    """Start a run and SIGKILL its process group as soon as `cache/stages/<pattern>` exists."""
+    env = {**os.environ, "ILF_LAB_DATA_DIR": str(data), "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, "-m", "ilf_lab", *args, f"paths.cache_dir={cache}", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((cache / "stages").glob(pattern)):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def first_run(mini_data, tmp_path_factory):
     cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("run1")
@@ -80,17 +92,8 @@ def test_fresh_cache_gives_the_same_numbers(first_run, mini_data, tmp_path):
 def test_sigkill_mid_stage_resumes_with_same_numbers(first_run, mini_data, tmp_path):
     _, _, res = first_run
     cache = tmp_path / "cache"
-    env = {**os.environ, "ILF_LAB_DATA_DIR": str(mini_data), "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, "-m", "ilf_lab", *SMOKE, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'a'}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     # kill once the refiner has been published and a later stage is under way
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if list((cache / "stages" / "train_refiner").glob("[0-9a-f]*")):
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(SMOKE, mini_data, cache, tmp_path / "a", "train_refiner/[0-9a-f]*")
     assert not (tmp_path / "a" / "results.json").exists()
     for stage_dir in (cache / "stages").glob("*"):
         for d in stage_dir.iterdir():
@@ -127,7 +130,7 @@ def test_cache_removes_only_this_hosts_dead_temp_dirs(tmp_path):
 def test_sweep_shares_stages_logs_wandb_and_reports(mini_data, tmp_path):
     """The user's command: `-m feedback=human,instructgpt_1shot logger=wandb` -> two offline W&B runs in one
     group with pass@1 in their summaries, shared stages computed once, and both rows in the report."""
-    from ilf_lab.tracking import read_offline_run
+    from tests.wandb_offline import read_offline_run
 
     args = ["-m", "feedback=human,instructgpt_1shot", *[a for a in SMOKE if a != "logger=none"], "logger=wandb"]
     r = run_cli(args, mini_data, tmp_path / "cache", tmp_path / "sweep")
@@ -203,3 +206,23 @@ def test_humaneval_transfer_and_perplexity_analysis(first_run, mini_data, tmp_pa
     assert out["pass@1"] == out["benchmarks"]["mbpp"]["pass@1"] == res["pass@1"]
     rows = [json.loads(x) for x in Path(out["artifacts"]["perplexity"]).read_text().splitlines()]
     assert {x["source"] for x in rows} >= {"mbpp_gold", "human_refinements"} and all(x["ppl"] > 1 for x in rows)
+
+
+def test_killed_training_resumes_from_its_checkpoint(mini_data, tmp_path):
+    """A training stage checkpoints into the cache's per-key scratch dir: SIGKILLed after an epoch, the rerun
+    resumes from that epoch (not from scratch) and ends where an uninterrupted training ends."""
+    args = [*SMOKE, "experiment=mbpp_gold", "policy.epochs=60"]
+    ref = run_cli(args, mini_data, tmp_path / "ref_cache", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    cache = tmp_path / "cache"
+    kill_when(args, mini_data, cache, tmp_path / "a", "train_policy/.scratch-*/model/lightning/last.ckpt")
+    assert list((cache / "stages" / "train_policy").glob(".scratch-*/model/lightning/last.ckpt"))
+    r = run_cli(args, mini_data, cache, tmp_path / "b")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming the unfinished run" in r.stdout + r.stderr
+    resumed, full = results(tmp_path / "b"), results(tmp_path / "ref")
+    assert 0 < len(resumed["training"]["policy"]["losses"]) < len(full["training"]["policy"]["losses"])
+    assert resumed["training"]["policy"]["losses"][-1] == pytest.approx(full["training"]["policy"]["losses"][-1])
+    assert {k: resumed[k] for k in NUMBERS} == {k: full[k] for k in NUMBERS}
+    assert not list((cache / "stages" / "train_policy").glob(".scratch-*"))  # removed once published
+    assert not list((cache / "stages" / "train_policy").rglob("last.ckpt"))  # resume state is not published

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from ilf_lab import paper, report
+from ilf_lab.errors import IlfError
+from ilf_lab.results import SCHEMA_VERSION, Results, ResultsError
 
 EXPERIMENTS = {  # experiment -> (feedback, train_on), as conf/experiment/*.yaml set them
     "ilf": ("human", "refinements"),
@@ -67,6 +70,11 @@ def make_result(
     return r
 
 
+def make(*args, **kwargs) -> Results:
+    """`make_result` read as the report reads a results.json."""
+    return Results.from_json(make_result(*args, **kwargs), "make_result")
+
+
 def write(root: Path, name: str, result: dict | str) -> Path:
     p = root / name / "results.json"
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +105,7 @@ def test_paper_table4_is_the_papers():
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
 def test_row_for_maps_each_experiment(experiment):
-    assert paper.row_for(make_result(experiment)).experiment == experiment
+    assert paper.row_for(make(experiment)).experiment == experiment
 
 
 def test_row_for_ignores_feedback_where_the_row_does():
@@ -106,11 +114,11 @@ def test_row_for_ignores_feedback_where_the_row_does():
         ("mbpp_gold", "mbpp_gold"),
         ("human_refinements", "human_refinements"),
     ):
-        r = make_result(exp, feedback="instructgpt_2shot", train_on=train_on)
+        r = make(exp, feedback="instructgpt_2shot", train_on=train_on)
         assert paper.row_for(r).experiment == exp
-    assert paper.row_for(make_result("ilf", feedback="instructgpt_2shot")).experiment == "instructgpt_2shot"
-    assert paper.row_for(make_result("ilf", rounds=3)) is None
-    assert paper.row_for(make_result("ilf", feedback="someone_else")) is None
+    assert paper.row_for(make("ilf", feedback="instructgpt_2shot")).experiment == "instructgpt_2shot"
+    assert paper.row_for(make("ilf", rounds=3)) is None
+    assert paper.row_for(make("ilf", feedback="someone_else")) is None
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -155,7 +163,7 @@ def test_delta_vs_zero_shot_is_a_paired_bootstrap_over_tasks(tmp_path):
     mean, lo, hi = report.paired_delta(by["ilf"].runs, by["zero_shot"].runs)
     assert mean == pytest.approx(10.0) and 0 < lo < 10 < hi < 25
     assert report.paired_delta(by["mbpp_gold"].runs, by["zero_shot"].runs) == (0.0, 0.0, 0.0)
-    assert report.paired_delta(by["ilf"].runs, [make_result("zero_shot", per_task={"999": {"n": 1, "c": 0}})]) is None
+    assert report.paired_delta(by["ilf"].runs, [make("zero_shot", per_task={"999": {"n": 1, "c": 0}})]) is None
     line = {ln.split("|")[1].strip(): ln for ln in report.to_markdown(rows).splitlines() if ln.startswith("| ")}
     assert "| +10.0 [+" in line["ILF"] and "| +0.0 [+0.0, +0.0] |" in line["Fine-tuned on MBPP gold"]
     assert "| — |" in line["Zero-shot"]  # no delta against itself
@@ -279,6 +287,153 @@ def test_cli_malformed_result_names_the_file(tmp_path, content):
     assert str(bad) in p.stderr
 
 
+def _sample_dir(root: Path) -> Path:
+    """Results that give every output file: Table 4, Tables 2-3 (a refine block) and Figure 4."""
+    refine = {"refiner": "trained", "feedback": "human", "feedback_shuffled": False, "tasks": 4,
+              "samples_per_task": 10, "pass@1": 0.3, "pass@10": 0.75, "frac_tasks_with_passing": 0.75}
+    write(root, "ilf", make_result("ilf", refine=refine))
+    write(root, "zero", make_result("zero_shot"))
+    write(root, "fb50", make_result("instructgpt_2shot", overrides=["feedback.num_tasks=50"]))
+    return root
+
+
+def _malformed(change) -> str:
+    r = make_result("ilf", refine={"tasks": 4, "samples_per_task": 2, "pass@1": 0.5})
+    change(r)
+    return json.dumps(r)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        json.dumps(make_result(pass1=3.5)),
+        _malformed(lambda r: r["refine"].update(tasks="four")),  # only Tables 2-3 read it: after table.csv
+        _malformed(lambda r: r["refine"].update({"pass@1": 7})),
+        _malformed(lambda r: r["per_task"].update({"12": {"n": 1, "c": 2}})),
+        _malformed(lambda r: r["benchmarks"].update(humaneval={"pass@1": "x"})),
+        _malformed(lambda r: r["stages"][0].update(key=["a"])),
+    ],
+)
+def test_cli_writes_nothing_when_an_input_is_malformed(tmp_path, content):
+    root = _sample_dir(tmp_path / "results")
+    bad = write(root, "zz_bad", content)  # read last
+    before = sorted(tmp_path.rglob("*"))
+    for args in ([str(root)], [str(root), "--out", str(tmp_path / "out")]):
+        p = run_cli(*args)
+        assert p.returncode == 2 and p.stdout == "", p.stderr
+        assert p.stderr.startswith("error: ") and p.stderr.strip().count("\n") == 0 and str(bad) in p.stderr
+        assert sorted(tmp_path.rglob("*")) == before  # no CSV, PNG or folder
+    write(root, "zz_bad", make_result())  # the same inputs, well-formed: every file is written
+    assert run_cli(str(root), "--out", str(tmp_path / "out")).returncode == 0
+    assert {f.name for f in (tmp_path / "out").iterdir()} == {
+        "table.csv", "table.png", "refinements.csv", "refinements.png", "feedback_scaling.png"
+    }
+
+
+def test_old_results_without_schema_version_load(tmp_path):
+    """Version 1 (no schema_version): the dict shape the pipeline wrote before `Results` existed."""
+    old = make_result("ilf", 0.1, 0.3, config={"eval": {"split": "refine"}, "feedback": {"num_tasks": 50}})
+    old["stages"] = [{"name": "tasks", "cached": False, "seconds": 0.1}]  # stage rows before key/status
+    assert "schema_version" not in old
+    r = Results.load(write(tmp_path, "v1", old))
+    assert r.schema_version == 1 and r.path == str(tmp_path / "v1" / "results.json")
+    assert (r.metric("pass@1"), r.metric("pass@10"), r.metric("pass@1", "humaneval")) == (0.1, 0.3, None)
+    assert r.per_task == {"11": {"n": 10, "c": 1}} and (r.score.n_samples, r.score.num_tasks) == (10, 3)
+    assert r.eval_split == "refine" and r.setting("feedback.num_tasks") == 50 and r.setting("no.such") is None
+    assert r.stages[0].key is None and r.training["policy"]["losses"] == [3.0, 2.5, 2.0]
+    assert r.overrides[0] == "experiment=ilf" and r.counts == {} and r.refine == {}
+    # before HumanEval: no `benchmarks`, the headline score only at the top level
+    older = {k: v for k, v in make_result("zero_shot", 0.2, None).items() if k not in ("benchmarks", "stages")}
+    r = Results.load(write(tmp_path, "v1_older", older))
+    assert r.metric("pass@1") == 0.2 and r.metric("pass@10") is None and r.per_task == {"11": {"n": 10, "c": 1}}
+    assert r.eval_split == "test" and r.rounds == 1 and r.stages == []
+    # the report reads both, and the current version round-trips
+    assert [len(row.runs) for row in report.table(report.collect([tmp_path])) if row.runs] == [1, 1]
+    r.schema_version = SCHEMA_VERSION
+    again = Results.load(write(tmp_path, "v2", json.dumps(r.to_json())))
+    assert again.schema_version == SCHEMA_VERSION == 2 and again.to_json() == r.to_json()
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda r: r.update({"pass@1": 3.5}), "pass@1=3.5"),
+        (lambda r: r.update(n_samples="ten"), "n_samples='ten'"),
+        (lambda r: r.pop("experiment"), "experiment"),
+        (lambda r: r.update(model=7), "model=7"),
+        (lambda r: r.update(schema_version=99), "schema_version=99"),
+        (lambda r: r["benchmarks"].update(humaneval={"pass@10": 2}), "benchmarks.humaneval.pass@10=2"),
+        (lambda r: r["per_task"].update({"12": {"n": 1}}), "per_task.12="),
+        (lambda r: r["stages"].append({"cached": True}), "stages[1]"),
+        (lambda r: r.update(refine={"tasks": "four"}), "refine.tasks='four'"),
+        (lambda r: r.update(refine={"tasks": 4, "frac_tasks_with_passing": 1.5}), "refine.frac_tasks_with_passing"),
+        (lambda r: r.update(overrides="x=1"), "overrides"),
+        (lambda r: r.update(rounds="two"), "rounds='two'"),
+    ],
+)
+def test_malformed_field_names_the_file_and_the_field(tmp_path, change, field):
+    r = make_result()
+    change(r)
+    bad = write(tmp_path, "bad", r)
+    with pytest.raises(ResultsError) as e:
+        report.collect([tmp_path])
+    assert isinstance(e.value, IlfError) and str(e.value).startswith(f"{bad}: ") and field in str(e.value)
+
+
+def test_errors_are_the_projects_user_errors(tmp_path):
+    assert issubclass(report.ReportError, IlfError) and issubclass(ResultsError, IlfError)
+    ppl = tmp_path / "ppl.jsonl"
+    ppl.write_text('{"source": "refinements", "ppl": 1.5}\n{oops\n')
+    with pytest.raises(IlfError) as e:  # a malformed artifact names its file and line, like a results.json
+        report.perplexities([make(artifacts={"perplexity": str(ppl)})])
+    assert str(ppl) in str(e.value) and "line 2" in str(e.value)
+
+
+def _cells(line: str) -> list[str]:
+    """A markdown table line's cells (an escaped `\\|` stays inside its cell)."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+
+
+def test_markdown_escapes_text_from_results(tmp_path):
+    evil = "<img src=x onerror=alert(1)>|x\ny"
+    refine = {"refiner": "trained", "feedback": evil, "tasks": 4, "samples_per_task": 2, "pass@1": 0.5}
+    write(tmp_path, "a", make_result("ilf", model=evil, scale="s|1", overrides=[f"policy.note={evil}"]))
+    write(tmp_path, "b", make_result("ilf", model=evil, scale="s|1", refine=refine))
+    results = report.collect([tmp_path])
+    md = report.to_markdown(report.table(results)) + report.refinements_markdown(report.refinement_rows(results))
+    assert "<" not in md and ">" not in md and "&lt;img src=x onerror=alert(1)&gt;\\|x y" in md
+    heads = [ln for ln in md.splitlines() if ln.startswith("#")]
+    assert len(heads) == 3 and all("model=&lt;img" in h and "scale=s\\|1" in h for h in heads[:2])
+    for table_lines in md.split("\n\n"):
+        rows = [ln for ln in table_lines.splitlines() if ln.startswith("|")]
+        assert len({len(_cells(ln)) for ln in rows}) <= 1, rows  # every row has the header's cells
+    other = next(ln for ln in md.splitlines() if "policy.note=" in ln)
+    assert _cells(other)[3] == "policy.note=&lt;img src=x onerror=alert(1)&gt;\\|x y"
+
+
+def test_csv_cells_cannot_be_formulas(tmp_path):
+    zero = {str(t): {"n": 10, "c": 5} for t in range(10)}
+    refine = {"refiner": "trained", "feedback": "+cmd|' /C calc'!A0", "tasks": 4, "samples_per_task": 2,
+              "pass@1": 0.5}
+    write(tmp_path, "z", make_result("zero_shot", model="=HYPERLINK(\"http://x\")", per_task=zero))
+    write(tmp_path, "i", make_result("ilf", model="=HYPERLINK(\"http://x\")", refine=refine,
+                                     per_task={t: {"n": 10, "c": 0} for t in zero}))
+    write(tmp_path, "o", make_result("ilf", model="=HYPERLINK(\"http://x\")", overrides=["@SUM(A1)=1"]))
+    p = run_cli(str(tmp_path), "--out", str(tmp_path / "out"))
+    assert p.returncode == 0, p.stderr
+    recs = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
+    assert {r["model"] for r in recs} == {"'=HYPERLINK(\"http://x\")"}
+    assert {r["setting"] for r in recs if r["section"] == "other"} == {"'@SUM(A1)=1"}
+    ilf = next(r for r in recs if r["experiment"] == "ilf")
+    assert float(ilf["delta_pass@1_vs_zero_shot"]) == pytest.approx(-50.0)  # numbers stay numbers
+    for rec in recs:
+        assert not any(v.startswith(("=", "+", "@")) for v in rec.values())
+        assert all(v.startswith("'") or not v.startswith("-") or float(v) < 0 for v in rec.values())
+    (ref,) = csv.DictReader(open(tmp_path / "out" / "refinements.csv"))
+    assert ref["feedback"] == "'+cmd|' /C calc'!A0" and ref["model"].startswith("'=")
+
+
 def test_missing_dir_is_an_error(tmp_path):
     with pytest.raises(report.ReportError, match="no such"):
         report.collect([tmp_path / "nope"])
@@ -293,11 +448,11 @@ def test_figure_data(tmp_path):
             for i in range(5)
         )
     )
-    results = [make_result("ilf", artifacts={"perplexity": str(ppl)}), make_result("zero_shot", training={})]
+    results = [make("ilf", artifacts={"perplexity": str(ppl)}), make("zero_shot", training={})]
     curves = report.training_curves(results)
     assert list(curves) == ["ilf seed=0"] and curves["ilf seed=0"]["policy"] == [3.0, 2.5, 2.0]
     assert set(report.perplexities(results)) == {"mbpp_gold", "refinements"}
     assert report.plot_training(results, tmp_path / "t.png") is not None and (tmp_path / "t.png").is_file()
     assert report.plot_perplexity(results, tmp_path / "p.png") is not None
-    assert report.perplexities([make_result()]) == {} and report.plot_perplexity([make_result()]) is None
+    assert report.perplexities([make()]) == {} and report.plot_perplexity([make()]) is None
     assert report.feedback_scaling(results) == {} and report.plot_feedback_scaling(results) is None

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from ilf_lab import report
+from ilf_lab.results import Results, Score
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
@@ -87,11 +88,15 @@ def test_yaml_files_parse():
 
 def test_best_overrides_uses_refine_split_only():
     def r(lr, p1, split):
-        return {
-            "pass@1": p1,
-            "eval_split": split,
-            "overrides": [f"policy.lr={lr}", "policy.epochs=2", "scale=demo"],
-        }
+        return Results(
+            experiment="ilf",
+            feedback="human",
+            train_on="refinements",
+            model="tiny_random",
+            benchmarks={"mbpp": Score(pass_at={1: p1})},
+            eval_split=split,
+            overrides=[f"policy.lr={lr}", "policy.epochs=2", "scale=demo"],
+        )
 
     results = [
         r("1e-6", 0.1, "refine"),
@@ -100,5 +105,5 @@ def test_best_overrides_uses_refine_split_only():
         r("1e-4", None, "refine"),
     ]
     best, result = report.best_overrides(results)
-    assert best == ["policy.lr=5e-6", "policy.epochs=2"] and result["pass@1"] == 0.3
+    assert best == ["policy.lr=5e-6", "policy.epochs=2"] and result.metric("pass@1") == 0.3
     assert report.best_overrides([r("1e-5", 0.9, "test")]) == ([], None)

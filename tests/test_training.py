@@ -225,9 +225,11 @@ def test_lr_schedules():
 
 
 def test_batch_size_must_split_over_processes(tiny, tmp_path):
-    opt = OptimConfig(batch_size=6, micro_batch_size=4)
-    with pytest.raises(ConfigError, match="multiple"):
-        finetune("policy", policy_records(2), tiny, tmp_path, opt, CPU, prompt_format="chat")
+    with pytest.raises(ConfigError, match="multiple"):  # the dataclass itself refuses it (__post_init__)
+        OptimConfig(batch_size=6, micro_batch_size=4)
+    with pytest.raises(ConfigError, match="multiple"):  # and so does finetune, given it as a dict
+        finetune("policy", policy_records(2), tiny, tmp_path, {"batch_size": 6, "micro_batch_size": 4}, CPU,
+                 prompt_format="chat")
     with pytest.raises(ConfigError, match="kind"):
         finetune("critic", policy_records(2), tiny, tmp_path, OptimConfig(), CPU, prompt_format="chat")
 

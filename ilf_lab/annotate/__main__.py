@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ilf_lab.annotate.records import AnnotateError, atomic_write_text, csv_text, jsonl_text
-from ilf_lab.errors import IlfError
+from ilf_lab.annotate.records import AnnotateError, csv_text, jsonl_text, write_output
+from ilf_lab.errors import ArgumentParser, run_cli
 
 
 def _tasks(data_dir: str | None, required: bool = True) -> dict[int, Any] | None:
@@ -51,9 +51,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     items = build_items(x0_path, tasks, pick=args.pick, seed=args.seed, timeout=args.timeout, splits=splits)
     if not items:
         raise AnnotateError(f"{x0_path}: no failing programs to annotate")
-    atomic_write_text(args.out, jsonl_text(items))
+    write_output(args.out, jsonl_text(items))
     if args.csv:
-        atomic_write_text(args.csv, items_csv(items))
+        write_output(args.csv, items_csv(items))
     print(f"{len(items)} items from {x0_path} -> {args.out}" + (f" and {args.csv}" if args.csv else ""))
 
 
@@ -98,9 +98,9 @@ def cmd_import(args: argparse.Namespace) -> None:
     out = Path(args.out)
     text = csv_text(records, RELEASED_KEYS) if out.suffix.lower() == ".csv" else jsonl_text(records)
     extra = csv_text(records, RELEASED_KEYS) if args.csv else None
-    atomic_write_text(out, text)
+    write_output(out, text)
     if extra is not None:
-        atomic_write_text(args.csv, extra)
+        write_output(args.csv, extra)
     kept = sum(r["passed"] and r["refinement_edit_distance"] < 0.5 for r in records)
     print(
         f"{len(records)} annotations -> {out}; {kept} pass the paper's filters "
@@ -109,7 +109,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ilf_lab.annotate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m ilf_lab.annotate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
     e = sub.add_parser("export", help="items to annotate from a run's failing x0 samples")
@@ -147,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    """Exit 0, or 2 with one line `error: <message>` for a user error (an `IlfError`, bad arguments included)."""
+
+    def body() -> None:
+        args = build_parser().parse_args(argv)
         args.fn(args)
-    except IlfError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ilf_lab.data.mbpp import iter_jsonl
-from ilf_lab.errors import DataError
-from ilf_lab.io import atomic_write_text  # noqa: F401  (re-exported for annotate)
+from ilf_lab.errors import DataError, reraise_as
+from ilf_lab.io import atomic_write_text
 
 # key order as in the released file
 RELEASED_KEYS = (
@@ -218,7 +218,9 @@ def read_csv_rows(path: str | os.PathLike, required: Iterable[str] = ()) -> list
     if not path.is_file():
         raise AnnotateError(f"missing file: {path}")
     rows = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with reraise_as(AnnotateError, f"cannot read {path}", (OSError, UnicodeDecodeError)):
+        text = path.read_bytes().decode("utf-8-sig")  # newlines as written: csv handles them
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         try:
             fields = reader.fieldnames or []
@@ -237,6 +239,12 @@ def read_csv_rows(path: str | os.PathLike, required: Iterable[str] = ()) -> list
         except csv.Error as e:
             raise AnnotateError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
     return rows
+
+
+def write_output(path: str | os.PathLike, text: str) -> None:
+    """Write atomically; a failure (no such directory, permissions, disk full) is an AnnotateError naming it."""
+    with reraise_as(AnnotateError, f"cannot write {path}"):
+        atomic_write_text(path, text)
 
 
 def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:

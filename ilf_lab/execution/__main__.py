@@ -2,32 +2,31 @@
 
 Every input line is validated before anything runs, so a malformed file costs nothing
 and leaves no partial output; the output is written atomically (temp file + rename).
+User errors (a malformed line, a missing file, a bad argument) are one line `error: ...` and exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from ilf_lab.errors import ArgumentParser, DataError, UsageError, reraise_as, run_cli
 from ilf_lab.io import atomic_write_text
 
-EXIT_USAGE = 2
 
-
-class InputError(Exception):
-    pass
+class InputError(DataError):
+    """A missing, unreadable or malformed input file; the message names the line."""
 
 
 def _load(path: str) -> list[dict]:
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
-    except FileNotFoundError as e:
-        raise InputError(f"input file not found: {path}") from e
+    except FileNotFoundError:
+        raise InputError(f"input file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from e
+        raise InputError(f"cannot read {path}: {e}") from None
     rows = []
     name = os.path.basename(path)
     for no, line in enumerate(lines, 1):
@@ -37,7 +36,7 @@ def _load(path: str) -> list[dict]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{where}: invalid JSON ({e.msg})") from e
+            raise InputError(f"{where}: invalid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise InputError(f"{where}: expected a JSON object")
         for key in ("task_id", "program", "tests"):
@@ -54,7 +53,11 @@ def _load(path: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ilf_lab.execution", description=__doc__.splitlines()[0])
+    return run_cli(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    p = ArgumentParser(prog="python -m ilf_lab.execution", description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="JSONL: task_id, program, tests[, setup]")
     p.add_argument("--output", required=True, help="JSONL: the input objects plus passed and result")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
@@ -64,12 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action="store_true", help="tqdm progress bar on stderr")
     args = p.parse_args(argv)
     if args.timeout <= 0 or (args.workers is not None and args.workers < 1):
-        p.error("--timeout must be > 0 and --workers >= 1")
-    try:
-        rows = _load(args.input)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("--timeout must be > 0 and --workers >= 1")
+    rows = _load(args.input)
 
     from ilf_lab.execution.sandbox import run_programs
 
@@ -82,11 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         progress=args.progress,
     )
     out = [{**row, "passed": v.passed, "result": v.result} for row, v in zip(rows, verdicts, strict=True)]
-    try:
+    with reraise_as(DataError, f"cannot write {args.output}"):
         atomic_write_text(args.output, "".join(json.dumps(row) + "\n" for row in out))
-    except OSError as e:
-        print(f"error: cannot write {args.output}: {e}", file=sys.stderr)
-        return EXIT_USAGE
     n_pass = sum(v.passed for v in verdicts)
     print(f"{n_pass}/{len(verdicts)} passed", file=sys.stderr)
     return 0

@@ -140,7 +140,9 @@ def build_trainer(job: _Job, logger: Any = None) -> pl.Trainer:
         enable_progress_bar=t.enable_progress_bar,
         enable_model_summary=False,
         deterministic=t.deterministic,
-        callbacks=[ModelCheckpoint(dirpath=Path(job.out_dir) / "lightning", save_top_k=0, save_last=True)],
+        callbacks=[  # every epoch: a killed training resumes from the last one (the stage cache keeps the dir)
+            ModelCheckpoint(dirpath=Path(job.out_dir) / "lightning", save_top_k=1, save_last="link", every_n_epochs=1)
+        ],
         default_root_dir=str(Path(job.out_dir) / "lightning"),
         use_distributed_sampler=False,  # MicroBatchSampler shards by rank itself
         limit_val_batches=0,

@@ -1,0 +1,5 @@
+import sys
+
+from ilf_lab.report.cli import main
+
+sys.exit(main())
