@@ -37,14 +37,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def publish_dir(final: str | os.PathLike, build: Callable[[Path], Any]) -> Path:
-    """Build a directory under a temp name beside `final`, then rename it into place; if another process
-    published `final` first, its (equivalent) copy is kept and ours removed."""
+def publish_dir(final: str | os.PathLike, build: Callable[[Path], Any], prefix: str | None = None) -> Any:
+    """Build a directory under a temp name (`prefix` + random) beside `final`, then rename it into place; if
+    another process published `final` first, its (equivalent) copy is kept and ours removed. Returns what
+    `build` returned."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{final.name}.", dir=final.parent))
     try:
-        build(tmp)
+        result = build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -52,7 +53,7 @@ def publish_dir(final: str | os.PathLike, build: Callable[[Path], Any]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+    return result
 
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:

@@ -14,12 +14,12 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ilf_lab.io import publish_dir
 from ilf_lab.pipeline.stage import Artifact
 
 _HOST = socket.gethostname().replace("-", "_")
@@ -60,17 +60,12 @@ class StageCache:
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_orphans(final.parent, key)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{_HOST}-{os.getpid()}-", dir=final.parent))
-        try:
+
+        def build(tmp: Path) -> None:
             meta = compute(tmp) or {}
             (tmp / "meta.json").write_text(json.dumps({"stage": stage, "key": key, "meta": meta}, indent=1))
-            try:
-                os.rename(tmp, final)
-            except OSError:  # a concurrent job published the same key first: theirs is equivalent
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        publish_dir(final, build, prefix=f".tmp-{key}-{_HOST}-{os.getpid()}-")
         shutil.rmtree(final.parent / f".scratch-{key}", ignore_errors=True)
         art = self.lookup(stage, key)
         assert art is not None
