@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# App. A.1: the 27-point grid over policy.{lr,batch_size,epochs}, scored on MBPPRefine (eval.split=refine);
-# then the best point, once, on MBPPTest. Extra args go to both steps, e.g.
-#   sweeps/hparams.sh scale=paper model=codegen_6b_mono trainer=gpu
-# The stage cache (paths.cache_dir) makes the final run reuse the chosen point's trained policy.
+# App. A.1 per method: each tuned method's policy.{lr,batch_size,epochs} grid scored on MBPPRefine, its best point
+# chosen (ILF inherits MBPP gold's), then Table 4 on MBPPTest at the chosen points and the report
+# (python -m ilf_lab.a1). Extra args go to every run, e.g.
+#   sweeps/hparams.sh scale=paper model=codegen_6b_mono trainer=gpu            # the paper's 27-point grid
+#   GRID="--grid policy.lr=1e-5,5e-5 --grid policy.epochs=1,2" sweeps/hparams.sh scale=demo   # a smaller grid
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-sweep_dir=${SWEEP_DIR:-multirun/hparams/$(date +%Y-%m-%d_%H-%M-%S)}
-python -m ilf_lab -m --config-dir "$here" --config-name hparams hydra.sweep.dir="$sweep_dir" "$@"
-read -r -a best <<< "$(python -m ilf_lab.report "$sweep_dir" --best-overrides)"
-echo "best point on MBPPRefine: ${best[*]}"
-python -m ilf_lab eval.split=test "${best[@]}" "$@"
+out=${SWEEP_DIR:-multirun/a1/$(date +%Y-%m-%d_%H-%M-%S)}
+# shellcheck disable=SC2086
+python -m ilf_lab.a1 --out "$out" ${GRID:-} "$@"

@@ -89,3 +89,35 @@ def compose(overrides: list[str] | None = None):
     register_configs()
     with initialize_config_module(config_module="ilf_lab.conf", version_base="1.3"):
         return h_compose(config_name="config", overrides=overrides or [], return_hydra_config=True)
+
+
+SMOKE = [
+    "model=tiny_random", "scale=smoke", "logger=none",
+    "data.splits.prompt=[0,0]", "data.splits.test=[1,4]", "data.splits.refine=[5,8]", "data.splits.train=[9,12]",
+]
+
+
+def dag_config(data: Path, tmp: Path, extra: list[str], base: list[str] = SMOKE):
+    """A composed config for running the DAG in this process (no Hydra runtime: paths given explicitly)."""
+    from omegaconf import open_dict
+
+    cfg = compose([*base, *extra, f"paths.cache_dir={tmp / 'cache'}", f"paths.output_dir={tmp / 'out'}",
+                   f"data.dir={data}"])
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def run_dag(cfg):
+    """Run the DAG in this process up to `stop_after`; the Runner holds every stage's artifact and inputs."""
+    from ilf_lab.pipeline.cache import StageCache
+    from ilf_lab.pipeline.dag import ilf
+    from ilf_lab.pipeline.runner import Runner, StopAfter
+    from ilf_lab.tracking.base import NullTracker
+
+    run = Runner(cfg, StageCache(cfg.paths.cache_dir), NullTracker(), rounds=cfg.rounds)
+    try:
+        ilf(cfg, run)
+    except StopAfter:
+        pass
+    return run

@@ -1,5 +1,6 @@
-"""The paper's refinement analyses (Tables 2-3) at smoke scale: shuffled feedback, the zero-shot refiner,
-`stop_after=refine`, sharing πRefine's refine stage with the ILF run, and the report's refinement table."""
+"""The paper's refinement analyses (Tables 2-3) at smoke scale: shuffled feedback, the 1-shot base-model refiner,
+`stop_after=refine`, Table 3's zero-shot-programs baseline, sharing πRefine's refine stage with the ILF run, and
+the report's refinement table."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_one_row_keeps_its_feedback():
 
 @pytest.fixture(scope="module")
 def analysis(mini_data, tmp_path_factory):
-    """The refine_analysis sweep (3 jobs), then an ILF run on the same cache."""
+    """The refine_analysis sweep (4 jobs), then an ILF run on the same cache."""
     tmp = tmp_path_factory.mktemp("analysis")
     args = ["-m", "--config-dir", str(REPO / "sweeps"), "--config-name", "refine_analysis", *SMOKE]
     r = run_cli(args, mini_data, tmp / "cache", tmp / "sweep")
@@ -50,10 +51,13 @@ def analysis(mini_data, tmp_path_factory):
     return tmp, jobs, results(tmp / "ilf")
 
 
+REFINERS = ("refine_trained", "refine_base_1shot", "refine_base_1shot_shuffled")
+
+
 def test_analysis_runs_stop_after_refine_with_refinement_metrics(analysis):
     _, jobs, _ = analysis
-    assert set(jobs) == {"refine_trained", "refine_zero_shot", "refine_shuffled_feedback"}
-    for j in jobs.values():
+    assert set(jobs) == {*REFINERS, "zero_shot_mbpptrain"}
+    for j in (jobs[e] for e in REFINERS):
         assert [s["name"] for s in j["stages"]][-1] == "refine"
         assert j["stopped_after"] == "refine"
         assert j["pass@1"] is None and j["pass@10"] is None  # no policy was evaluated
@@ -63,22 +67,24 @@ def test_analysis_runs_stop_after_refine_with_refinement_metrics(analysis):
         assert 0.0 <= b["frac_tasks_with_passing"] <= 1.0
     stages = {e: {s["name"]: s for s in j["stages"]} for e, j in jobs.items()}
     assert stages["refine_trained"]["train_refiner"]["status"] == "ok"
-    for e in ("refine_zero_shot", "refine_shuffled_feedback"):
+    for e in ("refine_base_1shot", "refine_base_1shot_shuffled"):
         assert stages[e]["train_refiner"]["status"] == "skipped"
-        assert jobs[e]["refine"]["refiner"] == "base"
-    assert jobs["refine_shuffled_feedback"]["refine"]["feedback_shuffled"] is True
+        assert jobs[e]["refine"]["refiner"] == "base" and jobs[e]["refine"]["shots"] == 1
+    assert jobs["refine_base_1shot_shuffled"]["refine"]["feedback_shuffled"] is True
     # shuffling changes the feedback stage, so its refinements are sampled anew
-    assert (
-        stages["refine_shuffled_feedback"]["feedback"]["key"] != stages["refine_zero_shot"]["feedback"]["key"]
-    )
-    assert stages["refine_shuffled_feedback"]["refine"]["key"] != stages["refine_zero_shot"]["refine"]["key"]
+    shuffled, related = stages["refine_base_1shot_shuffled"], stages["refine_base_1shot"]
+    assert shuffled["feedback"]["key"] != related["feedback"]["key"]
+    assert shuffled["refine"]["key"] != related["refine"]["key"]
+    # Table 3's baseline: the base model's own programs on the same (annotated MBPPTrain) tasks
+    zs = jobs["zero_shot_mbpptrain"]
+    assert zs["eval_split"] == "train" and zs["num_tasks"] == jobs["refine_trained"]["refine"]["tasks"]
 
 
 def test_shuffled_feedback_reaches_the_refiner_only_on_mbpptrain(analysis):
     _, jobs, _ = analysis
     rows = [
         json.loads(x)
-        for x in Path(jobs["refine_shuffled_feedback"]["artifacts"]["feedback"]).read_text().splitlines()
+        for x in Path(jobs["refine_base_1shot_shuffled"]["artifacts"]["feedback"]).read_text().splitlines()
     ]
     train = [r for r in rows if r["split"] == "train"]
     assert len(train) >= 2 and all(r["feedback_from"] != r["task_id"] for r in train)
@@ -109,7 +115,8 @@ def test_report_shows_tables_2_3_and_keeps_analyses_out_of_table_4(analysis):
     assert (
         "shuffled (unrelated)" in rep.stdout
         and "πRefine" in rep.stdout
-        and "base model, zero-shot" in rep.stdout
+        and "base model, 1-shot" in rep.stdout
+        and "the base model's own programs" in rep.stdout
     )
     assert (tmp / "sweep" / "refinements.csv").exists() and (tmp / "sweep" / "refinements.png").exists()
     assert not (tmp / "sweep" / "table.csv").exists()
@@ -131,6 +138,6 @@ def test_report_shows_tables_2_3_and_keeps_analyses_out_of_table_4(analysis):
     assert both.returncode == 0, both.stderr
     assert "Table 4" in both.stdout and "Tables 2-3" in both.stdout
     recs = list(csv.DictReader(open(tmp / "both" / "refinements.csv")))
-    assert len(recs) == 3  # the ILF run and refine_trained share one refine stage: counted once
+    assert len(recs) == 4  # the ILF run and refine_trained share one refine stage: counted once
     trained = next(r for r in recs if r["refiner"] == "trained")
     assert trained["runs"] == "1" and trained["samples_per_task"] == "2"

@@ -292,7 +292,7 @@ def test_api_run_save_resume_and_released_schema(tmp_path, items_file):
     assert rec["test"].splitlines()[0] == "assert add(1, 2) == 3"
     # what the pipeline reads: passes its filters
     cfg = OmegaConf.create(
-        {"require_refinement_passes": True, "max_edit_distance": 0.5, "one_per_task": True}
+        {"require_refinement_passes": True, "max_edit_distance": None, "one_per_task": True}
     )
     anns, counts = filter_annotations([rec], cfg)
     assert counts["one_per_task"] == 1 and anns[0].refinement == fixed

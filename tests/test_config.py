@@ -67,7 +67,9 @@ def test_paper_scale_carries_paper_settings():
     cfg = compose(["scale=paper", "model=codegen_6b_mono"])
     assert (cfg.sampling.n, cfg.sampling.temperature) == (30, 0.8)
     assert (cfg.policy.lr, cfg.policy.batch_size, cfg.policy.epochs) == (5e-6, 32, 2)
-    assert (cfg.refiner.max_length, cfg.policy.max_length) == (1024, 512)
+    # the reference trains both with max_seq_length=1024 (its 512 answer/generation lengths are unused)
+    assert (cfg.refiner.max_length, cfg.policy.max_length) == (1024, 1024)
+    assert cfg.sampling.top_p == 1.0 and cfg.sampling.max_new_tokens == 1024
     assert cfg.data.max_test_tasks is None and cfg.model.prompt_format == "docstring"
 
 

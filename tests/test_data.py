@@ -23,7 +23,7 @@ SPLITS = {"prompt": [1, 10], "test": [11, 110], "refine": [111, 310], "train": [
 
 def data_cfg(d, **kw):
     base = {"dir": str(d), "hub_id": "x", "hub_config": "full", "annotations_file": None, "splits": SPLITS,
-            "require_refinement_passes": True, "max_edit_distance": 0.5, "one_per_task": True}
+            "require_refinement_passes": True, "max_edit_distance": None, "one_per_task": True}
     return OmegaConf.create({**base, **kw})
 
 
@@ -54,14 +54,27 @@ def test_docstring_prompt_matches_the_annotations(real_data):
             assert docstring_prompt(tasks[tid]) == rec["prompt"]
 
 
-def test_annotation_filters_are_counted(real_data):
-    anns, counts = filter_annotations(load_annotation_records(data_cfg(real_data)), data_cfg(real_data))
-    assert counts == {"all": 195, "has_feedback": 195, "refinement_passes": 195, "edit_distance": 144,
-                      "one_per_task": 144}
-    assert len({a.task_id for a in anns}) == len(anns) == 144
-    unfiltered, c2 = filter_annotations(load_annotation_records(data_cfg(real_data)),
-                                        data_cfg(real_data, max_edit_distance=1.0, one_per_task=False))
-    assert len(unfiltered) == 195 and "edit_distance" not in c2
+def test_annotations_are_used_as_released(real_data):
+    """The released file is the paper's final dataset (§3, §3.1): 195 triples, all passing, one per task,
+    44 in MBPPRefine (111-310) and 128 in MBPPTrain (311-974). No filter drops any by default."""
+    cfg = data_cfg(real_data)
+    anns, counts = filter_annotations(load_annotation_records(cfg), cfg)
+    assert counts == {"all": 195, "has_feedback": 195, "refinement_passes": 195, "one_per_task": 195}
+    assert len({a.task_id for a in anns}) == len(anns) == 195
+    assert sum(111 <= a.task_id <= 310 for a in anns) == 44 and sum(311 <= a.task_id <= 974 for a in anns) == 128
+
+
+def test_paper_edit_distance_rule_is_opt_in_and_computed_from_the_programs(real_data):
+    """data.max_edit_distance=0.5 re-applies §3's rule (Levenshtein / max length of the two programs), not the
+    file's `refinement_edit_distance` field (normalised by the original body's length: 51 rows are >= 0.5)."""
+    from ilf_lab.data.mbpp import paper_edit_ratio
+
+    assert paper_edit_ratio("abcd", "abcf") == 0.25 and paper_edit_ratio("", "") == 0.0
+    assert paper_edit_ratio("ab", "abcd") == 0.5  # 2 insertions over max(2, 4)
+    records = load_annotation_records(data_cfg(real_data))
+    anns, counts = filter_annotations(records, data_cfg(real_data, max_edit_distance=0.5))
+    assert counts["edit_distance"] == len(anns) == 190
+    assert sum(r["refinement_edit_distance"] >= 0.5 for r in records) == 51  # what the old filter dropped
 
 
 def test_missing_dir_and_file_are_named(tmp_path):

@@ -86,6 +86,9 @@ def test_pipeline_with_an_openai_compatible_endpoint(server, mini_data, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     res = results(tmp_path / "o")
     st = {s["name"]: s for s in res["stages"]}
-    assert res["feedback"] == "instructgpt_1shot" and st["feedback"]["info"]["feedback"] == 2
+    # 2 MBPPTrain tasks x feedback.n=2 replies (smoke), each its own request to the endpoint
+    assert res["feedback"] == "instructgpt_1shot" and st["feedback"]["info"]["feedback"] == 4
     rows = [json.loads(x) for x in (tmp_path / "o" / "feedback.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all("feedback" in x for x in rows)
+    assert len(rows) == 4 and all("feedback" in x for x in rows)
+    assert sorted((x["task_id"], x["sample_idx"]) for x in rows) == sorted(
+        (t, i) for t in {x["task_id"] for x in rows} for i in (0, 1))

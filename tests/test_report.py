@@ -238,7 +238,7 @@ def test_cli_prints_table_and_writes_csv_png(tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("\n| ") >= 7 and "| ILF | Humans |" in p.stdout
     assert "—" not in p.stdout.split("| ILF")[1].splitlines()[0]
-    assert "| 0 (base policy) |" in p.stdout.split("| 1-shot InstructGPT")[1].splitlines()[0]
+    assert "| 0 (passing LLM-written refinements), base policy |" in p.stdout.split("| 1-shot InstructGPT")[1].splitlines()[0]
     with open(root / "table.csv") as f:
         recs = list(csv.DictReader(f))
     assert len(recs) == 6

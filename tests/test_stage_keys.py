@@ -17,24 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from ilf_lab.pipeline.cache import StageCache
-from ilf_lab.pipeline.dag import ilf
-from ilf_lab.pipeline.runner import Runner, StopAfter
+from ilf_lab.pipeline.runner import Runner
 from ilf_lab.pipeline.stage import paths, select, stage_key
-from ilf_lab.tracking.base import NullTracker
-from tests.conftest import compose
+from tests.conftest import dag_config, run_dag
 
-SMOKE = [
-    "model=tiny_random", "scale=smoke", "logger=none",
-    "data.splits.prompt=[0,0]", "data.splits.test=[1,4]", "data.splits.refine=[5,8]", "data.splits.train=[9,12]",
-]
 # the three pipelines between them run every stage implementation
 PIPELINES = {
     "ilf": ["eval=with_humaneval", "eval.perplexity=true"],
     "llm_policy_x0": ["feedback=instructgpt_1shot", "x0=policy"],
-    "gold": ["experiment=mbpp_gold"],
+    "gold": ["experiment=mbpp_gold_all_tasks"],  # trains a policy even with a random model
 }
 # how each mutable setting is changed; everything else is structure (which stages run) or where things live
 MUTATIONS: dict[str, Any] = {
@@ -57,20 +51,11 @@ MODEL_PATHS = {"model.source", "model.path", "model.tiny_hidden_size", "model.ti
 
 
 def _cfg(mini_data: Path, tmp: Path, extra: list[str]) -> DictConfig:
-    cfg = compose([*SMOKE, *extra, f"paths.cache_dir={tmp / 'cache'}", f"paths.output_dir={tmp / 'out'}",
-                   f"data.dir={mini_data}"])
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return dag_config(mini_data, tmp, extra)
 
 
 def _run(cfg: DictConfig) -> Runner:
-    run = Runner(cfg, StageCache(cfg.paths.cache_dir), NullTracker(), rounds=cfg.rounds)
-    try:
-        ilf(cfg, run)
-    except StopAfter:
-        pass
-    return run
+    return run_dag(cfg)
 
 
 def _digest(path: Path) -> dict[str, str]:

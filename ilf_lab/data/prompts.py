@@ -10,16 +10,24 @@ Every stage (x0, refinement, evaluation, fine-tuning targets) goes through these
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# part of every stage-cache key: bump when a template or a truncation rule changes what a stage produces
+# (2: the chat prompt names the signature; docstring completions cut at the first unindented line; 1-shot refine)
+VERSION = 2
+
+# The chat rendering names the function the tests call, as the paper's docstring prompt does by ending with the
+# gold signature line (without it about a third of SmolLM2's failing zero-shot samples were NameErrors).
 CHAT_INSTRUCTION = (
     "Write a Python function for the task below. Reply with the complete code in one ```python block.\n\n"
-    "Task: {text}\nYour code should pass this test:\n{test}"
+    "Task: {text}\nThe function must be defined as:\n{signature}\nYour code should pass this test:\n{test}"
 )
 REFINE_CHAT_INSTRUCTION = (
     "Here is a task, an incorrect program for it, and feedback on that program. Write the corrected "
-    "program in one ```python block.\n\nTask: {text}\nYour code should pass this test:\n{test}\n\n"
+    "program in one ```python block.\n\nTask: {text}\nThe function must be defined as:\n{signature}\n"
+    "Your code should pass this test:\n{test}\n\n"
     "Incorrect program:\n```python\n{old_code}\n```\n\nFeedback: {feedback}"
 )
 # The paper's Figure 2 / the reference πRefine input; the target continues the task's docstring prompt.
@@ -80,8 +88,22 @@ def docstring_prompt(task: Task) -> str:
     return f'"""\n{task.text}\n\n>>> Example: {example_line(task.tests[0])}\n"""\n\n{code_prefix(task)}\n'
 
 
+def signature(task: Task) -> str:
+    """The entry point's def line from the gold program (`def f(x):`); `def <name>(...)` where it has none."""
+    prefix = code_prefix(task)
+    if prefix:
+        return prefix.rsplit("\n", 1)[-1].strip()
+    called = [  # tests like `assert (f(x)) == y` or `assert int(f(x)) == y`: the gold defs the tests call
+        m.group(0).strip()
+        for m in re.finditer(r"^def\s+(\w+)\s*\(.*\)\s*:", task.code, flags=re.M)
+        if re.search(rf"\b{m.group(1)}\(", task.tests[0])
+    ]
+    return called[-1] if called else f"def {task.entry_point}(...):"
+
+
 def chat_messages(task: Task) -> list[dict[str, str]]:
-    return [{"role": "user", "content": CHAT_INSTRUCTION.format(text=task.text, test=task.tests[0])}]
+    content = CHAT_INSTRUCTION.format(text=task.text, signature=signature(task), test=task.tests[0])
+    return [{"role": "user", "content": content}]
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -99,18 +121,39 @@ def task_prompt(task: Task, fmt: str, tokenizer: Any = None) -> str:
     raise ValueError(f"unknown prompt format {fmt!r}")
 
 
-def refine_prompt(task: Task, old_code: str, feedback: str, fmt: str, tokenizer: Any = None) -> str:
-    """πRefine's input: (task, x0, f). docstring: the paper's OLD CODE / FEEDBACK / REFINEMENT sections."""
+def refine_prompt(
+    task: Task, old_code: str, feedback: str, fmt: str, tokenizer: Any = None,
+    shots: Sequence[tuple[Task, str, str, str]] = (),
+) -> str:
+    """πRefine's input: (task, x0, f). docstring: the paper's OLD CODE / FEEDBACK / REFINEMENT sections (Fig. 2),
+    the REFINEMENT section opened with the task's prompt as the reference does; `shots` (task, x0, f, x1) go
+    before it in the same format (Table 2's 1-shot prompt for the base model)."""
     if fmt == "docstring":
-        return REFINE_DOCSTRING_TEMPLATE.format(
+        examples = "".join(
+            REFINE_DOCSTRING_TEMPLATE.format(old_code=s_old.strip("\n"), feedback=s_fb.strip(), prompt="")
+            + s_x1.strip("\n") + "\n\n\n"
+            for _, s_old, s_fb, s_x1 in shots
+        )
+        return examples + REFINE_DOCSTRING_TEMPLATE.format(
             old_code=old_code.strip("\n"), feedback=feedback.strip(), prompt=docstring_prompt(task)
         )
     if fmt == "chat":
-        content = REFINE_CHAT_INSTRUCTION.format(
-            text=task.text, test=task.tests[0], old_code=old_code.strip("\n"), feedback=feedback.strip()
-        )
-        return render_chat(tokenizer, [{"role": "user", "content": content}])
+        messages = []
+        for s_task, s_old, s_fb, s_x1 in shots:
+            messages += [
+                {"role": "user", "content": _refine_chat(s_task, s_old, s_fb)},
+                {"role": "assistant", "content": f"```python\n{s_x1.strip(chr(10))}\n```"},
+            ]
+        messages.append({"role": "user", "content": _refine_chat(task, old_code, feedback)})
+        return render_chat(tokenizer, messages)
     raise ValueError(f"unknown prompt format {fmt!r}")
+
+
+def _refine_chat(task: Task, old_code: str, feedback: str) -> str:
+    return REFINE_CHAT_INSTRUCTION.format(
+        text=task.text, signature=signature(task), test=task.tests[0], old_code=old_code.strip("\n"),
+        feedback=feedback.strip(),
+    )
 
 
 def stop_sequences(fmt: str) -> tuple[str, ...]:
@@ -119,12 +162,15 @@ def stop_sequences(fmt: str) -> tuple[str, ...]:
 
 def truncate_completion(completion: str, fmt: str) -> str:
     """Cut a raw continuation back to the part that belongs to the program."""
-    if fmt == "docstring":
-        cut = len(completion)
+    if fmt == "docstring":  # the reference's eval_mbpp.py::truncate_code: cut at the first unindented line
+        cut = len(completion)  # that starts with a letter, `#` or `"` (the stop strings end sampling early)
         for stop in DOCSTRING_STOPS:
             i = completion.find(stop)
             if i != -1:
                 cut = min(cut, i)
+        unindented = re.search(r'\n[A-Za-z#"]', completion)
+        if unindented is not None:
+            cut = min(cut, unindented.start())
         return completion[:cut].rstrip() + "\n"
     # chat: the prompt opened ```python; the program ends at the closing fence (or the end of the turn)
     text = completion

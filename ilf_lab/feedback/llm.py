@@ -38,15 +38,16 @@ class HFBackend:
         return text_prompt
 
     def complete_prompts(
-        self, prompts: Sequence[str], *, temperature: float, max_new_tokens: int, seed: int
-    ) -> list[str]:
+        self, prompts: Sequence[str], *, temperature: float, max_new_tokens: int, seed: int, n: int = 1
+    ) -> list[list[str]]:
+        """n replies per prompt."""
         from ilf_lab.generation import SamplingParams
 
         stops = ("<|im_end|>",) if self.prompt_format == "chat" else ("\n\nTask:",)
         params = SamplingParams(
-            n=1, temperature=temperature, max_new_tokens=max_new_tokens, stop=stops, seed=seed
+            n=n, temperature=temperature, max_new_tokens=max_new_tokens, stop=stops, seed=seed
         )
-        return [outs[0] for outs in self.engine.generate(list(prompts), params, progress=len(prompts) > 8)]
+        return [list(outs) for outs in self.engine.generate(list(prompts), params, progress=len(prompts) > 8)]
 
 
 class OpenAIBackend:
@@ -100,20 +101,18 @@ class OpenAIBackend:
         raise RuntimeError(f"{self.url}: no answer after {self.max_retries + 1} tries ({last})")
 
     def complete(
-        self, requests: Sequence[Messages], *, temperature: float, max_new_tokens: int, seed: int
-    ) -> list[str]:
+        self, requests: Sequence[Messages], *, temperature: float, max_new_tokens: int, seed: int, n: int = 1
+    ) -> list[list[str]]:
+        """n replies per request (n requests with seeds seed, seed+1, ...: not every server supports `n`)."""
         bodies = [
-            {
-                "model": self.model,
-                "messages": m,
-                "temperature": temperature,
-                "max_tokens": max_new_tokens,
-                "seed": seed,
-            }
+            {"model": self.model, "messages": m, "temperature": temperature, "max_tokens": max_new_tokens,
+             "seed": seed + j}
             for m in requests
+            for j in range(n)
         ]
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            return list(pool.map(self._post, bodies))
+            flat = list(pool.map(self._post, bodies))
+        return [flat[i * n : (i + 1) * n] for i in range(len(requests))]
 
 
 def llm_feedback(
@@ -124,31 +123,25 @@ def llm_feedback(
     temperature: float,
     max_new_tokens: int,
     seed: int,
+    n: int = 1,
 ) -> list[dict[str, Any]]:
-    """For each (task, x0): the LLM's feedback and refinement, k-shot from `shots` (task, x0, f, x1)."""
+    """For each (task, x0): n of the LLM's (feedback, refinement) replies, k-shot from `shots` (task, x0, f, x1).
+    Rows are task-major, with `sample_idx`."""
     if isinstance(backend, HFBackend):
         prompts = [
             backend.render(feedback_messages(t, x0, shots), feedback_text_prompt(t, x0, shots))
             for t, x0 in items
         ]
         replies = backend.complete_prompts(
-            prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+            prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, n=n
         )
     else:
         requests = [feedback_messages(t, x0, shots) for t, x0 in items]
-        replies = backend.complete(
-            requests, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
-        )
+        replies = backend.complete(requests, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, n=n)
     rows = []
-    for (task, x0), reply in zip(items, replies, strict=True):
-        feedback, refinement = parse_feedback_reply(reply)
-        rows.append(
-            {
-                "task_id": task.task_id,
-                "old_code": x0,
-                "feedback": feedback,
-                "refinement": refinement,
-                "reply": reply,
-            }
-        )
+    for (task, x0), task_replies in zip(items, replies, strict=True):
+        for i, reply in enumerate(task_replies):
+            feedback, refinement = parse_feedback_reply(reply)
+            rows.append({"task_id": task.task_id, "sample_idx": i, "old_code": x0, "feedback": feedback,
+                         "refinement": refinement, "reply": reply})
     return rows

@@ -42,7 +42,7 @@ def ilf(cfg: DictConfig, run: Runner) -> None:
         policy = run.trained(trained, otherwise=policy)     # πθ* (nothing passed: the policy stays)
     if cfg.eval.perplexity:                                 # Figure 3
         run(Perplexity(with_refinements=refined is not None), tasks=tasks, model=base, refine=refined)
-    run(Evaluate(), tasks=tasks, model=policy)              # pass@k on MBPPTest
+    run(Evaluate.for_split(cfg.eval.split), tasks=tasks, model=policy)  # pass@k on MBPPTest
     if "humaneval" in cfg.eval.benchmarks:                  # transfer
         run(EvaluateHumanEval(), model=policy)
 

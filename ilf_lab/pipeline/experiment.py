@@ -108,7 +108,7 @@ def refine_stats(cfg: DictConfig, art: Any) -> dict[str, Any]:
     A task with no candidate (the LLM wrote no refinement) counts as failed, so every row is over `tasks`.
     """
     llm = cfg.feedback.provider == "llm"
-    n, tasks = (1 if llm else cfg.refine.n), art.meta["tasks"]
+    n, tasks = (cfg.feedback.n if llm else cfg.refine.n), art.meta["tasks"]
     per_task: dict[int, list[int]] = {}
     for x in read_jsonl(art.file("refinements.jsonl")):
         nc = per_task.setdefault(x["task_id"], [0, 0])
@@ -118,6 +118,7 @@ def refine_stats(cfg: DictConfig, art: Any) -> dict[str, Any]:
     with_passing = sum(c > 0 for _, c in counts)
     return {
         "refiner": "llm" if llm else cfg.refine.refiner,
+        "shots": cfg.feedback.shots if llm else cfg.refine.shots,
         "feedback": cfg.feedback.name,
         "feedback_shuffled": bool(cfg.feedback.shuffle),
         "tasks": tasks,

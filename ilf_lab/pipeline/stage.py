@@ -22,8 +22,12 @@ from typing import Any, ClassVar
 
 from omegaconf import OmegaConf
 
-# bump to invalidate every stage at once (3: the declared-stage redesign; keys of versions 1-2 are not reused)
-CACHE_VERSION = 3
+from ilf_lab.data.prompts import VERSION as PROMPTS_VERSION
+
+# bump to invalidate every stage at once (3: the declared-stage redesign; 4: the paper's protocol — annotations
+# as released, matched baselines, LLM feedback sampling, the reference's truncation). Prompt templates carry
+# their own version (ilf_lab.data.prompts.VERSION), part of every key too.
+CACHE_VERSION = 4
 
 _UNSET = object()
 
@@ -144,7 +148,7 @@ def stage_key(stage: Stage, slice_: Any, upstream: dict[str, str]) -> str:
     payload = {
         "stage": stage.name,
         "impl": type(stage).__name__,
-        "version": [CACHE_VERSION, stage.version],
+        "version": [CACHE_VERSION, PROMPTS_VERSION, stage.version],
         "config": key_payload(type(stage).Config, slice_),
         "params": stage.params(),
         "upstream": upstream,

@@ -16,7 +16,15 @@ from ilf_lab.report.output import MISSING, fmt, md_row, mean_std_columns, record
 from ilf_lab.report.stats import summary
 from ilf_lab.results import Results
 
-REFINER_NAMES = {"trained": "πRefine", "base": "base model, zero-shot", "llm": "the LLM's own (k-shot)"}
+REFINER_NAMES = {
+    "trained": "πRefine",
+    "base": "base model, zero-shot",
+    "base_0shot": "base model, zero-shot",
+    "base_1shot": "base model, 1-shot",
+    "base_2shot": "base model, 2-shot",
+    "llm": "the LLM's own (k-shot)",
+    "zero_shot_programs": "none: the base model's own programs (Table 3's baseline)",
+}
 
 
 @dataclass
@@ -30,7 +38,8 @@ class RefineRow:
     shuffled: bool
     tasks: int
     samples_per_task: int
-    runs: list[Results] = field(default_factory=list)  # one per seed (their `refine` blocks are the numbers)
+    runs: list[Results] = field(default_factory=list)  # one per seed
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # the numbers of each run (its `refine` block)
 
     @property
     def feedback_label(self) -> str:
@@ -42,38 +51,61 @@ class RefineRow:
 
     def stat(self, key: str) -> tuple[float | None, float | None, int]:
         """(mean, std, count) in % of a `refine` number (pass@k, frac_tasks_with_passing) over the runs."""
-        return summary(r.refine.get(key) for r in self.runs)
+        return summary(b.get(key) for b in self.blocks)
 
 
 def refinement_rows(results: Sequence[Results]) -> list[RefineRow]:
     """Every result with a `refine` block, grouped by (model, scale, refiner, feedback, shuffled, sizes); runs
-    that share a refine stage (an ILF run and the refine_trained analysis with the same settings) count once."""
+    that share a refine stage (an ILF run and the refine_trained analysis with the same settings) count once.
+    Results evaluated on the annotated MBPPTrain tasks without fine-tuning (eval.split=train, train_on=none)
+    are Table 3's baseline: the base model's own programs on the tasks the refiners refine."""
     groups: dict[tuple[Any, ...], RefineRow] = {}
     seen: set[tuple[Any, ...]] = set()
     for r in results:
-        b = r.refine
-        if not b.get("tasks"):
+        b = _block(r)
+        if not b or not b.get("tasks"):
             continue
+        refiner = str(b.get("refiner"))
+        if refiner == "base" and b.get("shots") is not None:
+            refiner = f"base_{int(b['shots'])}shot"
         key = (
             r.model,
             str(r.scale or "?"),
-            str(b.get("refiner")),
+            refiner,
             str(b.get("feedback")),
             bool(b.get("feedback_shuffled")),
             int(b["tasks"]),
             int(b.get("samples_per_task") or 1),
         )
-        # the refine stage's cache key names the artifact exactly; older results fall back to the seed
-        stage_keys = [st.key for st in r.stages if st.name.startswith("refine")]
+        # the stage's cache key names the artifact exactly; older results fall back to the seed
+        stage = "evaluate" if refiner == "zero_shot_programs" else "refine"
+        stage_keys = [st.key for st in r.stages if st.name.startswith(stage)]
         ident = (key, (stage_keys[-1] if stage_keys and stage_keys[-1] else None) or f"seed={r.seed}")
         if ident in seen:
             continue
         seen.add(ident)
-        groups.setdefault(key, RefineRow(*key)).runs.append(r)
-    order = {"trained": 0, "base": 1, "llm": 2}
+        row = groups.setdefault(key, RefineRow(*key))
+        row.runs.append(r)
+        row.blocks.append(b)
+    order = {"trained": 0, "zero_shot_programs": 1, "base_1shot": 2, "base_2shot": 3, "base": 4, "llm": 5}
     return sorted(
-        groups.values(), key=lambda g: (g.model, g.scale, order.get(g.refiner, 3), g.feedback, g.shuffled)
+        groups.values(), key=lambda g: (g.model, g.scale, order.get(g.refiner, 4), g.feedback, g.shuffled)
     )
+
+
+def _block(r: Results) -> dict[str, Any]:
+    """The numbers of one result for Tables 2-3: its `refine` block, or its own programs' pass rates on MBPPTrain."""
+    if r.refine:
+        return r.refine
+    if r.eval_split == "train" and r.train_on == "none" and r.score.per_task:
+        per_task = r.score.per_task.values()
+        return {
+            "refiner": "zero_shot_programs", "feedback": "—", "feedback_shuffled": False,
+            "tasks": r.score.num_tasks, "samples_per_task": r.score.n_samples,
+            **{f"pass@{k}": v for k, v in r.score.pass_at.items()},
+            "frac_tasks_with_passing": sum(pt["c"] > 0 for pt in per_task) / len(per_task),
+        }
+    return {}
 
 
 def refinements_markdown(rows: Sequence[RefineRow]) -> str:
@@ -83,7 +115,8 @@ def refinements_markdown(rows: Sequence[RefineRow]) -> str:
     out = [
         "### Tables 2-3 — refinements of MBPPTrain's incorrect programs (x0)",
         "",
-        "Table 2 compares the base model given related vs. shuffled feedback; Table 3 πRefine vs. the base model. "
+        "Table 2 compares the base model (1-shot) given related vs. shuffled feedback; Table 3 πRefine's "
+        "refinements vs. the base model's own programs on the same tasks. "
         f"pass@k over the refinements sampled per task, in %; ≥1 passing = tasks with a passing refinement; {MISSING} = "
         "fewer samples than k.",
         "",

@@ -54,11 +54,13 @@ class Row:
         return "/".join(str(v) for v in vals) if vals else MISSING
 
     def policy_examples(self) -> str:
-        """How many programs πθ* was fine-tuned on (0: nothing passed, the base policy was evaluated)."""
+        """How many programs πθ* was fine-tuned on, and which (0: nothing passed, the base policy was evaluated),
+        so that rows trained on unlike data are never compared silently."""
         vals = sorted({r.counts.get("policy_examples") for r in self.runs} - {None})
         if not vals or all(r.train_on == "none" for r in self.runs):
             return MISSING
-        return "/".join(str(v) for v in vals) + (" (base policy)" if vals == [0] else "")
+        sources = sorted({training_source(r) for r in self.runs})
+        return "/".join(str(v) for v in vals) + f" ({'; '.join(sources)})" + (", base policy" if vals == [0] else "")
 
     @property
     def has_humaneval(self) -> bool:
@@ -69,6 +71,23 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------------- grouping
+
+
+_SOURCES = {
+    "refinements": "passing πRefine refinements",
+    "mbpp_gold": "MBPP gold, ILF's task IDs",
+    "human_refinements": "human refinements, ILF's task IDs",
+    "mbpp_gold_all_tasks": "MBPP gold, all annotated tasks",
+    "human_refinements_all_tasks": "human refinements, all annotated tasks",
+}
+
+
+def training_source(result: Results) -> str:
+    """What πθ* was fine-tuned on, in words (the LLM rows' refinements are the LLM's own)."""
+    provider = result.setting("feedback.provider") or ("human" if result.feedback == "human" else "llm")
+    if result.train_on == "refinements" and provider == "llm":
+        return "passing LLM-written refinements"
+    return _SOURCES.get(result.train_on, result.train_on)
 
 
 def eval_split(result: Results) -> str | None:
@@ -104,8 +123,8 @@ def table(results: Sequence[Results]) -> list[Row]:
     experiment and deviations. Several runs of one row are averaged by `Row.stat`."""
     groups: dict[tuple[str, str], list[Results]] = {}
     for r in results:
-        if r.stopped_after:
-            continue  # an analysis run without a policy (Tables 2-3): see refinement_rows
+        if r.stopped_after or eval_split(r) == "train":
+            continue  # an analysis run (Tables 2-3: refinements, or programs on MBPPTrain): see refinement_rows
         groups.setdefault((r.model, str(r.scale or "?")), []).append(r)
     rows: list[Row] = []
     for (model, scale), rs in sorted(groups.items()):
@@ -227,7 +246,7 @@ CSV_COLUMNS = (
     "pass@1_mean", "pass@1_std", "pass@10_mean", "pass@10_std", "paper_pass@1", "paper_pass@10",
     "delta_pass@1_vs_zero_shot", "delta_pass@1_ci_low", "delta_pass@1_ci_high",
     "humaneval_pass@1_mean", "humaneval_pass@1_std", "humaneval_pass@10_mean", "humaneval_pass@10_std",
-    "n_samples", "num_tasks", "results",
+    "n_samples", "num_tasks", "policy_trained_on", "results",
 )  # fmt: skip
 
 
@@ -254,6 +273,7 @@ def to_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
             "delta_pass@1_ci_high": round(delta[2], 4) if delta else None,
             "n_samples": r.counts("n_samples") if r.runs else None,
             "num_tasks": r.counts("num_tasks") if r.runs else None,
+            "policy_trained_on": r.policy_examples() if r.runs else None,
             "results": ";".join(x.path for x in r.runs if x.path),
         }
         for bench, prefix in (("mbpp", ""), ("humaneval", "humaneval_")):

@@ -39,15 +39,24 @@ class EvaluateConfig:
 
 
 class Evaluate(Stage):
-    """πθ* (input `model`) on MBPP: the first `max_tasks` of MBPPTest (or of MBPPRefine, eval.split=refine)."""
+    """πθ* (input `model`) on MBPP: the first `max_tasks` of MBPPTest (or of MBPPRefine, eval.split=refine).
+    `for_split` picks the implementation for `eval.split`."""
 
     name = "evaluate"
     Config = EvaluateConfig
     inputs = ("tasks", "model")
 
+    @staticmethod
+    def for_split(split: str) -> Evaluate:
+        return EvaluateTrain() if split == "train" else Evaluate()
+
+    @staticmethod
+    def task_ids(ts: TaskSet, cfg: EvaluateConfig) -> list[int]:
+        return first(ts.splits[cfg.split], cfg.max_tasks)
+
     def run(self, inputs: dict[str, Artifact], cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
         ts = TaskSet.read(inputs["tasks"])
-        tasks = [ts.tasks[i] for i in first(ts.splits[cfg.split], cfg.max_tasks)]
+        tasks = [ts.tasks[i] for i in self.task_ids(ts, cfg)]
         samples = sample_programs(
             str(inputs["model"].path), cfg.engine, tasks, None, cfg.sample, fmt=cfg.prompt_format, seed=cfg.seed + 7
         )
@@ -56,6 +65,22 @@ class Evaluate(Stage):
         rows, result = score([(t.task_id, i, c, p) for t, i, c, p in flat], verdicts, cfg.ks, cfg.sample.n)
         write_jsonl(out / "eval_samples.jsonl", rows)
         return result
+
+
+@dataclass(frozen=True)
+class EvaluateTrainConfig(EvaluateConfig):
+    max_tasks: int | None = at("data.max_train_tasks")
+
+
+class EvaluateTrain(Evaluate):
+    """Table 3's baseline: the policy's own programs on the annotated MBPPTrain tasks (the first
+    `data.max_train_tasks`, the tasks the refine stage refines), eval.split=train."""
+
+    Config = EvaluateTrainConfig
+
+    @staticmethod
+    def task_ids(ts: TaskSet, cfg: EvaluateConfig) -> list[int]:
+        return first(ts.splits["train_annotated"], cfg.max_tasks)
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ class LLMFeedbackConfig:
     api_key_env: str = at("feedback.api_key_env")
     max_concurrency: int = at("feedback.max_concurrency")
     max_retries: int = at("feedback.max_retries")
+    n: int = at("feedback.n")
     temperature: float = at("feedback.temperature")
     max_new_tokens: int = at("feedback.max_new_tokens")
     num_tasks: int | None = at("feedback.num_tasks")
@@ -88,7 +89,10 @@ class LLMFeedbackConfig:
 
 
 class LLMFeedback(FeedbackStage):
-    """An LLM's feedback and refinement for each MBPPTrain x0, k-shot from MBPPRefine's human annotations.
+    """An LLM's feedback and refinement for each MBPPTrain x0, k-shot from MBPPRefine's human annotations:
+    `feedback.n` replies per x0 at `feedback.temperature` (§3.3: "30 output samples at temperature 0.8 for all
+    stages"; the paper gives no separate setting for Table 4's InstructGPT rows, so using §3.3's is our
+    reading); the refine stage keeps one passing refinement per task.
 
     `model` is the model that writes (the base model unless `feedback.model` names another); an endpoint
     backend ignores it."""
@@ -116,10 +120,11 @@ class LLMFeedback(FeedbackStage):
             engine, tok = engine_for(str(inputs["model"].path), cfg.engine)
             backend = HFBackend(engine, tok, cfg.prompt_format if not cfg.model else "chat")
         rows = llm_feedback(
-            items, shots, backend, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
+            items, shots, backend, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+            n=cfg.n,
         )
-        for r, src in zip(rows, items_rows, strict=True):
-            r["split"] = src["split"]
+        for r in rows:
+            r["split"] = "train"
         write_jsonl(out / "feedback.jsonl", rows)
         return {
             "feedback": len(rows),

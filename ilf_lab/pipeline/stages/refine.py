@@ -7,6 +7,7 @@ refine stage). `LLMRefinements` tests the refinements an LLM wrote together with
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class _Refine(Stage):
 @dataclass(frozen=True)
 class SampledRefinementsConfig:
     sample: SampleConfig = at("refine")
+    shots: int = at("refine.shots")
     engine: EngineConfig = nested()
     execution: ExecConfig = nested()
     prompt_format: str = at("model.prompt_format")
@@ -75,16 +77,28 @@ class SampledRefinements(_Refine):
 
     def run(self, inputs: dict[str, Artifact], cfg: SampledRefinementsConfig, out: Path) -> dict[str, Any]:
         rows = self.train_rows(inputs)
-        all_tasks = TaskSet.read(inputs["tasks"]).tasks
-        tasks = [all_tasks[r["task_id"]] for r in rows]
+        ts = TaskSet.read(inputs["tasks"])
+        tasks = [ts.tasks[r["task_id"]] for r in rows]
         path, fmt = str(inputs["model"].path), cfg.prompt_format
         _, tok = engine_for(path, cfg.engine)
-        prompts = [refine_prompt(t, r["old_code"], r["feedback"], fmt, tok) for t, r in zip(tasks, rows, strict=True)]
+        shots = refine_shots(ts, cfg.shots, cfg.seed)
+        prompts = [
+            refine_prompt(t, r["old_code"], r["feedback"], fmt, tok, shots) for t, r in zip(tasks, rows, strict=True)
+        ]
         samples = sample_programs(
             path, cfg.engine, tasks, prompts, cfg.sample, fmt=fmt, seed=cfg.seed + 2000 * self.round
         )
         candidates = [(t, prog) for t, ss in zip(tasks, samples, strict=True) for _, prog in ss]
         return _test_and_keep(cfg.execution, candidates, len(rows), out)
+
+
+def refine_shots(ts: TaskSet, k: int, seed: int) -> list[tuple[Task, str, str, str]]:
+    """k (task, x0, f, x1) examples from MBPPRefine's annotations, seeded (Table 2's 1-shot prompt)."""
+    if k == 0:
+        return []
+    pool = [ts.annotations[i] for i in sorted(ts.splits["refine_annotated"])]
+    return [(ts.tasks[a.task_id], a.old_code, a.feedback, a.refinement)
+            for a in random.Random(seed).sample(pool, min(k, len(pool)))]
 
 
 @dataclass(frozen=True)

@@ -98,24 +98,50 @@ class Refinements(FineTuningData):
         return [(x["task_id"], x["program"]) for x in rows if x["kept"]]
 
 
-class HumanRefinements(FineTuningData):
-    """The annotators' own refinements of the MBPPTrain x0."""
-
-    inputs = ("feedback",)
-
-    def pairs(self, inputs: dict[str, Artifact], tasks: TaskSet) -> list[tuple[int, str]]:
-        rows = read_jsonl(inputs["feedback"].file("feedback.jsonl"))
-        return [(x["task_id"], x["refinement"]) for x in rows if x["split"] == "train" and x.get("refinement")]
+def kept_task_ids(refine: Artifact) -> list[int]:
+    """The MBPPTrain tasks with a passing refinement: the task set of ILF's πθ* training data."""
+    return [x["task_id"] for x in read_jsonl(refine.file("refinements.jsonl")) if x["kept"]]
 
 
 class MBPPGold(FineTuningData):
-    """MBPP's gold programs of the same MBPPTrain tasks (controls for the task set)."""
+    """MBPP's gold programs of the task IDs in πθ*'s ILF training set (§3.2: "we train on programs
+    corresponding to the same set of task IDs as the ones used in πθ*'s training dataset"; the reference's
+    create_finetuning_data_from_refinements.py does the same): the tasks the run's refine stage kept."""
+
+    inputs = ("refine",)
+
+    def pairs(self, inputs: dict[str, Artifact], tasks: TaskSet) -> list[tuple[int, str]]:
+        return [(i, tasks.tasks[i].code) for i in kept_task_ids(inputs["refine"])]
+
+
+class HumanRefinements(FineTuningData):
+    """The annotators' refinements of the same task IDs as πθ*'s ILF training set (§3.2)."""
+
+    inputs = ("refine",)
+
+    def pairs(self, inputs: dict[str, Artifact], tasks: TaskSet) -> list[tuple[int, str]]:
+        return [(i, tasks.annotations[i].refinement) for i in kept_task_ids(inputs["refine"])]
+
+
+class MBPPGoldAllTasks(FineTuningData):
+    """Not the paper's protocol: MBPP's gold programs of every MBPPTrain task with feedback (before §3.2's
+    matching; kept to compare with earlier runs)."""
 
     inputs = ("feedback",)
 
     def pairs(self, inputs: dict[str, Artifact], tasks: TaskSet) -> list[tuple[int, str]]:
         rows = read_jsonl(inputs["feedback"].file("feedback.jsonl"))
         return [(x["task_id"], tasks.tasks[x["task_id"]].code) for x in rows if x["split"] == "train"]
+
+
+class HumanRefinementsAllTasks(FineTuningData):
+    """Not the paper's protocol: the annotators' refinements of every annotated MBPPTrain task."""
+
+    inputs = ("feedback",)
+
+    def pairs(self, inputs: dict[str, Artifact], tasks: TaskSet) -> list[tuple[int, str]]:
+        rows = read_jsonl(inputs["feedback"].file("feedback.jsonl"))
+        return [(x["task_id"], x["refinement"]) for x in rows if x["split"] == "train" and x.get("refinement")]
 
 
 class NoFineTuning(FineTuningData):
