@@ -45,6 +45,10 @@ def neutral(spec: Any, subtree: bool = False) -> Any:
     return spec
 
 
+# sizes that allocate memory in proportion fail at start above these, not with a huge allocation mid-run
+MAX_SAMPLES = 1000  # samples per prompt (the paper: 30)
+MAX_NEW_TOKENS = 32768
+
 # preset groups without a schema field of their own: choosing one picks the row, shown in the table
 PRESET_GROUPS = ("experiment",)
 
@@ -121,9 +125,9 @@ class FeedbackConfig:
     api_key_env: str = neutral("OPENAI_API_KEY")
     max_concurrency: int = neutral(num(4, 1))
     max_retries: int = neutral(num(5, 0))
-    n: int = num(1, 1)  # replies (feedback + refinement) per x0; the refine stage keeps one passing per task
+    n: int = num(1, 1, MAX_SAMPLES)  # replies (feedback + refinement) per x0; the refine stage keeps one passing per task
     temperature: float = num(0.0, 0.0)
-    max_new_tokens: int = num(256, 1)
+    max_new_tokens: int = num(256, 1, MAX_NEW_TOKENS)
     num_tasks: int | None = num(None, 1)  # Fig. 4: feedback on only the first k tasks of MBPPTrain
     shuffle: bool = False  # Table 2: give each MBPPTrain task another task's human feedback (a derangement)
 
@@ -140,10 +144,10 @@ class TrainOnConfig:
 class X0Config:
     _target_: str = implementation("ilf_lab.pipeline.stages.x0.AnnotatedX0", "ilf_lab.pipeline.stages.x0.X0Stage")
     source: str = "annotations"  # annotations (the paper's x0) | policy (Algorithm 1 step 2: own failing samples)
-    n: int = num(4, 1)
+    n: int = num(4, 1, MAX_SAMPLES)
     temperature: float = num(0.8, 0.0)
     top_p: float = num(0.95, 0.0, 1.0, lo_open=True)
-    max_new_tokens: int = num(256, 1)
+    max_new_tokens: int = num(256, 1, MAX_NEW_TOKENS)
 
 
 @dataclass
@@ -185,10 +189,10 @@ class RefineConfig:
 
     refiner: str = choice("trained", "trained", "base")  # πRefine | the base model (Tables 2-3)
     shots: int = num(0, 0, 2)  # examples (MBPPRefine annotations) in the refine prompt; Table 2: base model 1-shot
-    n: int = num(30, 1)
+    n: int = num(30, 1, MAX_SAMPLES)
     temperature: float = num(0.8, 0.0)
     top_p: float = num(0.95, 0.0, 1.0, lo_open=True)
-    max_new_tokens: int = num(512, 1)
+    max_new_tokens: int = num(512, 1, MAX_NEW_TOKENS)
 
 
 @dataclass
@@ -196,11 +200,11 @@ class SamplingConfig:
     """Final evaluation on MBPPTest (the paper: 30 samples at T=0.8)."""
 
     engine: str = neutral(choice("hf", "hf", "vllm"))
-    n: int = num(30, 1)
+    n: int = num(30, 1, MAX_SAMPLES)
     temperature: float = num(0.8, 0.0)
     top_p: float = num(0.95, 0.0, 1.0, lo_open=True)
-    max_new_tokens: int = num(512, 1)
-    batch_size: int | None = neutral(num(None, 1))  # sequences per forward; null = chosen from memory
+    max_new_tokens: int = num(512, 1, MAX_NEW_TOKENS)
+    batch_size: int | None = neutral(num(None, 1, 4096))  # sequences per forward; null = chosen from memory
 
 
 @dataclass

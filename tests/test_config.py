@@ -131,3 +131,28 @@ def test_cli_prints_config_from_any_directory(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg = OmegaConf.create(r.stdout)
     assert cfg.name == "zero_shot" and cfg.train_on.source == "none"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("execution.timeout=nan", "execution.timeout"),
+        ("execution.timeout=inf", "execution.timeout"),
+        ("data.max_edit_distance=nan", "data.max_edit_distance"),
+        ("sampling.top_p=nan", "sampling.top_p"),
+        ("sampling.temperature=inf", "sampling.temperature"),
+        ("policy.lr=nan", "policy.lr"),
+        ("sampling.n=1000000", "sampling.n"),
+        ("refine.max_new_tokens=10000000", "refine.max_new_tokens"),
+        ("execution.memory_mb=-5", "execution.memory_mb"),
+    ],
+)
+def test_nan_inf_and_impossible_sizes_fail_at_start(override, key, tmp_path):
+    """Every numeric option rejects NaN/inf and sizes that would allocate absurdly, naming the key, exit 2,
+    before anything runs or is written."""
+    r = subprocess.run([sys.executable, "-m", "ilf_lab", override, "model=tiny_random", "logger=none",
+                        f"paths.cache_dir={tmp_path / 'c'}", f"hydra.run.dir={tmp_path / 'o'}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o" / "results.json").exists()

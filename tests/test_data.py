@@ -121,3 +121,44 @@ def test_parse_feedback_reply():
     assert fb == "off by one." and code == "def f():\n    return 1\n"
     fb, code = parse_feedback_reply("just words")
     assert fb == "just words" and code is None
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("passed", "False", "passed='False' is not bool"),
+        ("task_id", "12", "task_id='12' is not int"),
+        ("task_id", True, "task_id=True is not int"),
+        ("Feedback", 3, "Feedback=3 is not str/null"),
+        ("original_model_completion", None, "original_model_completion=None is not str"),
+        ("refinement_edit_distance", "0.2", "is not int/float/null"),
+    ],
+)
+def test_annotation_fields_of_the_wrong_type_are_named(mini_data, tmp_path, field, value, message):
+    src = (mini_data / "ilf" / "surge_annotations.jsonl").read_text().splitlines()
+    row = json.loads(src[1])
+    row[field] = value
+    bad = tmp_path / "ann.jsonl"
+    bad.write_text("\n".join([src[0], json.dumps(row), *src[2:]]) + "\n")
+    with pytest.raises(DataError, match=rf"ann.jsonl line 2: .*{message}"):
+        load_annotation_records(data_cfg(mini_data, annotations_file=str(bad)))
+
+
+def test_empty_or_directory_annotation_file_is_an_error(mini_data, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no annotations"):
+        load_annotation_records(data_cfg(mini_data, annotations_file=str(tmp_path / "empty.jsonl")))
+    with pytest.raises(DataError, match="is a directory"):
+        load_annotation_records(data_cfg(mini_data, annotations_file=str(tmp_path)))
+
+
+def test_mbpp_fields_of_the_wrong_type_are_named(tmp_path):
+    (tmp_path / "mbpp").mkdir()
+    good = {"task_id": 1, "text": "t", "code": "c", "test_list": ["assert 1"]}
+    (tmp_path / "mbpp" / "mbpp.jsonl").write_text(
+        json.dumps(good) + "\n" + json.dumps({**good, "task_id": 2, "test_list": "assert 1"}) + "\n")
+    with pytest.raises(DataError, match="mbpp.jsonl line 2: test_list='assert 1' is not list"):
+        load_mbpp(data_cfg(tmp_path))
+    (tmp_path / "mbpp" / "mbpp.jsonl").write_text(json.dumps({**good, "test_list": [1]}) + "\n")
+    with pytest.raises(DataError, match="line 1: test_list"):
+        load_mbpp(data_cfg(tmp_path))

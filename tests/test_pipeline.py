@@ -230,3 +230,10 @@ def test_killed_training_resumes_from_its_checkpoint(mini_data, tmp_path):
     assert {k: resumed[k] for k in NUMBERS} == {k: full[k] for k in NUMBERS}
     assert not list((cache / "stages" / "train_policy").glob(".scratch-*"))  # removed once published
     assert not list((cache / "stages" / "train_policy").rglob("last.ckpt"))  # resume state is not published
+
+
+def test_empty_split_fails_with_one_line(mini_data, tmp_path):
+    args = [a for a in SMOKE if not a.startswith("data.splits.test")] + ["data.splits.test=[5000,5001]"]
+    r = run_cli(args, mini_data, tmp_path / "c", tmp_path / "o")
+    assert r.returncode == 2 and "data.splits.test=[5000, 5001] holds no MBPP task" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o" / "results.json").exists()

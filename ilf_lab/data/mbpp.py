@@ -13,14 +13,25 @@ from ilf_lab.io import iter_jsonl, read_jsonl  # noqa: F401  (re-exported: the o
 
 log = logging.getLogger(__name__)
 
-MBPP_KEYS = ("task_id", "text", "code", "test_list")
-ANNOTATION_KEYS = (
-    "task_id",
-    "prompt",
-    "Feedback",
-    "original_model_completion",
-    "unedited_annotator_completion",
-)
+_STR, _INT, _LIST = (str,), (int,), (list,)
+# the fields the harness reads, with their JSON types (a wrong type fails naming file, line and key)
+MBPP_KEYS = {
+    "task_id": (_INT, True),
+    "text": (_STR, True),
+    "code": (_STR, True),
+    "test_list": (_LIST, True),
+    "test_setup_code": ((str, type(None)), False),
+    "challenge_test_list": ((list, type(None)), False),
+}
+ANNOTATION_KEYS = {
+    "task_id": (_INT, True),
+    "prompt": (_STR, True),
+    "Feedback": ((str, type(None)), True),
+    "original_model_completion": (_STR, True),
+    "unedited_annotator_completion": ((str, type(None)), True),
+    "passed": ((bool,), False),
+    "refinement_edit_distance": ((int, float, type(None)), False),
+}
 SPLIT_NAMES = ("prompt", "test", "refine", "train")
 
 
@@ -97,12 +108,15 @@ class Annotation:
 
 
 def load_annotation_records(data_cfg: Any) -> list[dict[str, Any]]:
-    """The raw annotation rows: data.annotations_file, else data.dir/ilf/..., else the ILF repository."""
-    if data_cfg.get("annotations_file"):
-        return read_jsonl(data_cfg.annotations_file, ANNOTATION_KEYS)
+    """The raw annotation rows: data.annotations_file, else data.dir/ilf/..., else the ILF repository. An empty
+    file is an error: ILF on no feedback would silently be the zero-shot row."""
     local = _data_dir(data_cfg)
-    if local is not None:
-        return read_jsonl(local / "ilf" / "surge_annotations.jsonl", ANNOTATION_KEYS)
+    if data_cfg.get("annotations_file") or local is not None:
+        path = Path(data_cfg.get("annotations_file") or local / "ilf" / "surge_annotations.jsonl")
+        rows = read_jsonl(path, ANNOTATION_KEYS)
+        if not rows:
+            raise DataError(f"{path}: no annotations (the file is empty)")
+        return rows
     import datasets
 
     try:

@@ -11,6 +11,9 @@ Two backends share the scheduler's bookkeeping (seeds, sampling, stop strings, p
   everything else calls the model's own modules.
 * `generic` (any causal LM): prompts grouped by length, left-padded, prefilled once with the model's own
   forward and a `DynamicCache`, cache expanded n times, finished rows dropped from the batch and the cache.
+
+One module over the usual ~400 lines because the two backends share one scheduler (slots, seeds, stop checks,
+progress) whose invariants are easier to check in one place.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ilf_lab.errors import ConfigError
-from ilf_lab.io import publish_dir
+from ilf_lab.io import publish_verified
 
 log = logging.getLogger(__name__)
 
@@ -150,18 +150,18 @@ def resolve_model_dir(model_cfg: Any, cache_dir: str | os.PathLike) -> str:
             _get(model_cfg, k) for k in ("tiny_hidden_size", "tiny_layers", "tiny_heads")
         )
         final = models_dir / f"tiny_random-h{hidden}-l{layers}-a{heads}"
-        if not (final / "config.json").exists():
-            publish_dir(final, lambda d: build_tiny_random(d, hidden, layers, heads))
-        return str(final)
+        return str(publish_verified(final, lambda d: build_tiny_random(d, hidden, layers, heads)))
     if source == "gguf":
         gguf = gguf_location(model_cfg)
         final = models_dir / f"{gguf.stem}-{file_sha256(gguf)[:12]}"
-        if not (final / "config.json").exists():
+
+        def convert(d: Path) -> None:
             t0 = time.perf_counter()
             log.info("converting %s to a fp32 HF checkpoint (once per cache)", gguf.name)
-            publish_dir(final, lambda d: _convert_gguf(gguf, d))
+            _convert_gguf(gguf, d)
             log.info("converted in %.1f s -> %s", time.perf_counter() - t0, final)
-        return str(final)
+
+        return str(publish_verified(final, convert))
     raise ConfigError(f"model.source={source!r} is not one of hub, gguf, tiny_random")
 
 

@@ -4,25 +4,35 @@ Keys are derived in `stage.py` (from the slice, the upstream keys and the code v
 sizes or mtimes). This module only stores: a stage computes into a temp dir that is renamed into place with
 `meta.json` inside, so a killed stage leaves nothing that looks finished and a rerun recomputes exactly what did
 not finish. A stage that wants to survive a kill mid-way (training) gets a per-key `scratch` dir that is kept
-until its artifact is published. Verifying an artifact before it is served and a lock per key slot into
-`_verified` and `run` (the integrity work).
+until its artifact is published.
+
+Integrity: `meta.json` records every file's size and sha256 at publish; an artifact is served only after they
+match (files over 64 MB: size + sha256 of three sampled 1 MB blocks, so a lookup of a multi-GB checkpoint costs
+milliseconds, not seconds). A damaged artifact (truncated, altered, missing file, unreadable meta) is moved aside and
+recomputed, with one log line. One lock per key (`flock` on `<stage>/.lock-<key>`): a stage that a live process is
+computing is waited for, then served from the cache, never computed twice (on one host, or on a filesystem whose
+locks span hosts).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ilf_lab.io import publish_dir
+from ilf_lab.io import DamagedArtifact, manifest, publish_dir, verify
 from ilf_lab.pipeline.stage import Artifact
 
 _HOST = socket.gethostname().replace("-", "_")
+log = logging.getLogger("ilf_lab.pipeline")
 
 
 class StageCache:
@@ -39,37 +49,69 @@ class StageCache:
         return d
 
     def lookup(self, stage: str, key: str) -> Artifact | None:
+        """The artifact if it exists and verifies; a damaged one is moved aside (and None returned)."""
         path = self.path(stage, key)
-        meta = self._verified(path)
-        if meta is None:
+        if not path.exists():
+            return None
+        try:
+            meta = verify(path / "meta.json")
+            if not isinstance(meta.get("meta"), dict):
+                raise DamagedArtifact("meta.json has no metadata")
+        except DamagedArtifact as e:
+            log.warning("stage %s %s: cached artifact is damaged (%s); recomputing", stage, key, e)
+            _discard(path)
             return None
         return Artifact(stage, key, path, meta.get("meta", {}), cached=True)
 
-    def _verified(self, path: Path) -> dict[str, Any] | None:
-        meta_file = path / "meta.json"
-        if not meta_file.is_file():
-            return None
-        return json.loads(meta_file.read_text())
-
     def run(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> Artifact:
-        """The cached artifact, or `compute(tmp_dir) -> meta` published atomically under the key."""
+        """The cached artifact, or `compute(tmp_dir) -> meta` published atomically under the key; while another
+        live process computes the same key, wait for it and serve its artifact."""
         t0 = time.perf_counter()
         hit = self.lookup(stage, key)
         if hit is not None:
             return _with(hit, seconds=time.perf_counter() - t0)
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(final.parent, key)
+        with self._lock(stage, key):
+            hit = self.lookup(stage, key)  # computed by the process we waited for
+            if hit is not None:
+                return _with(hit, seconds=time.perf_counter() - t0)
+            _remove_orphans(final.parent, key)
 
-        def build(tmp: Path) -> None:
-            meta = compute(tmp) or {}
-            (tmp / "meta.json").write_text(json.dumps({"stage": stage, "key": key, "meta": meta}, indent=1))
+            def build(tmp: Path) -> None:
+                meta = compute(tmp) or {}
+                record = {"stage": stage, "key": key, "meta": meta, "files": manifest(tmp)}
+                (tmp / "meta.json").write_text(json.dumps(record, indent=1))
 
-        publish_dir(final, build, prefix=f".tmp-{key}-{_HOST}-{os.getpid()}-")
-        shutil.rmtree(final.parent / f".scratch-{key}", ignore_errors=True)
+            publish_dir(final, build, prefix=f".tmp-{key}-{_HOST}-{os.getpid()}-")
+            shutil.rmtree(final.parent / f".scratch-{key}", ignore_errors=True)
         art = self.lookup(stage, key)
-        assert art is not None
+        if art is None:
+            raise DamagedArtifact(f"stage {stage} {key}: the artifact just published does not verify")
         return _with(art, cached=False, seconds=time.perf_counter() - t0)
+
+    @contextmanager
+    def _lock(self, stage: str, key: str) -> Iterator[None]:
+        with open(self.root / stage / f".lock-{key}", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("stage %s %s: another process is computing it; waiting", stage, key)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _discard(path: Path) -> None:
+    """Move a damaged artifact out of the way (rename is atomic; readers never see it half-removed)."""
+    aside = path.with_name(f".bad-{path.name}-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _with(art: Artifact, **changes: Any) -> Artifact:

@@ -57,6 +57,11 @@ class Tasks(Stage):
             return None
 
         splits = {name: [i for i in mbpp if split_of(i) == name] for name in ("test", "refine", "train")}
+        for name, ids in splits.items():
+            if not ids:
+                lo, hi = getattr(cfg.splits, name)
+                raise DataError(f"data.splits.{name}=[{lo}, {hi}] holds no MBPP task (the data has task ids "
+                                f"{min(mbpp, default=None)}..{max(mbpp, default=None)})")
         for split in ("refine", "train"):
             splits[f"{split}_annotated"] = [a.task_id for a in anns if split_of(a.task_id) == split]
         write_jsonl(out / "splits.jsonl", [{"split": k, "task_ids": v} for k, v in splits.items()])
