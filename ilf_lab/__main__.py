@@ -18,7 +18,10 @@ log = logging.getLogger("ilf_lab")
 @hydra.main(version_base="1.3", config_path="pkg://ilf_lab.conf", config_name="config")
 def task(cfg: DictConfig) -> float | None:
     """Run one experiment; return MBPPTest pass@1 (the metric a Hydra sweeper optimises)."""
+    from ilf_lab.logs import quiet_third_party
     from ilf_lab.pipeline import run_experiment
+
+    quiet_third_party()
 
     try:
         validate(cfg)

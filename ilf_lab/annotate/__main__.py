@@ -109,7 +109,13 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m ilf_lab.annotate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(
+        prog="python -m ilf_lab.annotate", description=__doc__.splitlines()[0],
+        epilog="example: python -m ilf_lab.annotate export --run outputs/<run> --out items.jsonl\n"
+        "         python -m ilf_lab.annotate serve --items items.jsonl --out annotations.jsonl --annotator me\n"
+        "         python -m ilf_lab.annotate import --in annotations.jsonl --out mine.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     e = sub.add_parser("export", help="items to annotate from a run's failing x0 samples")

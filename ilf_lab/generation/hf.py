@@ -119,14 +119,14 @@ def supports_slots(model: Any) -> bool:
 
 
 class _Progress:
-    """tqdm over samples with generated tokens/s; a no-op when disabled."""
+    """Progress over samples with generated tokens/s (a bar, or log lines in a log file); a no-op when disabled."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
+            from ilf_lab.logs import progress_bar
 
-            self.bar = tqdm(total=total, unit="sample", desc="sampling", dynamic_ncols=True)
+            self.bar = progress_bar(total, "sampling", "sample")
         self.t0 = time.perf_counter()
         self.tokens = 0
         self.last = 0.0

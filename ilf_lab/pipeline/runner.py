@@ -72,7 +72,12 @@ class Runner:
         if hasattr(stage, "scratch"):  # training: checkpoints that survive a kill of this key
             stage.scratch = self.cache.scratch(stage.name, key)
             stage.logger = self._train_logger(stage.name)
-        art = self.cache.run(stage.name, key, lambda out: stage.run(inputs, slice_, out))
+        def compute(out: Path) -> dict[str, Any]:
+            sizes = {n: _brief(a.meta) for n, a in inputs.items() if _brief(a.meta)}
+            log.info("stage %-14s start    %s", self._name(stage.name), json.dumps(sizes)[:160])
+            return stage.run(inputs, slice_, out)
+
+        art = self.cache.run(stage.name, key, compute)
         self.done[stage.name] = art
         self.graph[stage.name] = (stage, {n: a.stage for n, a in inputs.items()})
         empty = _is_empty(stage.name, art.meta)
@@ -113,6 +118,11 @@ class Runner:
         single = str(t.devices) in ("1", "auto") and t.num_nodes == 1
         prefix = {"train_refiner": "refiner", "train_policy": "policy"}[stage]
         return self.tracker.lightning_logger(prefix) if single else None
+
+
+def _brief(meta: dict[str, Any]) -> dict[str, int]:
+    """The counts in an artifact's metadata (how big an input is), for the stage's start line."""
+    return {k: v for k, v in meta.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def _is_empty(stage: str, meta: dict[str, Any]) -> bool:

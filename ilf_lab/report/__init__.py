@@ -25,7 +25,7 @@ from ilf_lab.report.figures import (
     plot_refinements,
     plot_training,
 )
-from ilf_lab.report.load import ReportError, collect
+from ilf_lab.report.load import ReportError, collect, collect_or_published
 from ilf_lab.report.output import MISSING
 from ilf_lab.report.refinements import (
     REFINE_CSV_COLUMNS,
@@ -64,6 +64,7 @@ __all__ = [
     "best_overrides",
     "build",
     "collect",
+    "collect_or_published",
     "deviations",
     "feedback_num_tasks",
     "feedback_scaling",

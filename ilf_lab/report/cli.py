@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m ilf_lab.report",
         description="Print the paper's Table 4 from every results.json under DIR...; write table.csv/table.png.",
+        epilog="examples: python -m ilf_lab.report multirun/paper_table/2026-12-01_10-00-00\n"
+        "          python -m ilf_lab.report results/demo_protocol --out /tmp/report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("dirs", nargs="+", metavar="DIR", help="result folders (searched recursively)")
     ap.add_argument("--out", default=None, help="where table.csv and table.png go (default: the first DIR)")

@@ -40,3 +40,19 @@ def collect(dirs: Iterable[str | os.PathLike]) -> list[Results]:
     if not results:
         raise ReportError(f"no results.json found under {', '.join(str(d) for d in dirs)}")
     return results
+
+
+def collect_or_published(dirs: Iterable[str | os.PathLike], published: str | os.PathLike) -> tuple[list[Results], str]:
+    """The results under `dirs`, or, when there are none (a fresh clone), the published runs committed under
+    `published` (results/); with a sentence saying which the caller shows."""
+    dirs = [Path(d) for d in dirs]
+    local = [d for d in dirs if d.exists()]
+    try:
+        if local:
+            found = collect(local)
+            return found, f"{len(found)} local runs under {', '.join(map(str, local))}"
+    except ReportError:
+        pass
+    found = collect([published])
+    return found, (f"no local runs under {', '.join(map(str, dirs))}: showing the {len(found)} published runs "
+                   f"committed under {published}")

@@ -123,8 +123,16 @@ def build_trainer(job: _Job, logger: Any = None) -> pl.Trainer:
     from lightning_fabric.plugins.environments import LightningEnvironment
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from ilf_lab.logs import is_tty
+
     t = job.trainer
     plugins = [LightningEnvironment()] if job.spawned else None  # never mistake our workers for SLURM tasks
+    callbacks: list[Any] = [  # every epoch: a killed training resumes from the last one (the stage cache keeps it)
+        ModelCheckpoint(dirpath=Path(job.out_dir) / "lightning", save_top_k=1, save_last="link", every_n_epochs=1)
+    ]
+    bar = t.enable_progress_bar and is_tty()
+    if t.enable_progress_bar and not bar:  # a log file: rate-limited lines instead of a bar
+        callbacks.append(LogTrainingProgress(job.kind))
     return pl.Trainer(
         accelerator=_accelerator(t.accelerator),
         devices=t.devices,
@@ -137,17 +145,37 @@ def build_trainer(job: _Job, logger: Any = None) -> pl.Trainer:
         gradient_clip_val=job.opt.grad_clip or None,
         logger=logger if logger is not None else False,
         log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=bar,
         enable_model_summary=False,
         deterministic=t.deterministic,
-        callbacks=[  # every epoch: a killed training resumes from the last one (the stage cache keeps the dir)
-            ModelCheckpoint(dirpath=Path(job.out_dir) / "lightning", save_top_k=1, save_last="link", every_n_epochs=1)
-        ],
+        callbacks=callbacks,
         default_root_dir=str(Path(job.out_dir) / "lightning"),
         use_distributed_sampler=False,  # MicroBatchSampler shards by rank itself
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
+
+
+class LogTrainingProgress(pl.Callback):
+    """Training progress as log lines (epoch, optimizer step, loss) at most every ILF_LAB_PROGRESS_SECONDS."""
+
+    def __init__(self, kind: str) -> None:
+        from ilf_lab.logs import LogProgress
+
+        self.kind, self.lines = kind, LogProgress(0, f"training {kind}", "steps")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        total = trainer.estimated_stepping_batches
+        losses = getattr(module, "losses", None) or [float("nan")]
+        self.lines.total = int(total) if total != float("inf") else 0
+        self.lines.set_postfix_str(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, loss {losses[-1]:.3f}")
+        self.lines.update(trainer.global_step - self.lines.n)
+
+    def on_train_end(self, trainer: pl.Trainer, module: Any) -> None:
+        if trainer.is_global_zero:
+            self.lines.close()
 
 
 def _save_hf(trainer: pl.Trainer, module: CausalLMModule, out_dir: Path, base_model: str) -> None:
