@@ -207,3 +207,21 @@ def test_table3_baseline_evaluates_the_annotated_mbpptrain_tasks(mini_data, tmp_
     train = json.loads(run.done["tasks"].file("splits.jsonl").read_text().splitlines()[-1])
     assert train["split"] == "train_annotated"
     assert sorted(int(t) for t in ev["per_task"]) == sorted(train["task_ids"][: run.cfg.data.max_train_tasks])
+
+
+def test_report_labels_llm_rows_written_by_the_policy_itself():
+    from ilf_lab import report
+    from ilf_lab.results import Results, Score
+
+    def run(backend: str, model: str | None):
+        return Results(experiment="instructgpt_1shot", feedback="instructgpt_1shot", train_on="refinements",
+                       model="smollm2_135m_instruct", scale="demo", benchmarks={"mbpp": Score({1: 0.1, 10: 0.2})},
+                       counts={"policy_examples": 3},
+                       config={"feedback": {"provider": "llm", "backend": backend, "model": model}})
+
+    own = report.to_markdown(report.table([run("hf", None)]))
+    line = next(x for x in own.splitlines() if x.startswith("| 1-shot InstructGPT"))
+    assert "the policy model itself (smollm2_135m_instruct), not InstructGPT" in line
+    assert "passing LLM-written refinements" in line
+    other = report.to_markdown(report.table([run("openai", "gpt-4o-mini")]))
+    assert "not InstructGPT" not in other

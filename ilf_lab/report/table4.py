@@ -90,6 +90,17 @@ def training_source(result: Results) -> str:
     return _SOURCES.get(result.train_on, result.train_on)
 
 
+def feedback_label(row: Row) -> str:
+    """The row's feedback source, saying so when "InstructGPT" was in fact the policy model itself (a local
+    model with no other `feedback.model`: at CPU scale SmolLM2 writes its own feedback)."""
+    own = row.runs and all(
+        r.setting("feedback.provider") == "llm" and r.setting("feedback.backend") == "hf"
+        and not r.setting("feedback.model") for r in row.runs
+    )
+    return f"{row.feedback_source} — here the policy model itself ({row.model}), not InstructGPT" if own else (
+        row.feedback_source)
+
+
 def eval_split(result: Results) -> str | None:
     """The split a run was evaluated on (None: not recorded, i.e. MBPPTest)."""
     return result.eval_split or result.setting("eval.split")
@@ -223,9 +234,9 @@ def _md_table(
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = (
-            [r.method, r.feedback_source, r.finetuning_data]
+            [r.method, feedback_label(r), r.finetuning_data]
             if with_paper
-            else [r.experiment, r.feedback_source, r.finetuning_data, r.label]
+            else [r.experiment, feedback_label(r), r.finetuning_data, r.label]
         )
         cells += [fmt(*r.stat("pass@1")), fmt(*r.stat("pass@10"))]
         if with_paper:
