@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -261,6 +263,20 @@ def call(server, path: str, body: dict | None = None, headers: dict | None = Non
         return e.code, json.loads(e.read()), e.headers
 
 
+def raw_post(port: int, path: str, body: bytes, content_length: str | None = None) -> tuple[int, dict]:
+    """POST `body` with any Content-Length header (a real client would not send -1), JSON reply."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("POST", path, skip_accept_encoding=True)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)) if content_length is None else content_length)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
 def test_api_run_save_resume_and_released_schema(tmp_path, items_file):
     out = tmp_path / "annotations.jsonl"
     server = start(items_file, out)
@@ -328,6 +344,60 @@ def test_api_refuses_cross_site_requests(tmp_path, items_file):
         server.shutdown()
         server.server_close()
     assert not (tmp_path / "a.jsonl").exists()
+
+
+BAD_REQUESTS = [  # (Content-Length header or None for the true one, body, status, words in the error)
+    ("-1", b'{"i": 0, "program": "x"}', 400, "bad Content-Length: '-1'"),
+    ("abc", b'{"i": 0, "program": "x"}', 400, "bad Content-Length"),
+    ("99999999999", b'{"i": 0, "program": "x"}', 413, "over the 1048576-byte limit"),
+    ("0", b"", 400, "empty request body"),
+    (None, b'{"i": 1e400, "program": "x"}', 400, "number out of range: 1e400"),
+    (None, b'{"i": NaN, "program": "x"}', 400, "NaN is not a number"),
+    (None, b"not json", 400, "malformed JSON"),
+    (None, b"\xff\xfe{}", 400, "not UTF-8"),
+    (None, b"[" * 100_000 + b"]" * 100_000, 400, "malformed JSON"),
+    (None, b"[0]", 400, "expected a JSON object"),
+    (None, b'{"i": 0.5, "program": "x"}', 400, "'i' must be an integer"),
+    (None, b'{"i": true, "program": "x"}', 400, "'i' must be an integer"),
+    (None, b'{"i": "0", "program": "x"}', 400, "'i' must be an integer"),
+    (None, b'{"i": 0, "program": 1}', 400, "'program' must be a string"),
+    (None, b'{"i": 0, "program": "\\ud800"}', 400, "'program' is not valid Unicode text"),
+    (None, json.dumps({"i": 0, "program": "#" * 200_000}).encode(), 413, "over the 100000-byte limit"),
+]
+
+
+def test_api_refuses_malformed_requests_and_keeps_serving(tmp_path, items_file):
+    """Bad lengths are refused before the body is read; bad JSON, numbers, types and oversized programs get a
+    JSON 4xx (never a dropped connection); the next request is answered."""
+    server = start(items_file, tmp_path / "a.jsonl")
+    port = server.server_address[1]
+    try:
+        for content_length, body, status, message in BAD_REQUESTS:
+            for path in ("/api/run", "/api/save"):
+                got, reply = raw_post(port, path, body, content_length)
+                assert got == status and message in reply["error"], (content_length, body[:40], reply)
+                assert call(server, "/api/items")[0] == 200
+        _, v, _ = call(server, "/api/run", {"i": 0, "program": GOLD_ADD})
+        assert v["passed"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_api_edit_distance_of_a_large_program_is_fast(tmp_path, items_file):
+    """The server's edit distance is rapidfuzz's C one: 60 KB against 60 KB was 12 s of pure-Python CPU."""
+    a, b = "x = 1\n" * 10_000, "y = 2\n" * 10_000
+    t = time.perf_counter()
+    assert edit_distance(a, b) == pytest.approx(2 / 6)
+    assert time.perf_counter() - t < 2.0
+    server = start(items_file, tmp_path / "a.jsonl")
+    try:
+        status, v, _ = call(server, "/api/run", {"i": 0, "program": "# " + "x" * 90_000 + "\n"})
+        assert status == 200 and not v["passed"] and v["over_limit"]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_serve_rejects_a_malformed_out_file(tmp_path, items_file, capsys):

@@ -30,6 +30,7 @@ from ilf_lab.annotate.records import (
     normalize_record,
     read_jsonl_rows,
 )
+from ilf_lab.feedback.server import SOCKET_TIMEOUT, BadRequest, is_int, read_json_body
 
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "app.css": "text/css"}
 CSP = (
@@ -37,6 +38,7 @@ CSP = (
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 MAX_BODY = 1 << 20
+MAX_PROGRAM = 100_000  # bytes of UTF-8 in a refinement: MBPP programs are < 2 KB
 
 
 class AnnotationStore:
@@ -156,6 +158,7 @@ class AnnotationStore:
 class Handler(BaseHTTPRequestHandler):
     server: AnnotateServer
     protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         if self.server.verbose:
@@ -163,9 +166,12 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ helpers
 
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
+    def _send(self, status: int, body: bytes, ctype: str, close: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
+        if close:  # after a refused or unread body: its bytes must not be read as the next request
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Security-Policy", CSP)
         self.send_header("X-Content-Type-Options", "nosniff")
@@ -174,11 +180,11 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json; charset=utf-8")
+    def _json(self, status: int, obj: Any, close: bool = False) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json; charset=utf-8", close)
 
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+    def _error(self, status: int, message: str, close: bool = False) -> None:
+        self._json(status, {"error": message}, close)
 
     def _host_ok(self) -> bool:
         """Host (DNS rebinding) and Origin (cross-site requests) must name this server."""
@@ -212,48 +218,63 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
         if not self._host_ok():
-            return self._error(HTTPStatus.FORBIDDEN, "bad Host or Origin")
+            return self._error(HTTPStatus.FORBIDDEN, "bad Host or Origin", close=True)
         if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
-            return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            return self._error(HTTPStatus.BAD_REQUEST, "bad Content-Length")
-        if length > MAX_BODY:
-            return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large")
-        try:
-            data = json.loads(self.rfile.read(length) or b"{}")
-            if not isinstance(data, dict):
-                raise ValueError("expected a JSON object")
-            i = int(data.get("i"))
-            program = data.get("program")
-            if not isinstance(program, str):
-                raise ValueError("'program' must be a string")
-        except (ValueError, TypeError) as e:
-            return self._error(HTTPStatus.BAD_REQUEST, f"bad request: {e}")
+            return self._error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json", close=True)
         path = urlsplit(self.path).path
+        if path not in ("/api/run", "/api/save"):
+            return self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}", close=True)
+        try:
+            data = read_json_body(self.headers, self.rfile, MAX_BODY)
+            i = data.get("i")
+            if not is_int(i):
+                raise BadRequest(HTTPStatus.BAD_REQUEST, "'i' must be an integer (the item's index)")
+            program = _text(data, "program")
+            size = len(program.encode("utf-8"))
+            if size > MAX_PROGRAM:
+                raise BadRequest(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"the program is {size} bytes, over the {MAX_PROGRAM}-byte limit",
+                )
+            if path == "/api/save":
+                feedback = _text(data, "feedback")
+                annotator = _text(data, "annotator", optional=True) or self.server.annotator
+        except BadRequest as e:
+            return self._error(e.status, f"bad request: {e}", close=True)
         store = self.server.store
         try:
             if path == "/api/run":
                 return self._json(HTTPStatus.OK, store.run(i, program))
-            if path == "/api/save":
-                feedback, annotator = data.get("feedback"), data.get("annotator") or self.server.annotator
-                if not isinstance(feedback, str) or not isinstance(annotator, str):
-                    raise ValueError("'feedback' and 'annotator' must be strings")
-                return self._json(HTTPStatus.OK, store.save(i, feedback, program, annotator))
+            return self._json(HTTPStatus.OK, store.save(i, feedback, program, annotator))
         except LookupError as e:
             return self._error(HTTPStatus.NOT_FOUND, str(e))
         except ValueError as e:
             return self._error(HTTPStatus.BAD_REQUEST, str(e))
         except OSError as e:
             return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"could not write {store.out_path}: {e}")
-        self._error(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+        except Exception as e:  # answer, never drop the connection; the server keeps serving
+            print(f"annotate server: {path} failed: {e!r}", file=sys.stderr)
+            return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(e).__name__}: {e}")
 
     def _static(self, name: str) -> None:
         if name not in STATIC_FILES:
             return self._error(HTTPStatus.NOT_FOUND, f"no such file: {name}")
         body = resources.files("ilf_lab.annotate").joinpath("static", name).read_bytes()
         self._send(HTTPStatus.OK, body, STATIC_FILES[name] + "; charset=utf-8")
+
+
+def _text(data: dict[str, Any], key: str, optional: bool = False) -> str:
+    """A string field that can be written out as UTF-8 (JSON allows lone surrogates), or BadRequest(400)."""
+    value = data.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise BadRequest(HTTPStatus.BAD_REQUEST, f"'{key}' must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(HTTPStatus.BAD_REQUEST, f"'{key}' is not valid Unicode text") from None
+    return value
 
 
 class AnnotateServer(ThreadingHTTPServer):
