@@ -44,22 +44,31 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
 
 
 def choose(results: Sequence[Any], grid: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
-    """Per tuned method, the grid point with the best MBPPRefine pass@1 (ties: the first in grid order)."""
-    points: dict[str, list[dict[str, Any]]] = {m: [] for m in TUNED}
+    """Per tuned method, the grid point with the best MBPPRefine pass@1; ties go to the first point in grid
+    order (the order the grid was given). Every (method, point) must have exactly one result."""
+    order = [tuple(float(v) for v in p.values()) for p in grid_points(grid)]
+    points: dict[str, dict[tuple[float, ...], dict[str, Any]]] = {m: {} for m in TUNED}
     for r in results:
         split = r.eval_split or r.setting("eval.split")
         if split != "refine":
             raise IlfError(f"{r.path}: evaluated on {split!r}; A.1 selects on MBPPRefine only")
-        if r.experiment in points:
-            point = {k: str(r.setting(k)) for k in grid}
-            points[r.experiment].append({"point": point, "pass@1": r.metric("pass@1"), "path": r.path})
+        if r.experiment not in points:
+            continue
+        where = tuple(float(r.setting(k)) for k in grid)
+        if where not in order:
+            raise IlfError(f"{r.path}: {dict(zip(grid, where, strict=True))} is not a point of the grid")
+        if where in points[r.experiment]:
+            raise IlfError(f"{r.path}: a second result for {r.experiment} at {where} (stale runs in the folder?)")
+        points[r.experiment][where] = {"point": {k: str(r.setting(k)) for k in grid},
+                                       "pass@1": r.metric("pass@1"), "path": r.path}
     chosen: dict[str, dict[str, Any]] = {}
     for method, pts in points.items():
-        scored = [p for p in pts if p["pass@1"] is not None]
-        if not scored:
-            raise IlfError(f"no MBPPRefine result for {method}: did its selection jobs run?")
-        best = max(scored, key=lambda p: p["pass@1"])  # max keeps the first of equal scores
-        chosen[method] = {"point": best["point"], "pass@1": best["pass@1"], "candidates": pts}
+        missing = [p for p in order if p not in pts or pts[p]["pass@1"] is None]
+        if missing:
+            raise IlfError(f"{method}: no MBPPRefine pass@1 for grid point(s) {missing}: did its jobs run?")
+        best = max(order, key=lambda p: pts[p]["pass@1"])  # max keeps the first of equal scores
+        chosen[method] = {"point": pts[best]["point"], "pass@1": pts[best]["pass@1"],
+                          "candidates": [pts[p] for p in order]}
     for method, source in INHERITS.items():
         chosen[method] = {"point": chosen[source]["point"], "inherited_from": source}
     return chosen
@@ -90,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(o.split("=", 1)[0] in ("experiment", "eval.split", *grid) for o in args.overrides):
             raise UsageError("experiment, eval.split and the grid's keys are set by this command")
         out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise UsageError(f"--out {out} is not empty: choose a new folder (old points would be mixed in)")
         select_dir = out / "select"
         _ilf(["-m", f"experiment={','.join(TUNED)}", "eval.split=refine",
               *[f"{k}={','.join(v)}" for k, v in grid.items()], f"hydra.sweep.dir={select_dir}", *args.overrides])
@@ -98,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          "chosen": chosen}, indent=1))
         for method in (*TUNED, *INHERITS, *UNTUNED):
             point = chosen.get(method, {}).get("point", {})
-            _ilf([f"experiment={method}", "eval.split=test", *[f"{k}={v}" for k, v in point.items()],
+            _ilf([f"experiment={method}", f"hparams_from={out / 'selection.json'}",
+                  *[f"{k}={v}" for k, v in point.items()],
                   f"hydra.run.dir={out / 'table' / method}", *args.overrides])
         text, _ = report([out / "table"], out)
         print(text)

@@ -94,8 +94,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    # hub: a hub id or local dir; gguf: a .gguf inside an installed package or dir; tiny_random: built locally
-    source: str = choice("hub", "hub", "gguf", "tiny_random")
+    # hub: a hub id or local dir; gguf: a .gguf inside an installed package or dir; tiny_random (a Llama) and
+    # tiny_codegen (CodeGen-Mono's architecture): random, built locally in seconds
+    source: str = choice("hub", "hub", "gguf", "tiny_random", "tiny_codegen")
     path: str = ""
     gguf_file: str | None = None
     gguf_package: str | None = None
@@ -103,7 +104,7 @@ class ModelConfig:
     dtype: str = choice("float32", "float32", "bfloat16", "float16")
     prompt_format: str = choice("chat", "chat", "docstring")  # chat (instruct models) | docstring (the paper's)
     trust_remote_code: bool = False
-    # tiny_random architecture (ignored by other sources)
+    # tiny_random / tiny_codegen architecture (ignored by other sources)
     tiny_hidden_size: int = num(64, 8)
     tiny_layers: int = num(2, 1)
     tiny_heads: int = num(4, 1)
@@ -127,6 +128,7 @@ class FeedbackConfig:
     max_retries: int = neutral(num(5, 0))
     n: int = num(1, 1, MAX_SAMPLES)  # replies (feedback + refinement) per x0; the refine stage keeps one passing per task
     temperature: float = num(0.0, 0.0)
+    top_p: float = num(0.95, 0.0, 1.0, lo_open=True)  # the paper names none: scale=paper sets 1.0
     max_new_tokens: int = num(256, 1, MAX_NEW_TOKENS)
     num_tasks: int | None = num(None, 1)  # Fig. 4: feedback on only the first k tasks of MBPPTrain
     shuffle: bool = False  # Table 2: give each MBPPTrain task another task's human feedback (a derangement)
@@ -209,10 +211,11 @@ class SamplingConfig:
 
 @dataclass
 class ExecutionConfig:
-    timeout: float = neutral(num(10.0, 0.0, lo_open=True))
+    # timeout and memory_mb decide which programs pass, so they are part of what a run measures
+    timeout: float = num(10.0, 0.0, lo_open=True)
     workers: int | None = neutral(num(None, 1))  # null = CPU count
     comparison: str = choice("exact", "exact", "approx")  # MBPP's asserts | the ILF reference's pytest.approx
-    memory_mb: int = neutral(num(4096, 64))
+    memory_mb: int = num(4096, 64)
 
 
 @dataclass
@@ -236,6 +239,9 @@ class TrainerConfig:
     log_every_n_steps: int = num(1, 1)
     enable_progress_bar: bool = True
     deterministic: bool = True
+    # recompute each decoder block's activations in the backward pass: ~1/3 more compute, activations of one
+    # block instead of all (what lets CodeGen-6B train on one 141 GB GPU: benchmarks/paper_plan.py)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -254,9 +260,12 @@ class LoggerConfig:
 class Config:
     name: str = neutral("ilf")  # the Table 4 row; results.json's `experiment`
     scale: str = neutral("demo")
-    seed: int = neutral(0)
+    seed: int = neutral(num(0, 0, 2**31 - 10_000))  # offsets per stage and round are added to it
     rounds: int = num(1, 1)  # iterative ILF: repeat x0 -> refine -> train with the improved policy
     stop_after: str | None = None  # end the run after this stage (analyses of refinements need no policy)
+    # set by `python -m ilf_lab.a1`: this run's policy.*/refiner.* overrides are its method's App. A.1 point, so
+    # the report keeps it on its Table 4 row (other hyper-parameter overrides move a run off the table)
+    hparams_from: str | None = neutral(None)
     paths: PathsConfig = neutral(field(default_factory=PathsConfig), subtree=True)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = neutral(field(default_factory=ModelConfig))
@@ -391,9 +400,14 @@ def validate(cfg: DictConfig) -> None:
     for name, rng in cfg.data.splits.items():
         if len(rng) != 2 or rng[0] > rng[1]:
             raise ConfigError(f"data.splits.{name}={list(rng)} must be [first_task_id, last_task_id]")
+    if not cfg.eval.ks:
+        raise ConfigError("eval.ks is empty; give at least one k (e.g. [1, 10])")
+    if OmegaConf.is_list(cfg.trainer.devices) and not cfg.trainer.devices:
+        raise ConfigError("trainer.devices=[] names no device")
     for k in cfg.eval.ks:
         if k < 1:
             raise ConfigError(f"eval.ks contains {k}; each k must be >= 1")
+    _check_labels(cfg)
     for b in cfg.eval.benchmarks:
         if b not in ("mbpp", "humaneval"):
             raise ConfigError(f"eval.benchmarks contains {b!r}; choose from mbpp, humaneval")
@@ -417,3 +431,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("rounds>1 needs fresh feedback each round: use an llm feedback option")
     if cfg.feedback.backend == "openai" and cfg.feedback.provider == "llm" and not cfg.feedback.base_url:
         raise ConfigError("feedback.base_url is required for feedback.backend=openai")
+
+
+def _check_labels(cfg: DictConfig) -> None:
+    """The labels results.json and the report use (train_on.source, feedback.provider, x0.source) must name
+    what the `_target_` classes do, or a run would be reported as another row."""
+    from hydra.utils import get_class
+
+    for node, label_key, attr in (("train_on", "source", "label"), ("feedback", "provider", "provider"),
+                                  ("x0", "source", "source")):
+        cls = get_class(cfg[node]._target_)
+        expected = getattr(cls, attr, None)
+        if expected is not None and cfg[node][label_key] != expected:
+            raise ConfigError(f"{node}.{label_key}={cfg[node][label_key]!r} does not describe {node}._target_="
+                              f"{cfg[node]._target_} ({attr} {expected!r})")

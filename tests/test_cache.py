@@ -136,3 +136,19 @@ def test_two_concurrent_runs_compute_each_stage_once(mini_data, tmp_path):
                 computed[s["name"]] = computed.get(s["name"], 0) + (not s["cached"])
     assert computed and all(v == 1 for v in computed.values()), computed
     assert runs[0]["per_task"] == runs[1]["per_task"]
+
+
+def test_edited_or_copied_metadata_is_not_served(tmp_path):
+    """meta.json (the numbers results.json is built from) is covered too: an edited value, or an artifact
+    copied under another key, is recomputed."""
+    import shutil
+
+    cache = StageCache(tmp_path)
+    art = cache.run("evaluate", "k1", _write(5))
+    record = json.loads((art.path / "meta.json").read_text())
+    record["meta"]["rows"] = 6
+    (art.path / "meta.json").write_text(json.dumps(record))
+    assert cache.lookup("evaluate", "k1") is None
+    art = cache.run("evaluate", "k1", _write(5))
+    shutil.copytree(art.path, art.path.parent / "k2")
+    assert cache.lookup("evaluate", "k2") is None and cache.lookup("evaluate", "k1") is not None

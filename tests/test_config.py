@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,19 @@ def test_nan_inf_and_impossible_sizes_fail_at_start(override, key, tmp_path):
     assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c").exists() and not (tmp_path / "o" / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["seed=-1"], "seed=-1 must be >= 0"),
+        (["eval.ks=[]"], "eval.ks is empty"),
+        (["trainer.devices=[]"], "trainer.devices=[] names no device"),
+        (["train_on._target_=ilf_lab.pipeline.stages.train.MBPPGold"], "train_on.source='refinements' does not describe"),
+        (["feedback._target_=ilf_lab.pipeline.stages.feedback.LLMFeedback"], "feedback.provider='human' does not"),
+        (["x0._target_=ilf_lab.pipeline.stages.x0.PolicyX0"], "x0.source='annotations' does not describe"),
+    ],
+)
+def test_values_that_used_to_fail_mid_run_fail_at_start(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose(["model=tiny_random", "scale=smoke", *overrides]))

@@ -181,3 +181,19 @@ def test_notebook_runs_on_smoke_sweep(smoke_sweep, tmp_path, name):
     assert image_count(nb) >= (1 if name == "table.ipynb" else 0)
     if name == "figures.ipynb":  # the ILF run sampled refinements: Tables 2-3 have a πRefine row
         assert (tmp_path / "refinements.png").is_file() and "πRefine" in outputs_text(nb)
+
+
+@pytest.mark.parametrize("name", ["table.ipynb", "figures.ipynb"])
+def test_notebooks_open_on_a_fresh_clone(name, tmp_path):
+    """No local runs (ILF_LAB_RESULTS points nowhere): the notebooks show the published runs committed under
+    results/, say so, and the table notebook shows the README's CPU-scale table marked as earlier runs."""
+    published = sorted((ROOT / "results").rglob("results.json"))
+    assert published, "results/ must hold the published runs' results.json"
+    nb = execute(ROOT / "notebooks" / name, [tmp_path / "no_runs_here"], tmp_path / "out")
+    text = outputs_text(nb)
+    assert f"showing the {len(published)} published runs committed under ../results" in text
+    if name == "table.ipynb":
+        assert "| ILF | Humans |" in text and "Earlier runs (protocol before docs/protocol.md)" in text
+        assert "| Fine-tuned on MBPP gold |" in text.split("Earlier runs")[1]
+        assert image_count(nb) == 1
+    assert not list((ROOT / "results").rglob("table.png.tmp*"))

@@ -127,7 +127,12 @@ def test_a1_command_selects_then_runs_table4(mini_data, tmp_path):
         assert res["eval_split"] == "test"
         for k, v in sel["chosen"].get(method, {}).get("point", {}).items():
             assert f"{k}={v}" in res["overrides"]
-    assert "Table 4" in r.stdout or "ILF" in r.stdout
+    from ilf_lab import report
+
+    rows = {r.experiment: r for r in report.table(report.collect([out / "table"])) if r.section == "paper"}
+    assert all(len(rows[m].runs) == 1 for m in ("ilf", "mbpp_gold", "zero_shot"))  # on their Table 4 rows
+    assert rows["ilf"].hyper == rows["mbpp_gold"].hyper != ""  # showing the (shared) A.1 point
+    assert "| ILF (policy.lr=" in r.stdout
 
 
 # ------------------------------------------------------------------------- LLM rows, prompts, sampling
@@ -225,3 +230,74 @@ def test_report_labels_llm_rows_written_by_the_policy_itself():
     assert "passing LLM-written refinements" in line
     other = report.to_markdown(report.table([run("openai", "gpt-4o-mini")]))
     assert "not InstructGPT" not in other
+
+
+def test_a1_ties_go_to_the_first_grid_point_and_incomplete_grids_fail():
+    from ilf_lab.a1 import TUNED, choose
+    from ilf_lab.errors import IlfError
+
+    grid = {"policy.lr": ["5e-5", "1e-5"]}
+    tied = [_result(m, lr, 0.1) for m in TUNED for lr in ("1e-5", "5e-5")]
+    assert choose(tied, grid)["mbpp_gold"]["point"] == {"policy.lr": "5e-5"}  # the grid's first, not the path's
+    with pytest.raises(IlfError, match="no MBPPRefine pass@1 for grid point"):
+        choose(tied[1:], grid)
+    with pytest.raises(IlfError, match="second result"):
+        choose([*tied, _result("mbpp_gold", "1e-5", 0.3)], grid)
+    with pytest.raises(IlfError, match="not a point of the grid"):
+        choose([*tied, _result("mbpp_gold", "2e-5", 0.3)], grid)
+
+
+def test_report_warns_when_a_baseline_is_not_on_ilfs_task_ids():
+    from ilf_lab import report
+    from ilf_lab.results import Results, Score, StageRecord
+
+    def run(exp: str, train_on: str, refine_key: str):
+        return Results(experiment=exp, feedback="human", train_on=train_on, model="m", scale="demo",
+                       benchmarks={"mbpp": Score({1: 0.1, 10: 0.2})},
+                       stages=[StageRecord("refine", key=refine_key)])
+
+    same = report.to_markdown(report.table([run("ilf", "refinements", "r1"), run("mbpp_gold", "mbpp_gold", "r1")]))
+    assert "not matched" not in same
+    other = report.to_markdown(report.table([run("ilf", "refinements", "r1"), run("mbpp_gold", "mbpp_gold", "r2")]))
+    assert "Warning: the Fine-tuned on MBPP gold row was trained on the task IDs of refine stage(s) r2" in other
+
+
+def test_llm_refinement_stats_count_tasks_and_unparseable_replies(tmp_path):
+    """n replies per task: a reply without a refinement is a failed sample of its task, not a missing one."""
+    from omegaconf import OmegaConf
+
+    from ilf_lab.pipeline.experiment import refine_stats
+
+    art = _refine_artifact(tmp_path, [
+        {"task_id": 9, "program": "p", "passed": True, "kept": True},   # 1 of 3 replies had a refinement
+        {"task_id": 10, "program": "p", "passed": False, "kept": False},
+        {"task_id": 10, "program": "q", "passed": True, "kept": True},
+    ])
+    art = Artifact("refine", "k", art.path, {"tasks": 3})  # a third task: no parseable refinement at all
+    cfg = OmegaConf.create({"feedback": {"provider": "llm", "n": 3, "name": "instructgpt_1shot", "shuffle": False,
+                                         "shots": 1}, "refine": {"n": 4, "refiner": "trained", "shots": 0},
+                            "eval": {"ks": [1, 2]}})
+    b = refine_stats(cfg, art)
+    assert b["tasks"] == 3 and b["samples_per_task"] == 3 and b["tasks_with_passing"] == 2
+    assert b["pass@1"] == pytest.approx((1 / 3 + 1 / 3 + 0) / 3)
+    assert b["pass@2"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+
+
+def test_stop_after_x0_writes_results(mini_data, tmp_path):
+    from tests.test_pipeline import results, run_cli
+
+    r = run_cli([*SMOKE, "stop_after=x0"], mini_data, tmp_path / "c", tmp_path / "o")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = results(tmp_path / "o")
+    assert res["stopped_after"] == "x0" and res["counts"]["x0"] > 0 and "feedback" not in res["counts"]
+
+
+def test_training_key_covers_the_resolved_world_size(mini_data, tmp_path):
+    from ilf_lab.pipeline.stage import select, stage_key
+    from ilf_lab.pipeline.stages.train import MBPPGoldAllTasks, TrainPolicy, TrainPolicyConfig
+
+    one = select(TrainPolicyConfig, compose([*SMOKE, "trainer.devices=1"]))
+    two = select(TrainPolicyConfig, compose([*SMOKE, "trainer.devices=2", "trainer.strategy=ddp_spawn"]))
+    stage = TrainPolicy(MBPPGoldAllTasks())
+    assert stage.resolved(one) == {"world": 1, "accelerator": "cpu"} and stage.resolved(two)["world"] == 2
+    assert stage_key(stage, one, {}) != stage_key(stage, two, {})

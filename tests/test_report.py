@@ -456,3 +456,18 @@ def test_figure_data(tmp_path):
     assert report.plot_perplexity(results, tmp_path / "p.png") is not None
     assert report.perplexities([make()]) == {} and report.plot_perplexity([make()]) is None
     assert report.feedback_scaling(results) == {} and report.plot_feedback_scaling(results) is None
+
+
+def test_a1_selected_points_stay_on_their_table4_row(tmp_path):
+    """ilf_lab.a1 marks its Table 4 runs (hparams_from): their policy.* overrides are the row's A.1 point, shown
+    beside the method; unmarked hyper-parameter overrides still move a run off the table."""
+    chosen = make_result("ilf", 0.1, 0.2, overrides=["policy.lr=1e-05", "eval.split=test"],
+                         config={"hparams_from": "multirun/a1/selection.json"})
+    write(tmp_path, "a1", chosen)
+    write(tmp_path, "free", make_result("mbpp_gold", 0.1, 0.2, overrides=["policy.lr=1e-05"]))
+    rows = report.table(report.collect([tmp_path]))
+    ilf = next(r for r in rows if r.section == "paper" and r.experiment == "ilf")
+    assert len(ilf.runs) == 1 and ilf.hyper == "policy.lr=1e-05"
+    assert "| ILF (policy.lr=1e-05) |" in report.to_markdown(rows)
+    gold = next(r for r in rows if r.section == "paper" and r.experiment == "mbpp_gold")
+    assert not gold.runs and any(r.label == "policy.lr=1e-05" for r in rows if r.section == "other")

@@ -37,6 +37,7 @@ MUTATIONS: dict[str, Any] = {
     "data.require_refinement_passes": False, "data.one_per_task": False,
     "x0.n": 3, "x0.temperature": 0.5, "x0.top_p": 0.9, "x0.max_new_tokens": 16,
     "feedback.temperature": 0.7, "feedback.max_new_tokens": 40, "feedback.num_tasks": 2, "feedback.shots": 2,
+    "feedback.top_p": 0.9, "feedback.n": 3, "refine.shots": 1,
     "refine.n": 3, "refine.temperature": 0.5, "refine.top_p": 0.9, "refine.max_new_tokens": 16,
     "sampling.n": 11, "sampling.temperature": 0.5, "sampling.top_p": 0.9, "sampling.max_new_tokens": 16,
     "sampling.batch_size": 3, "execution.timeout": 7.0, "execution.workers": 1, "execution.comparison": "approx",

@@ -27,8 +27,9 @@ Messages = list[dict[str, str]]
 
 class LLMBackend(Protocol):
     def complete(
-        self, requests: Sequence[Messages], *, temperature: float, max_new_tokens: int, seed: int
-    ) -> list[str]: ...
+        self, requests: Sequence[Messages], *, temperature: float, max_new_tokens: int, seed: int, n: int = 1,
+        top_p: float = 1.0,
+    ) -> list[list[str]]: ...
 
 
 class HFBackend:
@@ -43,14 +44,15 @@ class HFBackend:
         return text_prompt
 
     def complete_prompts(
-        self, prompts: Sequence[str], *, temperature: float, max_new_tokens: int, seed: int, n: int = 1
+        self, prompts: Sequence[str], *, temperature: float, max_new_tokens: int, seed: int, n: int = 1,
+        top_p: float = 1.0,
     ) -> list[list[str]]:
         """n replies per prompt."""
         from ilf_lab.generation import SamplingParams
 
         stops = ("<|im_end|>",) if self.prompt_format == "chat" else ("\n\nTask:",)
         params = SamplingParams(
-            n=n, temperature=temperature, max_new_tokens=max_new_tokens, stop=stops, seed=seed
+            n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop=stops, seed=seed
         )
         return [list(outs) for outs in self.engine.generate(list(prompts), params, progress=len(prompts) > 8)]
 
@@ -294,13 +296,14 @@ class OpenAIBackend:
         return b"".join(chunks)
 
     def complete(
-        self, requests: Sequence[Messages], *, temperature: float, max_new_tokens: int, seed: int, n: int = 1
+        self, requests: Sequence[Messages], *, temperature: float, max_new_tokens: int, seed: int, n: int = 1,
+        top_p: float = 1.0,
     ) -> list[list[str]]:
         """n replies per request (n requests with seeds seed, seed+1, ...: not every server supports `n`).
         The first request that fails ends the call: the others stop retrying, queued ones never start."""
         bodies = [
-            {"model": self.model, "messages": m, "temperature": temperature, "max_tokens": max_new_tokens,
-             "seed": seed + j}
+            {"model": self.model, "messages": m, "temperature": temperature, "top_p": top_p,
+             "max_tokens": max_new_tokens, "seed": seed + j}
             for m in requests
             for j in range(n)
         ]
@@ -337,6 +340,7 @@ def llm_feedback(
     max_new_tokens: int,
     seed: int,
     n: int = 1,
+    top_p: float = 1.0,
 ) -> list[dict[str, Any]]:
     """For each (task, x0): n of the LLM's (feedback, refinement) replies, k-shot from `shots` (task, x0, f, x1).
     Rows are task-major, with `sample_idx`."""
@@ -346,11 +350,13 @@ def llm_feedback(
             for t, x0 in items
         ]
         replies = backend.complete_prompts(
-            prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, n=n
+            prompts, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, n=n, top_p=top_p
         )
     else:
         requests = [feedback_messages(t, x0, shots) for t, x0 in items]
-        replies = backend.complete(requests, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, n=n)
+        replies = backend.complete(
+            requests, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, n=n, top_p=top_p
+        )
     rows = []
     for (task, x0), task_replies in zip(items, replies, strict=True):
         for i, reply in enumerate(task_replies):

@@ -17,6 +17,7 @@ locks span hosts).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -55,8 +56,10 @@ class StageCache:
             return None
         try:
             meta = verify(path / "meta.json")
-            if not isinstance(meta.get("meta"), dict):
-                raise DamagedArtifact("meta.json has no metadata")
+            if (meta.get("stage"), meta.get("key")) != (stage, key):
+                raise DamagedArtifact(f"meta.json belongs to {meta.get('stage')} {meta.get('key')}")
+            if not isinstance(meta.get("meta"), dict) or meta.get("digest") != _record_digest(meta):
+                raise DamagedArtifact("meta.json's metadata differs from what was published")
         except DamagedArtifact as e:
             log.warning("stage %s %s: cached artifact is damaged (%s); recomputing", stage, key, e)
             _discard(path)
@@ -81,6 +84,7 @@ class StageCache:
             def build(tmp: Path) -> None:
                 meta = compute(tmp) or {}
                 record = {"stage": stage, "key": key, "meta": meta, "files": manifest(tmp)}
+                record["digest"] = _record_digest(record)
                 (tmp / "meta.json").write_text(json.dumps(record, indent=1))
 
             publish_dir(final, build, prefix=f".tmp-{key}-{_HOST}-{os.getpid()}-")
@@ -98,6 +102,11 @@ class StageCache:
             except BlockingIOError:
                 log.info("stage %s %s: another process is computing it; waiting", stage, key)
                 fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError as e:  # a filesystem without locks (e.g. Lustre mounted noflock)
+                log.warning("stage %s %s: cannot lock the cache (%s); concurrent runs may compute it twice",
+                            stage, key, e)
+                yield
+                return
             try:
                 yield
             finally:
@@ -112,6 +121,13 @@ def _discard(path: Path) -> None:
     except OSError:
         return
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _record_digest(record: dict[str, Any]) -> str:
+    """sha256 of the record's canonical JSON (its stage, key, metadata and manifest): catches an edited or
+    truncated meta.json (integrity against accidents, not a signature against someone who can rewrite files)."""
+    body = {k: record.get(k) for k in ("stage", "key", "meta", "files")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _with(art: Artifact, **changes: Any) -> Artifact:

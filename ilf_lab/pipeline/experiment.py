@@ -65,8 +65,9 @@ def collect(cfg: DictConfig, run: Runner, out_dir: Path, stopped: str | None) ->
     done = run.done
     meta = {name: art.meta for name, art in done.items()}
     counts: dict[str, Any] = {"annotations": meta["tasks"].get("annotation_counts", {})}
-    if "x0" in meta:
-        counts["x0"], counts["feedback"] = meta["x0"]["x0"], meta["feedback"]["feedback"]
+    for stage in ("x0", "feedback"):
+        if stage in meta:
+            counts[stage] = meta[stage][stage]
     if meta.get("train_refiner", {}).get("examples") is not None:
         counts["refiner_examples"] = meta["train_refiner"]["examples"]
     if "refine" in meta:
@@ -109,12 +110,11 @@ def refine_stats(cfg: DictConfig, art: Any) -> dict[str, Any]:
     """
     llm = cfg.feedback.provider == "llm"
     n, tasks = (cfg.feedback.n if llm else cfg.refine.n), art.meta["tasks"]
-    per_task: dict[int, list[int]] = {}
+    passing: dict[int, int] = {}
     for x in read_jsonl(art.file("refinements.jsonl")):
-        nc = per_task.setdefault(x["task_id"], [0, 0])
-        nc[0] += 1
-        nc[1] += int(x["passed"])
-    counts = [(a, c) for a, c in per_task.values()] + [(n, 0)] * (tasks - len(per_task))
+        passing[x["task_id"]] = passing.get(x["task_id"], 0) + int(x["passed"])
+    # every task had n tries: a reply without a parseable refinement is a failed sample, not a missing one
+    counts = [(n, min(c, n)) for c in passing.values()] + [(n, 0)] * (tasks - len(passing))
     with_passing = sum(c > 0 for _, c in counts)
     return {
         "refiner": "llm" if llm else cfg.refine.refiner,

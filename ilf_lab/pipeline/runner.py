@@ -52,12 +52,16 @@ class Runner:
         return self.cache.run("data", key, write)
 
     def model(self, model_cfg: Any = None) -> Artifact:
-        """The base model as a HF dir, keyed by what it is (weights' content, or the tiny builder's settings)."""
+        """The base model as a local HF dir, keyed by what it is (weights' content, a hub snapshot's commit, or the
+        tiny builder's settings). The DAG asks for it first, so what cannot work on this machine fails before any
+        stage runs, in one line: a hub model neither cached nor reachable, trainer settings this machine lacks."""
         from ilf_lab.models.loading import model_identity, resolve_model_dir
+        from ilf_lab.training.finetune import check_trainer
 
+        check_trainer(self.cfg.trainer)
         model_cfg = model_cfg if model_cfg is not None else self.cfg.model
         path = resolve_model_dir(model_cfg, self.cfg.paths.cache_dir)
-        return Artifact("model", content_key("model", model_identity(model_cfg)), Path(path), cached=True)
+        return Artifact("model", content_key("model", model_identity(model_cfg, path)), Path(path), cached=True)
 
     # ----------------------------------------------------------------------------------------- stages
 

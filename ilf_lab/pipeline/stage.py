@@ -70,6 +70,11 @@ class Stage:
         """Arguments the DAG gives this instance (e.g. the round); part of the key like the slice."""
         return {}
 
+    def resolved(self, cfg: Any) -> dict[str, Any]:
+        """What `auto` settings of the slice resolve to on this machine (e.g. the training world size): part of
+        the key, so `devices=auto` on 1 and on 8 GPUs are different artifacts."""
+        return {}
+
     def run(self, inputs: dict[str, Artifact], cfg: Any, out: Path) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -151,6 +156,7 @@ def stage_key(stage: Stage, slice_: Any, upstream: dict[str, str]) -> str:
         "version": [CACHE_VERSION, PROMPTS_VERSION, stage.version],
         "config": key_payload(type(stage).Config, slice_),
         "params": stage.params(),
+        "resolved": stage.resolved(slice_),
         "upstream": upstream,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

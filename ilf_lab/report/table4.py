@@ -39,6 +39,7 @@ class Row:
     paper: paper.PaperRow | None = None
     label: str = ""  # what sets an `other` row apart (its overrides, rounds, ...)
     runs: list[Results] = field(default_factory=list)
+    hyper: str = ""  # a Table 4 row's fine-tuning hyper-parameter overrides (e.g. its A.1 point)
 
     @property
     def section(self) -> str:
@@ -106,9 +107,39 @@ def eval_split(result: Results) -> str | None:
     return result.eval_split or result.setting("eval.split")
 
 
+# fine-tuning hyper-parameters: a run whose point App. A.1 chose (`hparams_from`, set by ilf_lab.a1) stays on its
+# Table 4 row, which shows the point; other hyper-parameter overrides move a run off the table
+HYPER_PREFIXES = ("policy.", "refiner.")
+
+
+def _is_default(override: str) -> bool:
+    """`key=value` where value is the schema's default (e.g. `eval.split=test`): no deviation."""
+    from ilf_lab.config import default_of
+
+    key, sep, value = override.lstrip("+").partition("=")
+    default = default_of(key)
+    return bool(sep) and isinstance(default, (str, int, float, bool)) and value in (str(default), str(default).lower())
+
+
+def _selected(result: Results) -> bool:
+    return bool(result.setting("hparams_from"))
+
+
+def hyper_label(result: Results) -> str:
+    """An A.1-selected run's hyper-parameter overrides (policy.*, refiner.*), sorted; "" otherwise."""
+    if not _selected(result):
+        return ""
+    return " ".join(sorted(str(o).lstrip("+") for o in result.overrides
+                           if str(o).lstrip("+").startswith(HYPER_PREFIXES) and not _is_default(str(o))))
+
+
 def deviations(result: Results) -> list[str]:
-    """The overrides (and settings) that make a result something other than its Table 4 row."""
-    out = [str(o).lstrip("+") for o in result.overrides if not is_report_neutral(str(o))]
+    """The overrides (and settings) that make a result something other than its Table 4 row (an A.1-selected
+    run's hyper-parameters do not: see `hyper_label`)."""
+    selected = _selected(result)
+    out = [str(o).lstrip("+") for o in result.overrides
+           if not is_report_neutral(str(o)) and not _is_default(str(o))
+           and not (selected and str(o).lstrip("+").startswith(HYPER_PREFIXES))]
     rounds = int(result.rounds or 1)
     if rounds != 1 and not any(o.startswith("rounds=") for o in out):
         out.append(f"rounds={rounds}")
@@ -146,11 +177,13 @@ def table(results: Sequence[Results]) -> list[Row]:
         others: dict[tuple[Any, ...], Row] = {}
         for r in rs:
             p = paper.row_for(r)
-            dev = deviations(r)
-            if p is not None and not dev:
-                paper_rows[paper.TABLE4.index(p)].runs.append(r)
+            dev, hyper = deviations(r), hyper_label(r)
+            row = paper_rows[paper.TABLE4.index(p)] if p is not None else None
+            if row is not None and not dev and (not row.runs or row.hyper == hyper):
+                row.runs.append(r)
+                row.hyper = hyper
                 continue
-            label = " ".join(dev) or "(no Table 4 row)"
+            label = " ".join([*dev, hyper]).strip() or "(no Table 4 row)"
             key = (r.experiment, r.feedback, r.train_on, label)
             if key not in others:
                 others[key] = Row(model, scale, method=r.experiment, feedback_source=r.feedback,
@@ -208,6 +241,7 @@ def to_markdown(rows: Sequence[Row]) -> str:
         )
         out.append("")
         out += _md_table([r for r in group if r.section == "paper"], he, with_paper=True, zero=zero)
+        out += [f"\n{note}" for note in unmatched_baselines(group)]
         other = [r for r in group if r.section == "other"]
         if other:
             out.append("")
@@ -216,6 +250,25 @@ def to_markdown(rows: Sequence[Row]) -> str:
             out += _md_table(other, he, with_paper=False, zero=zero)
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def refine_keys(row: Row) -> set[str]:
+    """The refine stages (cache keys) a row's runs drew their fine-tuning task IDs from."""
+    return {st.key for r in row.runs for st in r.stages if st.name.split("[")[0] == "refine" and st.key}
+
+
+def unmatched_baselines(group: Sequence[Row]) -> list[str]:
+    """Warnings for baseline rows trained on another refine stage's task IDs than the ILF row's (§3.2 wants the
+    same task IDs: a different seed, refine.n or sandbox setting gives other kept tasks)."""
+    by_exp = {r.experiment: r for r in group if r.section == "paper"}
+    ilf = refine_keys(by_exp["ilf"]) if "ilf" in by_exp else set()
+    notes = []
+    for exp in ("mbpp_gold", "human_refinements"):
+        keys = refine_keys(by_exp[exp]) if exp in by_exp else set()
+        if ilf and keys and keys != ilf:
+            notes.append(f"Warning: the {by_exp[exp].method} row was trained on the task IDs of refine stage(s) "
+                         f"{', '.join(sorted(keys))}, not the ILF row's ({', '.join(sorted(ilf))}): not matched (§3.2).")
+    return notes
 
 
 def _md_table(
@@ -234,7 +287,7 @@ def _md_table(
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = (
-            [r.method, feedback_label(r), r.finetuning_data]
+            [r.method + (f" ({r.hyper})" if r.hyper else ""), feedback_label(r), r.finetuning_data]
             if with_paper
             else [r.experiment, feedback_label(r), r.finetuning_data, r.label]
         )
@@ -257,7 +310,7 @@ CSV_COLUMNS = (
     "pass@1_mean", "pass@1_std", "pass@10_mean", "pass@10_std", "paper_pass@1", "paper_pass@10",
     "delta_pass@1_vs_zero_shot", "delta_pass@1_ci_low", "delta_pass@1_ci_high",
     "humaneval_pass@1_mean", "humaneval_pass@1_std", "humaneval_pass@10_mean", "humaneval_pass@10_std",
-    "n_samples", "num_tasks", "policy_trained_on", "results",
+    "n_samples", "num_tasks", "policy_trained_on", "hyperparameters", "results",
 )  # fmt: skip
 
 
@@ -285,6 +338,7 @@ def to_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
             "n_samples": r.counts("n_samples") if r.runs else None,
             "num_tasks": r.counts("num_tasks") if r.runs else None,
             "policy_trained_on": r.policy_examples() if r.runs else None,
+            "hyperparameters": r.hyper,
             "results": ";".join(x.path for x in r.runs if x.path),
         }
         for bench, prefix in (("mbpp", ""), ("humaneval", "humaneval_")):

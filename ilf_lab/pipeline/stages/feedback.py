@@ -23,6 +23,7 @@ class FeedbackStage(Stage):
 
     name = "feedback"
     writes_refinements: ClassVar[bool] = False  # True: the rows carry x1 too, and no πRefine is trained
+    provider: ClassVar[str]  # feedback.provider: how results.json and the report name it
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class HumanFeedback(FeedbackStage):
 
     Config = HumanFeedbackConfig
     inputs = ("tasks", "x0")
+    provider = "human"
 
     def run(self, inputs: dict[str, Artifact], cfg: HumanFeedbackConfig, out: Path) -> dict[str, Any]:
         anns = TaskSet.read(inputs["tasks"]).annotations
@@ -81,6 +83,7 @@ class LLMFeedbackConfig:
     max_retries: int = at("feedback.max_retries")
     n: int = at("feedback.n")
     temperature: float = at("feedback.temperature")
+    top_p: float = at("feedback.top_p")
     max_new_tokens: int = at("feedback.max_new_tokens")
     num_tasks: int | None = at("feedback.num_tasks")
     prompt_format: str = at("model.prompt_format")
@@ -100,6 +103,7 @@ class LLMFeedback(FeedbackStage):
     Config = LLMFeedbackConfig
     inputs = ("tasks", "x0", "model")
     writes_refinements = True
+    provider = "llm"
 
     def run(self, inputs: dict[str, Artifact], cfg: LLMFeedbackConfig, out: Path) -> dict[str, Any]:
         from ilf_lab.feedback import HFBackend, OpenAIBackend, llm_feedback
@@ -121,7 +125,7 @@ class LLMFeedback(FeedbackStage):
             backend = HFBackend(engine, tok, cfg.prompt_format if not cfg.model else "chat")
         rows = llm_feedback(
             items, shots, backend, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-            n=cfg.n,
+            n=cfg.n, top_p=cfg.top_p,
         )
         for r in rows:
             r["split"] = "train"

@@ -107,8 +107,9 @@ class LLMRefinementsConfig:
 
 
 class LLMRefinements(_Refine):
-    """The refinement the LLM wrote with its feedback, where it wrote one, tested."""
+    """The refinements the LLM wrote with its feedback (n replies per task), where it wrote one, tested."""
 
+    version = 2  # 2: `tasks` counts tasks, not replies
     Config = LLMRefinementsConfig
     inputs = ("tasks", "feedback")
 
@@ -116,4 +117,4 @@ class LLMRefinements(_Refine):
         rows = self.train_rows(inputs)
         tasks = TaskSet.read(inputs["tasks"]).tasks
         candidates = [(tasks[r["task_id"]], r["refinement"]) for r in rows if r.get("refinement")]
-        return _test_and_keep(cfg.execution, candidates, len(rows), out)
+        return _test_and_keep(cfg.execution, candidates, len({r["task_id"] for r in rows}), out)

@@ -31,6 +31,16 @@ class _Train(Stage):
     def records(self, inputs: dict[str, Artifact]) -> list[Any]:
         raise NotImplementedError
 
+    def resolved(self, cfg: Any) -> dict[str, Any]:
+        """`devices`/`accelerator` = auto resolve per machine (world size, hence accumulation): key what they
+        resolved to. Explicit settings are in the slice already."""
+        from ilf_lab.training.finetune import _accelerator, _local_devices
+
+        t = cfg.trainer
+        if "auto" not in (str(t.devices), str(t.accelerator)) and str(t.devices) != "-1":
+            return {}
+        return {"world": _local_devices(t) * t.num_nodes, "accelerator": _accelerator(t.accelerator)}
+
     def run(self, inputs: dict[str, Artifact], cfg: Any, out: Path) -> dict[str, Any]:
         from ilf_lab.training import finetune
 
@@ -83,6 +93,7 @@ class FineTuningData:
     """Where πθ*'s (task -> program) pairs come from; `inputs` are the upstream stages it reads."""
 
     inputs: ClassVar[tuple[str, ...]] = ()
+    label: ClassVar[str]  # train_on.source: the row's name in results.json and the report
 
     def pairs(self, inputs: dict[str, Artifact], tasks: TaskSet) -> list[tuple[int, str]]:
         raise NotImplementedError
@@ -90,6 +101,8 @@ class FineTuningData:
 
 class Refinements(FineTuningData):
     """ILF: the refinements that passed, one per MBPPTrain task (the refine stage's `kept`)."""
+
+    label = "refinements"
 
     inputs = ("refine",)
 
@@ -108,6 +121,8 @@ class MBPPGold(FineTuningData):
     corresponding to the same set of task IDs as the ones used in πθ*'s training dataset"; the reference's
     create_finetuning_data_from_refinements.py does the same): the tasks the run's refine stage kept."""
 
+    label = "mbpp_gold"
+
     inputs = ("refine",)
 
     def pairs(self, inputs: dict[str, Artifact], tasks: TaskSet) -> list[tuple[int, str]]:
@@ -116,6 +131,8 @@ class MBPPGold(FineTuningData):
 
 class HumanRefinements(FineTuningData):
     """The annotators' refinements of the same task IDs as πθ*'s ILF training set (§3.2)."""
+
+    label = "human_refinements"
 
     inputs = ("refine",)
 
@@ -127,6 +144,8 @@ class MBPPGoldAllTasks(FineTuningData):
     """Not the paper's protocol: MBPP's gold programs of every MBPPTrain task with feedback (before §3.2's
     matching; kept to compare with earlier runs)."""
 
+    label = "mbpp_gold_all_tasks"
+
     inputs = ("feedback",)
 
     def pairs(self, inputs: dict[str, Artifact], tasks: TaskSet) -> list[tuple[int, str]]:
@@ -137,6 +156,8 @@ class MBPPGoldAllTasks(FineTuningData):
 class HumanRefinementsAllTasks(FineTuningData):
     """Not the paper's protocol: the annotators' refinements of every annotated MBPPTrain task."""
 
+    label = "human_refinements_all_tasks"
+
     inputs = ("feedback",)
 
     def pairs(self, inputs: dict[str, Artifact], tasks: TaskSet) -> list[tuple[int, str]]:
@@ -146,6 +167,8 @@ class HumanRefinementsAllTasks(FineTuningData):
 
 class NoFineTuning(FineTuningData):
     """Zero-shot: πθ* is the base policy."""
+
+    label = "none"
 
 
 @dataclass(frozen=True)

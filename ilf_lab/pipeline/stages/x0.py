@@ -43,6 +43,7 @@ class AnnotatedX0(X0Stage):
 
     Config = AnnotatedX0Config
     inputs = ("tasks",)
+    source = "annotations"
 
     def run(self, inputs: dict[str, Artifact], cfg: AnnotatedX0Config, out: Path) -> dict[str, Any]:
         ts = TaskSet.read(inputs["tasks"])
@@ -73,6 +74,7 @@ class PolicyX0(X0Stage):
 
     Config = PolicyX0Config
     inputs = ("tasks", "policy")
+    source = "policy"
 
     def params(self) -> dict[str, Any]:
         return {"round": self.round}
