@@ -58,8 +58,8 @@ class LogProgress:
         pct = f" ({100 * self.n / self.total:.0f} %)" if self.total else ""
         tail = f"done in {elapsed:.0f} s" if done else f"about {left / 60:.1f} min left"
         extra = f", {self.postfix}" if self.postfix else ""
-        log.info("%s: %d/%d %s%s, %.1f %s/s%s, %s", self.desc, self.n, self.total, self.unit, pct, rate,
-                 self.unit, extra, tail)
+        speed = f"{rate:.1f} {self.unit}/s" if rate >= 0.1 else f"{rate * 60:.1f} {self.unit}/min"
+        log.info("%s: %d/%d %s%s, %s%s, %s", self.desc, self.n, self.total, self.unit, pct, speed, extra, tail)
 
 
 def progress_bar(total: int, desc: str, unit: str) -> Any:
