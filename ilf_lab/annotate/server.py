@@ -112,6 +112,8 @@ class AnnotationStore:
         return {
             "passed": whole.passed,
             "result": whole.result,
+            # "sealed": decided outside the program's process (docs/sandbox.md); "partial": part ran inside it
+            "trust": whole.trust,
             "stdout": whole.stdout,
             "seconds": round(whole.seconds, 3),
             "tests": [

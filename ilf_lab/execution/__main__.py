@@ -8,6 +8,7 @@ User errors (a malformed line, a missing file, a bad argument) are one line `err
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -63,19 +64,23 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
     p.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
     p.add_argument("--comparison", choices=("exact", "approx"), default="exact")
-    p.add_argument("--memory-mb", type=int, default=4096)
+    p.add_argument(
+        "--memory-mb", type=int, default=4096, help="address-space limit per program (default 4096)"
+    )
     p.add_argument("--progress", action="store_true", help="tqdm progress bar on stderr")
     args = p.parse_args(argv)
-    if args.timeout <= 0 or (args.workers is not None and args.workers < 1):
-        raise UsageError("--timeout must be > 0 and --workers >= 1")
+    _check_args(args)
     rows = _load(args.input)
 
-    from ilf_lab.execution.sandbox import run_programs
+    from ilf_lab.execution.sandbox import run_programs, worker_count
 
+    workers, note = worker_count(args.workers, len(rows))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     verdicts = run_programs(
         rows,
         timeout=args.timeout,
-        workers=args.workers,
+        workers=workers,
         comparison=args.comparison,
         memory_mb=args.memory_mb,
         progress=args.progress,
@@ -84,8 +89,26 @@ def _main(argv: list[str] | None) -> int:
     with reraise_as(DataError, f"cannot write {args.output}"):
         atomic_write_text(args.output, "".join(json.dumps(row) + "\n" for row in out))
     n_pass = sum(v.passed for v in verdicts)
-    print(f"{n_pass}/{len(verdicts)} passed", file=sys.stderr)
+    partial = sum(v.passed and v.trust != "sealed" for v in verdicts)
+    tail = (
+        f" ({partial} of them rest on test code that ran inside the program's process: see docs/sandbox.md)"
+        if partial
+        else ""
+    )
+    print(f"{n_pass}/{len(verdicts)} passed{tail}", file=sys.stderr)
     return 0
+
+
+def _check_args(args) -> None:
+    """Out-of-range numbers are usage errors, caught before the input is read or anything runs."""
+    from ilf_lab.execution.sandbox import MIN_MEMORY_MB
+
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise UsageError(f"--timeout must be > 0 and finite (seconds), got {args.timeout:g}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.memory_mb < MIN_MEMORY_MB:
+        raise UsageError(f"--memory-mb must be >= {MIN_MEMORY_MB}, got {args.memory_mb}")
 
 
 if __name__ == "__main__":
