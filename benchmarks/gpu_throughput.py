@@ -7,6 +7,8 @@ The model is a Llama-layout decoder with CodeGen-350M-mono's sizes (20 layers, d
 random tokens, timed after warm-up steps; the Lightning wrapper adds ~6 % on CPU (benchmarks/training.py).
 
     python benchmarks/gpu_throughput.py                                    # cuda, bf16-mixed, 350m
+    python benchmarks/gpu_throughput.py --arch codegen                     # CodeGen-350M's own architecture:
+        # sampling then takes the engine's generic path, as CodeGen-6B does (scripts/paper_plan.py's rooflines)
     python benchmarks/gpu_throughput.py --device cpu --size tiny --precision 32 --steps 3   # plumbing check
 
 The last line is one JSON object: metric train_tokens_per_s, value (measured), baseline (the tokens/s the
@@ -32,13 +34,26 @@ SIZES = {
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-def build_model_dir(out: Path, size: str, seed: int = 0) -> Path:
-    """A random model with the byte-level tokenizer of the tests, padded with extra tokens to the vocabulary."""
+def build_model_dir(out: Path, size: str, seed: int = 0, arch: str = "llama") -> Path:
+    """A random model with the byte-level tokenizer of the tests, padded with extra tokens to the vocabulary.
+    arch=codegen: CodeGenForCausalLM with CodeGen-350M-mono's sizes (20 x 1024, 16 heads, rotary 32, 51200)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from ilf_lab.models.loading import build_tiny_random
+    from ilf_lab.models.loading import build_tiny_codegen, build_tiny_random
 
     s = SIZES[size]
+    if arch == "codegen":
+        from transformers import CodeGenConfig, CodeGenForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(build_tiny_codegen(out / "tokenizer"))
+        torch.manual_seed(seed)
+        head = s["hidden"] // s["heads"]
+        config = CodeGenConfig(vocab_size=s["vocab"], n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
+                               rotary_dim=max(2, head // 2), n_positions=2048, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+        CodeGenForCausalLM(config).save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
+        return out / "model"
     tok = AutoTokenizer.from_pretrained(build_tiny_random(out / "tokenizer"))
     tok.add_tokens([f"<x{i}>" for i in range(s["vocab"] - len(tok))])
     torch.manual_seed(seed)
@@ -139,9 +154,12 @@ def sampling_throughput(model_dir: Path, args) -> dict:
 
     dtype = torch.float32 if args.precision == "32" else torch.bfloat16
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:  # CodeGen's tokenizer has none (as ilf_lab.models.loading.load_tokenizer does)
+        tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(args.device).eval()
     gen = torch.Generator().manual_seed(1)
-    byte_ids = list(range(3, 259))  # the byte tokens: prompts re-tokenise to about prompt_len tokens
+    first = 0 if args.arch == "codegen" else 3  # the byte tokens (after the specials in the Llama layout)
+    byte_ids = list(range(first, first + 256))  # prompts re-tokenise to about prompt_len tokens
     prompts = [
         tok.decode(
             [byte_ids[int(i)] for i in torch.randint(0, len(byte_ids), (args.prompt_len,), generator=gen)]
@@ -220,6 +238,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", choices=sorted(SIZES), default="350m")
+    ap.add_argument("--arch", choices=["llama", "codegen"], default="llama",
+                    help="llama: the slot engine's path; codegen: CodeGen's own blocks, the generic path")
     ap.add_argument("--precision", choices=["bf16-mixed", "bf16-true", "32"], default="bf16-mixed")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
@@ -241,7 +261,7 @@ def main() -> None:
     peak = matmul_peak(args.device, peak_dtype, 8192 if args.device.startswith("cuda") else 1024)
     print(f"device {name}: measured {peak_dtype} matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model_dir(Path(tmp), args.size)
+        model_dir = build_model_dir(Path(tmp), args.size, arch=args.arch)
         train = train_throughput(model_dir, args)
         print(
             f"train ({args.size}, {train['params'] / 1e6:.0f}M params, {args.precision}, micro-batch "

@@ -70,7 +70,7 @@ def test_sweep_scripts_are_valid_bash(script):
 
 
 def test_yaml_files_parse():
-    for p in list(SWEEPS.glob("*.yaml")) + list(SWEEPS.glob("hydra/launcher/*.yaml")):
+    for p in list(SWEEPS.glob("*.yaml")) + list((ROOT / "conf" / "hydra" / "launcher").glob("*.yaml")):
         assert isinstance(yaml.safe_load(p.read_text()), dict), p
     wb = yaml.safe_load((SWEEPS / "wandb_paper_table.yaml").read_text())
     assert wb["parameters"]["experiment"]["values"] == [

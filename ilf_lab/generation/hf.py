@@ -107,6 +107,32 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
+def context_limit(model: Any) -> int | None:
+    """Positions the model has (CodeGen: 2048, a fixed sin/cos table that cannot be indexed past its end)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def fit_context(
+    ids: list[list[int]], max_new_tokens: int, limit: int | None, bos: int | None = None
+) -> tuple[list[list[int]], list[int], int]:
+    """(prompts, new-token budget per prompt, prompts cut) so that prompt + generation fits `limit` positions: a
+    prompt that leaves no room keeps its last `limit - 1` tokens (its BOS too), the continuation point being what
+    matters; a sample that reaches the limit ends there, as at max_new_tokens. Past the limit CodeGen raises an
+    IndexError (on GPU a device-side assert that ends the whole run)."""
+    if not limit:
+        return ids, [max_new_tokens] * len(ids), 0
+    out, budgets, cut = [], [], 0
+    for p in ids:
+        if len(p) >= limit:
+            keep = [p[0]] if bos is not None and p and p[0] == bos else []
+            p = keep + p[len(p) - (limit - 1 - len(keep)) :]
+            cut += 1
+        out.append(p)
+        budgets.append(max(0, min(max_new_tokens, limit - len(p))))
+    return out, budgets, cut
+
+
 def supports_slots(model: Any) -> bool:
     """Llama-family decoder whose modules the slot forward can call (no sliding-window attention in use)."""
     cfg = model.config
@@ -301,6 +327,7 @@ class HFEngine:
         # refill freed slots once this share of them is free (0: as soon as one prompt's n samples fit)
         self.refill_fraction = refill_fraction
         self.eos = eos_token_ids(model, tokenizer)
+        self._budget: list[int] = []  # new tokens each prompt of the current call may take (fit_context)
         self.device = next(model.parameters()).device
         self.last_stats: dict[str, float] = {}
 
@@ -313,8 +340,15 @@ class HFEngine:
             return done
         n = 1 if params.greedy else params.n
         ids = encode_prompts(self.tokenizer, prompts)
+        limit = context_limit(self.model)
+        ids, self._budget, cut = fit_context(ids, params.max_new_tokens, limit, self.tokenizer.bos_token_id)
+        short = sum(b < params.max_new_tokens for b in self._budget)
+        if short:
+            log.warning("the model has %d positions: %d of %d prompts leave less room than max_new_tokens=%d "
+                        "(their samples end at the limit; %d prompts cut from the left)", limit, short,
+                        len(ids), params.max_new_tokens, cut)
         seeds = prompt_seeds(prompts, params.seed, n)
-        max_len = max(len(p) for p in ids) + params.max_new_tokens
+        max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
         slots = self.batch_size or auto_batch_size(self.model, max_len, self.device)
         slots = max(slots, n)
         out: list[list[str | None]] = [[None] * n for _ in prompts]
@@ -364,7 +398,7 @@ class HFEngine:
                 finished.append(i)
                 continue
             rows.tokens[i].append(tok)
-            if len(rows.tokens[i]) >= params.max_new_tokens:
+            if len(rows.tokens[i]) >= self._budget[rows.prompt[i]]:
                 finished.append(i)
             else:
                 check.append(i)

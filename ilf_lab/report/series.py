@@ -36,6 +36,8 @@ def perplexities(results: Sequence[Results]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for r in results:
         p = r.artifacts.get("perplexity")
+        if p and not Path(p).is_file() and r.path:  # a published run: the file sits beside its results.json
+            p = str(Path(r.path).parent / Path(p).name)
         if not p or not Path(p).is_file():
             continue
         for _, row in iter_jsonl(p):  # a malformed line is a DataError naming the file and the line
