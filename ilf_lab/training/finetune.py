@@ -514,5 +514,11 @@ def finetune(
     if spawn:
         _spawn(job, dm, logger)
     else:
-        _train(job, dm, logger)
+        # Lightning's deterministic=True turns torch.use_deterministic_algorithms on for the whole process and
+        # leaves it on (it also fills fresh tensors with NaN); later stages in this process must not inherit it
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        try:
+            _train(job, dm, logger)
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
     return TrainResult(**json.loads(result_file.read_text()))
