@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ilf_lab.pipeline.cache import StageCache
@@ -76,6 +77,19 @@ def _closure(run: Runner, stage: str) -> set[str]:
         else:
             out |= _closure(run, up)
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_process_state():
+    """The pipeline runs in its own process; here it shares pytest's with every earlier test module. Reset the
+    process-wide state those may leave (Lightning's deterministic-algorithms flag, the loaded engine) so that a
+    difference found below is the pipeline's, not another test's."""
+    from ilf_lab.pipeline.stages import common
+
+    torch.use_deterministic_algorithms(False)
+    common._loaded.clear()
+    yield
+    common._loaded.clear()
 
 
 @pytest.fixture(scope="module")
