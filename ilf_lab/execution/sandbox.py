@@ -7,6 +7,7 @@ reused; each forks one contained process per program.  See ``worker.py`` for the
 isolation layers and ``verdict.py`` for the verdict protocol: the tests are planned here, the
 program's process only reports operand values, and the pass/fail decision is made here, in the
 harness process, which the program cannot reach.  docs/sandbox.md states the guarantees.
+One module over ~400 lines: the pool, its uid claims and the dispatch loop share one worker lifecycle.
 
 Pools do not share sandbox uids: each claims its uids with a lock file per uid (held for the pool's
 life), so the "kill every process of this uid" cleanup after a worker death can only hit the pool's own

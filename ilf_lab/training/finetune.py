@@ -10,6 +10,9 @@ cluster (srun / torchrun), which sets `LOCAL_RANK`; then everything runs in-proc
 Precision: with a `*-mixed` trainer precision the weights train in fp32 (master weights; autocast computes in
 bf16/fp16), whatever `model.dtype` says — AdamW updates of lr 5e-6 vanish in bf16 weights — and are saved in
 `model.dtype`. `trainer.gradient_checkpointing` recomputes each decoder block's activations in the backward pass.
+
+One module over ~400 lines: launching, the strategy (incl. CPU FSDP) and saving must agree on ranks and state
+dicts, and are checked together.
 FSDP shards the model by decoder block (the model's `_no_split_modules`); on CPU it runs over gloo (Lightning
 itself accepts FSDP on GPUs only; torch's FSDP runs on CPU), which is how the preset is rehearsed without GPUs.
 
