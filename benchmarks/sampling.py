@@ -1,10 +1,20 @@
-"""Sampling throughput: our HF engine vs plain `model.generate`, SmolLM2-135M-Instruct on MBPP chat prompts.
+"""Sampling throughput and where it goes: our HF engine vs plain `model.generate`, SmolLM2-135M-Instruct at T=0.8.
 
-Counts only kept tokens (tokens of the returned completions after stop cutting), the same way for both. Prints
-human-readable lines, then one JSON object as the last line (metric, value, baseline, ratio, unit, ...).
+Two prompt sets, both as the pipeline builds them: MBPP chat prompts (evaluation, x0 sampling) and refine prompts
+(task, x0 and human feedback from the ILF annotations: long, n samples each). For each set it prints
 
-    python benchmarks/sampling.py                       # 64 prompts (tasks 11..74) x n=8, 128 new tokens
-    python benchmarks/sampling.py --prompts 8 --n 4 --max-new-tokens 64
+* the roofline as the work sees it: fp32 GFLOP/s measured on this host at the decode step's own matmul shapes
+  (the engine's batch rows x each linear layer), and the FLOPs per generated token (2 x parameters + attention
+  at the run's mean context length);
+* the engine's kept and generated tokens/s and the generated rate as a share of that roofline;
+* the per-phase profile of the engine's call (prefill, the decode step's parts, token choice, stop checks);
+* the baseline, `model.generate` at 16 sequences per call on the first `--baseline-prompts` prompts, and the
+  ratio in kept tokens/s (kept = tokens of the returned completions after the stop cut, counted the same way).
+
+The last line is one JSON object (metric, value, baseline, ratio, unit, per-set details).
+
+    python benchmarks/sampling.py                              # 32 chat + 32 refine prompts x n=8, 128 new tokens
+    python benchmarks/sampling.py --sets chat --prompts 8 --n 4 --max-new-tokens 64
 """
 
 from __future__ import annotations
@@ -16,23 +26,56 @@ import time
 
 import torch
 
-GFLOP_PER_TOKEN = 0.27  # 2 x 135M parameters (SmolLM2-135M)
+from ilf_lab.generation.phases import Phases
 
 
-def mm_gflops(m: int = 128, k: int = 576, n: int = 1536, trials: int = 5, seconds: float = 0.4) -> float:
-    """fp32 matmul throughput at a decode-step shape of this model (rows x hidden x MLP width); best of a
-    few short trials, so a moment of contention from another process does not define the roofline."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(5):
-        torch.mm(a, b)
+def mm_gflops(m: int, k: int, n: int, seconds: float = 0.25, trials: int = 3) -> float:
+    """fp32 throughput of x[m,k] @ W[n,k]^T (F.linear, as the model calls it); best of a few short trials, so a
+    moment of contention from another process does not define the roofline."""
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
     best = 0.0
     for _ in range(trials):
         it, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            torch.mm(a, b)
+            torch.nn.functional.linear(x, w)
             it += 1
         best = max(best, 2 * m * k * n * it / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def decode_shapes(model) -> list[tuple[int, int, int]]:
+    """(in, out, count per token) of every matmul of one decode step: the layers' projections and the LM head."""
+    c = model.config
+    kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    h, f, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    return [
+        (h, c.num_attention_heads * hd, 2 * L),  # q, o
+        (h, kvh * hd, 2 * L),  # k, v
+        (h, f, 2 * L),  # gate, up
+        (f, h, L),  # down
+        (h, c.vocab_size, 1),  # lm_head
+    ]
+
+
+def roofline(model, rows: int) -> tuple[float, float]:
+    """(GFLOP/s over the decode step's linear layers at `rows` rows, weighted by their FLOPs; GFLOP per token of
+    those layers = 2 x their parameters)."""
+    flops = secs = 0.0
+    for k, n, count in decode_shapes(model):
+        g = mm_gflops(rows, k, n)
+        f = 2 * k * n * count
+        flops += f
+        secs += f / (g * 1e9)
+    return flops / secs / 1e9, flops / 1e9
+
+
+def attention_gflop_per_token(model, context: float) -> float:
+    c = model.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * 2 * c.num_hidden_layers * c.num_attention_heads * hd * context / 1e9  # q.K and p.V
 
 
 def kept_tokens(tok, completions: list[list[str]]) -> int:
@@ -52,15 +95,8 @@ def run_baseline(model, tok, prompts, n, max_new, stops, temperature, top_p, bat
         enc = tok(prompts[i : i + per_call], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             gen = model.generate(
-                **enc,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=None,
-                num_return_sequences=n,
-                max_new_tokens=max_new,
-                stop_strings=list(stops),
-                tokenizer=tok,
+                **enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
+                num_return_sequences=n, max_new_tokens=max_new, stop_strings=list(stops), tokenizer=tok,
                 pad_token_id=tok.pad_token_id,
             )
         new = gen[:, enc["input_ids"].shape[1] :]
@@ -71,98 +107,112 @@ def run_baseline(model, tok, prompts, n, max_new, stops, temperature, top_p, bat
     return out
 
 
+def prompt_sets(names, tok, data_dir: str | None, count: int) -> dict[str, list[str]]:
+    from omegaconf import OmegaConf
+
+    from ilf_lab.config import DataConfig
+    from ilf_lab.data.mbpp import Annotation, load_annotation_records, load_mbpp
+    from ilf_lab.data.prompts import refine_prompt, task_prompt
+
+    data = OmegaConf.merge(OmegaConf.structured(DataConfig), {"dir": data_dir})
+    tasks = load_mbpp(data)
+    out = {}
+    if "chat" in names:
+        out["chat"] = [task_prompt(tasks[i], "chat", tok) for i in range(11, 11 + count)]
+    if "refine" in names:
+        anns = [Annotation.from_record(r) for r in load_annotation_records(data)]
+        anns = sorted(anns, key=lambda a: a.task_id)[:count]
+        out["refine"] = [refine_prompt(tasks[a.task_id], a.old_code, a.feedback, "chat", tok) for a in anns]
+    return out
+
+
+def bench_set(name, prompts, model, tok, args) -> dict:
+    from ilf_lab.data.prompts import stop_sequences
+    from ilf_lab.generation import SamplingParams
+    from ilf_lab.generation.hf import HFEngine, encode_prompts
+
+    stops = stop_sequences("chat")
+    params = SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, stop=stops
+    )
+    plen = [len(p) for p in encode_prompts(tok, prompts)]
+    print(f"\n== {name} prompts: {len(prompts)} x n={args.n}, prompt tokens mean {sum(plen) / len(plen):.0f} "
+          f"(min {min(plen)}, max {max(plen)}), T={args.temperature}, top_p={args.top_p}, "
+          f"{args.max_new_tokens} new tokens")
+    engine = HFEngine(model, tok, batch_size=args.batch_size)
+    engine.phases = Phases()
+    t0 = time.perf_counter()
+    out = engine.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    stats = engine.last_stats
+    gen_tokens = int(stats["generated_tokens"])
+    kept = kept_tokens(tok, out)
+    value, gen_rate = kept / dt, gen_tokens / dt
+    rows = int(stats["batch_size"])
+    mm, lin_gflop = roofline(model, rows)
+    mean_gen = gen_tokens / (len(prompts) * args.n)
+    context = sum(plen) / len(plen) + mean_gen / 2
+    gflop = lin_gflop + attention_gflop_per_token(model, context)
+    share = gen_rate * gflop / mm
+    print(f"roofline: fp32 F.linear at the decode shapes ({rows} rows), FLOP-weighted: {mm:.1f} GFLOP/s; "
+          f"{gflop:.3f} GFLOP per generated token ({lin_gflop:.3f} linear + attention at mean context {context:.0f})")
+    print(f"engine ({engine.backend}, {rows} rows): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
+          f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline")
+    print("profile (seconds, share of the call):")
+    profile = {}
+    for phase, sec, frac in engine.phases.table(dt):
+        print(f"  {phase:<44} {sec:8.2f}  {100 * frac:5.1f}%")
+        profile[phase] = round(sec, 2)
+    nb = min(args.baseline_prompts, len(prompts))
+    t0 = time.perf_counter()
+    base_out = run_baseline(model, tok, prompts[:nb], args.n, args.max_new_tokens, stops, args.temperature,
+                            args.top_p)
+    bdt = time.perf_counter() - t0
+    bkept = kept_tokens(tok, base_out)
+    baseline = bkept / bdt
+    print(f"baseline model.generate (16 sequences/call), first {nb} prompts: {bkept} kept tokens in {bdt:.1f} s "
+          f"= {baseline:.1f} tok/s; ratio {value / baseline:.2f}x")
+    return {
+        "prompts": len(prompts), "prompt_tokens_mean": round(sum(plen) / len(plen), 1), "n": args.n,
+        "value": round(value, 2), "generated_per_s": round(gen_rate, 2), "baseline": round(baseline, 2),
+        "ratio": round(value / baseline, 3), "engine_seconds": round(dt, 1), "engine_kept_tokens": kept,
+        "engine_generated_tokens": gen_tokens, "batch_rows": rows, "baseline_prompts": nb,
+        "baseline_seconds": round(bdt, 1), "baseline_kept_tokens": bkept, "roofline_gflops": round(mm, 1),
+        "gflop_per_generated_token": round(gflop, 4), "roofline_share": round(share, 3), "profile_s": profile,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--sets", default="chat,refine", help="comma list of prompt sets: chat, refine")
+    ap.add_argument("--prompts", type=int, default=32, help="prompts per set")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument(
-        "--baseline-prompts", type=int, default=8, help="plain generate is slow: run it on a subset"
-    )
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--baseline-prompts", type=int, default=4, help="plain generate is slow: run it on a subset")
     ap.add_argument("--batch-size", type=int, default=None, help="engine rows (default: automatic)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab"))
-    ap.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/mbpp.jsonl")
+    ap.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/ and ilf/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from omegaconf import OmegaConf
-
-    from ilf_lab.data.mbpp import load_mbpp
-    from ilf_lab.data.prompts import stop_sequences, task_prompt
-    from ilf_lab.generation import SamplingParams
-    from ilf_lab.generation.hf import HFEngine
     from ilf_lab.models.loading import load_model, model_config, resolve_model_dir
 
     path = resolve_model_dir(model_config("smollm2_135m_instruct"), args.cache_dir)
     model, tok = load_model(path, "float32")
-    tasks = load_mbpp(OmegaConf.create({"dir": args.data_dir}))
-    ids = list(range(11, 11 + args.prompts))
-    prompts = [task_prompt(tasks[i], "chat", tok) for i in ids]
-    stops = stop_sequences("chat")
-    params = SamplingParams(
-        n=args.n, temperature=args.temperature, top_p=0.95, max_new_tokens=args.max_new_tokens, stop=stops
-    )
-    gflops = mm_gflops()
-    print(f"fp32 torch.mm [128x576]x[576x1536], {args.threads} threads: {gflops:.1f} GFLOP/s")
-
-    engine = HFEngine(model, tok, batch_size=args.batch_size)
-    t0 = time.perf_counter()
-    out = engine.generate(prompts, params, progress=True)
-    dt = time.perf_counter() - t0
-    kept = kept_tokens(tok, out)
-    value = kept / dt
-    stats = engine.last_stats
-    print(
-        f"engine ({engine.backend}, batch {stats['batch_size']}): {len(prompts)} prompts x n={args.n}: "
-        f"{kept} kept tokens ({stats['generated_tokens']} generated) in {dt:.1f} s = {value:.1f} tok/s"
-    )
-
-    nb = min(args.baseline_prompts, len(prompts))
-    t0 = time.perf_counter()
-    base_out = run_baseline(
-        model, tok, prompts[:nb], args.n, args.max_new_tokens, stops, args.temperature, 0.95
-    )
-    bdt = time.perf_counter() - t0
-    bkept = kept_tokens(tok, base_out)
-    baseline = bkept / bdt
-    print(
-        f"baseline model.generate (16 sequences/batch): {nb} prompts: {bkept} kept tokens in {bdt:.1f} s "
-        f"= {baseline:.1f} tok/s"
-    )
-    gflops = max(gflops, mm_gflops())  # again after the runs: the better of the two is the roofline
-    print(f"fp32 torch.mm roofline (best before/after): {gflops:.1f} GFLOP/s")
-    share = value * GFLOP_PER_TOKEN / gflops
-    print(
-        f"ratio {value / baseline:.2f}x; engine reaches {100 * share:.0f}% of the matmul roofline "
-        f"({GFLOP_PER_TOKEN} GFLOP/token)"
-    )
-    print(
-        json.dumps(
-            {
-                "metric": "sampling_kept_tokens_per_s",
-                "value": round(value, 2),
-                "baseline": round(baseline, 2),
-                "ratio": round(value / baseline, 3),
-                "unit": "tok/s",
-                "prompts": len(prompts),
-                "n": args.n,
-                "max_new_tokens": args.max_new_tokens,
-                "baseline_prompts": nb,
-                "engine_seconds": round(dt, 1),
-                "engine_kept_tokens": kept,
-                "engine_generated_tokens": stats["generated_tokens"],
-                "batch_size": stats["batch_size"],
-                "baseline_seconds": round(bdt, 1),
-                "baseline_kept_tokens": bkept,
-                "mm_gflops": round(gflops, 1),
-                "roofline_share": round(share, 3),
-                "threads": args.threads,
-                "load_avg_1m": round(os.getloadavg()[0], 2),
-            }
-        )
-    )
+    sets = prompt_sets(args.sets.split(","), tok, args.data_dir, args.prompts)
+    print(f"SmolLM2-135M-Instruct fp32, torch {torch.__version__}, {args.threads} threads, "
+          f"load avg {os.getloadavg()[0]:.2f}")
+    results = {name: bench_set(name, prompts, model, tok, args) for name, prompts in sets.items()}
+    worst = min(results.values(), key=lambda r: r["ratio"])
+    print(json.dumps({
+        "metric": "sampling_kept_tokens_per_s", "value": worst["value"], "baseline": worst["baseline"],
+        "ratio": worst["ratio"], "unit": "tok/s", "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "top_p": args.top_p, "threads": args.threads,
+        "load_avg_1m": round(os.getloadavg()[0], 2), "sets": results,
+    }))
 
 
 if __name__ == "__main__":

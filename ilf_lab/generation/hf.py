@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ilf_lab.generation.phases import OFF, Phases
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.sampling import (
     StopChecker,
@@ -210,7 +211,7 @@ class _SlotCache:
     """A preallocated KV cache [layer, k|v, slot, kv_head, position, head_dim] and a Llama-family forward
     that reads and writes it. Pages are touched only as far as sequences actually grow."""
 
-    def __init__(self, model: Any, slots: int, max_len: int) -> None:
+    def __init__(self, model: Any, slots: int, max_len: int, phases: Phases = OFF) -> None:
         cfg = model.config
         self.model = model
         self.inner = model.model
@@ -218,6 +219,7 @@ class _SlotCache:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.group = self.heads // self.kv_heads
         self.head_dim = _head_dim(cfg)
+        self.phases = phases
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.kv = torch.empty(
@@ -267,32 +269,44 @@ class _SlotCache:
 
     def decode(self, tokens: torch.Tensor, lens: torch.Tensor, width: int) -> torch.Tensor:
         """One step for rows 0..A-1: token i goes to position lens[i] of slot i; `width` = max(lens) + 1."""
+        ph = self.phases
         a = tokens.shape[0]
         max_len = self.kv.shape[4]
-        # flat row index of (slot i, kv head h, column lens[i]) in a [slots * kv_heads * max_len, head_dim] view:
-        # one index_copy_ per layer writes the new K (V) of every row
-        heads = torch.arange(self.kv_heads, device=self.device)
-        rows = torch.arange(a, device=self.device)
-        flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * max_len + lens.unsqueeze(1)).view(-1)
-        x = self.inner.embed_tokens(tokens).unsqueeze(1)
-        cos, sin = self.inner.rotary_emb(x, lens.unsqueeze(1))
-        cols = torch.arange(width, device=self.device)
-        mask = torch.zeros(a, 1, 1, width, dtype=self.dtype, device=self.device)
-        mask.masked_fill_((cols.unsqueeze(0) > lens.unsqueeze(1)).view(a, 1, 1, width), float("-inf"))
+        with ph("decode: embed, rope, mask"):
+            heads = torch.arange(self.kv_heads, device=self.device)
+            rows = torch.arange(a, device=self.device)
+            flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * max_len + lens.unsqueeze(1)).view(-1)
+            x = self.inner.embed_tokens(tokens).unsqueeze(1)
+            cos, sin = self.inner.rotary_emb(x, lens.unsqueeze(1))
+            cols = torch.arange(width, device=self.device)
+            mask = torch.zeros(a, 1, 1, width, dtype=self.dtype, device=self.device)
+            mask.masked_fill_((cols.unsqueeze(0) > lens.unsqueeze(1)).view(a, 1, 1, width), float("-inf"))
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
-            kc, vc = self.kv[i, 0], self.kv[i, 1]
-            kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
-            vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
-            # the query heads sharing a KV head ride along the query axis: no repeat of the cache
-            qg = q.reshape(a, self.kv_heads, self.group, self.head_dim)
-            # plain matmuls beat CPU flash-SDPA here (3 queries per KV head): 1.8 vs 2.6 ms/layer at 128 rows
-            scores = torch.matmul(qg, kc[:a, :, :width].transpose(-1, -2)).mul_(attn.scaling).add_(mask)
-            o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(qg.dtype), vc[:a, :, :width])
-            x = x + attn.o_proj(o.reshape(a, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(self.inner.norm(x[:, 0])).float()
+            with ph("decode: norms, residual"):
+                h = layer.input_layernorm(x)
+            with ph("decode: q/k/v/o projections, rope"):
+                q, k, v = self._qkv(attn, h, cos, sin)
+            with ph("decode: attention over the cache"):
+                kc, vc = self.kv[i, 0], self.kv[i, 1]
+                kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim))
+                vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim))
+                qg = q.reshape(a, self.kv_heads, self.group, self.head_dim)
+                scores = torch.matmul(qg, kc[:a, :, :width].transpose(-1, -2)).mul_(attn.scaling).add_(mask)
+                o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(qg.dtype), vc[:a, :, :width])
+            with ph("decode: q/k/v/o projections, rope"):
+                o = attn.o_proj(o.reshape(a, 1, -1))
+            with ph("decode: norms, residual"):
+                x = x + o
+                h = layer.post_attention_layernorm(x)
+            with ph("decode: MLP"):
+                h = layer.mlp(h)
+            with ph("decode: norms, residual"):
+                x = x + h
+        with ph("decode: norms, residual"):
+            h = self.inner.norm(x[:, 0])
+        with ph("decode: lm_head"):
+            return self.model.lm_head(h).float()
 
     def move(self, dst: Sequence[int], src: Sequence[int], width: int) -> None:
         d = torch.tensor(dst, device=self.device)
@@ -330,6 +344,7 @@ class HFEngine:
         self._budget: list[int] = []  # new tokens each prompt of the current call may take (fit_context)
         self.device = next(model.parameters()).device
         self.last_stats: dict[str, float] = {}
+        self.phases = OFF  # set to a Phases() to time a call's phases (benchmarks/sampling.py)
 
     def generate(
         self, prompts: Sequence[str], params: SamplingParams, progress: bool = False
@@ -389,8 +404,10 @@ class HFEngine:
     ) -> list[int]:
         """Sample the next token for rows `idx` (logits row j belongs to rows idx[j]), record finished
         samples, return the row indices that finished."""
-        uniforms = None if params.greedy else draw_uniforms([rows.gen[i] for i in idx])
-        chosen = choose_tokens(logits, params.temperature, params.top_p, uniforms).tolist()
+        with self.phases("sampling: uniform draws"):
+            uniforms = None if params.greedy else draw_uniforms([rows.gen[i] for i in idx])
+        with self.phases("sampling: temperature, top-p, choice"):
+            chosen = choose_tokens(logits, params.temperature, params.top_p, uniforms).tolist()
         finished, check = [], []
         for j, i in enumerate(idx):
             tok = chosen[j]
@@ -403,16 +420,18 @@ class HFEngine:
             else:
                 check.append(i)
         if stopper.stop and check:
-            hits = stopper.hits([rows.tokens[i] for i in check])
+            with self.phases("stop-string checks"):
+                hits = stopper.hits([rows.tokens[i] for i in check])
             finished.extend(i for i, h in zip(check, hits, strict=True) if h)
-        for i in finished:
-            out[rows.prompt[i]][rows.sample[i]] = stopper.finish(rows.tokens[i], self.eos)
+        with self.phases("finishing samples (decode text)"):
+            for i in finished:
+                out[rows.prompt[i]][rows.sample[i]] = stopper.finish(rows.tokens[i], self.eos)
         return finished
 
     # -- slots backend ----------------------------------------------------------------------------------
 
     def _run_slots(self, ids, seeds, n, params, slots, max_len, stopper, out, bar) -> None:
-        cache = _SlotCache(self.model, slots, max_len)
+        cache = _SlotCache(self.model, slots, max_len, self.phases)
         queue = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         budget = PREFILL_TOKENS_GPU if self.device.type == "cuda" else PREFILL_TOKENS_CPU
         refill_at = max(n, int(math.ceil(self.refill_fraction * slots)))
@@ -427,7 +446,8 @@ class HFEngine:
                         break
                     take.append(queue.pop(0))
                 row0 = len(rows)
-                logits = cache.prefill([ids[p] for p in take], row0, n)
+                with self.phases("prefill"):
+                    logits = cache.prefill([ids[p] for p in take], row0, n)
                 for p in take:
                     for j in range(n):
                         gen = None if params.greedy else make_generator(seeds[p][j])
@@ -447,7 +467,8 @@ class HFEngine:
             for i in range(a):
                 if rows.tokens[i]:
                     last[i] = rows.tokens[i][-1]
-            self._compact(cache, rows, last, done)
+            with self.phases("compaction (row moves)"):
+                self._compact(cache, rows, last, done)
             bar.step(a, len(done))
 
     @staticmethod
