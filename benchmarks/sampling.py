@@ -95,8 +95,15 @@ def run_baseline(model, tok, prompts, n, max_new, stops, temperature, top_p, bat
         enc = tok(prompts[i : i + per_call], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             gen = model.generate(
-                **enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
-                num_return_sequences=n, max_new_tokens=max_new, stop_strings=list(stops), tokenizer=tok,
+                **enc,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=None,
+                num_return_sequences=n,
+                max_new_tokens=max_new,
+                stop_strings=list(stops),
+                tokenizer=tok,
                 pad_token_id=tok.pad_token_id,
             )
         new = gen[:, enc["input_ids"].shape[1] :]
@@ -133,12 +140,18 @@ def bench_set(name, prompts, model, tok, args) -> dict:
 
     stops = stop_sequences("chat")
     params = SamplingParams(
-        n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, stop=stops
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        stop=stops,
     )
     plen = [len(p) for p in encode_prompts(tok, prompts)]
-    print(f"\n== {name} prompts: {len(prompts)} x n={args.n}, prompt tokens mean {sum(plen) / len(plen):.0f} "
-          f"(min {min(plen)}, max {max(plen)}), T={args.temperature}, top_p={args.top_p}, "
-          f"{args.max_new_tokens} new tokens")
+    print(
+        f"\n== {name} prompts: {len(prompts)} x n={args.n}, prompt tokens mean {sum(plen) / len(plen):.0f} "
+        f"(min {min(plen)}, max {max(plen)}), T={args.temperature}, top_p={args.top_p}, "
+        f"{args.max_new_tokens} new tokens"
+    )
     engine = HFEngine(model, tok, batch_size=args.batch_size)
     engine.phases = Phases()
     t0 = time.perf_counter()
@@ -154,10 +167,14 @@ def bench_set(name, prompts, model, tok, args) -> dict:
     context = sum(plen) / len(plen) + mean_gen / 2
     gflop = lin_gflop + attention_gflop_per_token(model, context)
     share = gen_rate * gflop / mm
-    print(f"roofline: fp32 F.linear at the decode shapes ({rows} rows), FLOP-weighted: {mm:.1f} GFLOP/s; "
-          f"{gflop:.3f} GFLOP per generated token ({lin_gflop:.3f} linear + attention at mean context {context:.0f})")
-    print(f"engine ({engine.backend}, {rows} rows): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
-          f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline")
+    print(
+        f"roofline: fp32 F.linear at the decode shapes ({rows} rows), FLOP-weighted: {mm:.1f} GFLOP/s; "
+        f"{gflop:.3f} GFLOP per generated token ({lin_gflop:.3f} linear + attention at mean context {context:.0f})"
+    )
+    print(
+        f"engine ({engine.backend}, {rows} rows): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
+        f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline"
+    )
     print("profile (seconds, share of the call):")
     profile = {}
     for phase, sec, frac in engine.phases.table(dt):
@@ -165,20 +182,35 @@ def bench_set(name, prompts, model, tok, args) -> dict:
         profile[phase] = round(sec, 2)
     nb = min(args.baseline_prompts, len(prompts))
     t0 = time.perf_counter()
-    base_out = run_baseline(model, tok, prompts[:nb], args.n, args.max_new_tokens, stops, args.temperature,
-                            args.top_p)
+    base_out = run_baseline(
+        model, tok, prompts[:nb], args.n, args.max_new_tokens, stops, args.temperature, args.top_p
+    )
     bdt = time.perf_counter() - t0
     bkept = kept_tokens(tok, base_out)
     baseline = bkept / bdt
-    print(f"baseline model.generate (16 sequences/call), first {nb} prompts: {bkept} kept tokens in {bdt:.1f} s "
-          f"= {baseline:.1f} tok/s; ratio {value / baseline:.2f}x")
+    print(
+        f"baseline model.generate (16 sequences/call), first {nb} prompts: {bkept} kept tokens in {bdt:.1f} s "
+        f"= {baseline:.1f} tok/s; ratio {value / baseline:.2f}x"
+    )
     return {
-        "prompts": len(prompts), "prompt_tokens_mean": round(sum(plen) / len(plen), 1), "n": args.n,
-        "value": round(value, 2), "generated_per_s": round(gen_rate, 2), "baseline": round(baseline, 2),
-        "ratio": round(value / baseline, 3), "engine_seconds": round(dt, 1), "engine_kept_tokens": kept,
-        "engine_generated_tokens": gen_tokens, "batch_rows": rows, "baseline_prompts": nb,
-        "baseline_seconds": round(bdt, 1), "baseline_kept_tokens": bkept, "roofline_gflops": round(mm, 1),
-        "gflop_per_generated_token": round(gflop, 4), "roofline_share": round(share, 3), "profile_s": profile,
+        "prompts": len(prompts),
+        "prompt_tokens_mean": round(sum(plen) / len(plen), 1),
+        "n": args.n,
+        "value": round(value, 2),
+        "generated_per_s": round(gen_rate, 2),
+        "baseline": round(baseline, 2),
+        "ratio": round(value / baseline, 3),
+        "engine_seconds": round(dt, 1),
+        "engine_kept_tokens": kept,
+        "engine_generated_tokens": gen_tokens,
+        "batch_rows": rows,
+        "baseline_prompts": nb,
+        "baseline_seconds": round(bdt, 1),
+        "baseline_kept_tokens": bkept,
+        "roofline_gflops": round(mm, 1),
+        "gflop_per_generated_token": round(gflop, 4),
+        "roofline_share": round(share, 3),
+        "profile_s": profile,
     }
 
 
@@ -190,7 +222,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--baseline-prompts", type=int, default=4, help="plain generate is slow: run it on a subset")
+    ap.add_argument(
+        "--baseline-prompts", type=int, default=4, help="plain generate is slow: run it on a subset"
+    )
     ap.add_argument("--batch-size", type=int, default=None, help="engine rows (default: automatic)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab"))
@@ -203,16 +237,29 @@ def main() -> None:
     path = resolve_model_dir(model_config("smollm2_135m_instruct"), args.cache_dir)
     model, tok = load_model(path, "float32")
     sets = prompt_sets(args.sets.split(","), tok, args.data_dir, args.prompts)
-    print(f"SmolLM2-135M-Instruct fp32, torch {torch.__version__}, {args.threads} threads, "
-          f"load avg {os.getloadavg()[0]:.2f}")
+    print(
+        f"SmolLM2-135M-Instruct fp32, torch {torch.__version__}, {args.threads} threads, "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
     results = {name: bench_set(name, prompts, model, tok, args) for name, prompts in sets.items()}
     worst = min(results.values(), key=lambda r: r["ratio"])
-    print(json.dumps({
-        "metric": "sampling_kept_tokens_per_s", "value": worst["value"], "baseline": worst["baseline"],
-        "ratio": worst["ratio"], "unit": "tok/s", "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "top_p": args.top_p, "threads": args.threads,
-        "load_avg_1m": round(os.getloadavg()[0], 2), "sets": results,
-    }))
+    print(
+        json.dumps(
+            {
+                "metric": "sampling_kept_tokens_per_s",
+                "value": worst["value"],
+                "baseline": worst["baseline"],
+                "ratio": worst["ratio"],
+                "unit": "tok/s",
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+                "threads": args.threads,
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+                "sets": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

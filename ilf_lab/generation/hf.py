@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ilf_lab.generation.phases import OFF, Phases
 from ilf_lab.generation.params import SamplingParams, trivial_completions
+from ilf_lab.generation.phases import OFF, Phases
 from ilf_lab.generation.sampling import (
     StopChecker,
     choose_tokens,
