@@ -29,7 +29,7 @@ import torch
 from ilf_lab.generation.phases import Phases
 
 
-def mm_gflops(m: int, k: int, n: int, seconds: float = 0.25, trials: int = 3) -> float:
+def mm_gflops(m: int, k: int, n: int, seconds: float = 0.3, trials: int = 5) -> float:
     """fp32 throughput of x[m,k] @ W[n,k]^T (F.linear, as the model calls it); best of a few short trials, so a
     moment of contention from another process does not define the roofline."""
     x, w = torch.randn(m, k), torch.randn(n, k)
@@ -161,18 +161,18 @@ def bench_set(name, prompts, model, tok, args) -> dict:
     gen_tokens = int(stats["generated_tokens"])
     kept = kept_tokens(tok, out)
     value, gen_rate = kept / dt, gen_tokens / dt
-    rows = int(stats["batch_size"])
+    rows = max(1, round(stats.get("rows_mean", stats["batch_size"])))  # mean active rows per decode step
     mm, lin_gflop = roofline(model, rows)
     mean_gen = gen_tokens / (len(prompts) * args.n)
     context = sum(plen) / len(plen) + mean_gen / 2
     gflop = lin_gflop + attention_gflop_per_token(model, context)
     share = gen_rate * gflop / mm
     print(
-        f"roofline: fp32 F.linear at the decode shapes ({rows} rows), FLOP-weighted: {mm:.1f} GFLOP/s; "
+        f"roofline: fp32 F.linear at the decode shapes ({rows} rows = the mean per decode step), FLOP-weighted: {mm:.1f} GFLOP/s; "
         f"{gflop:.3f} GFLOP per generated token ({lin_gflop:.3f} linear + attention at mean context {context:.0f})"
     )
     print(
-        f"engine ({engine.backend}, {rows} rows): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
+        f"engine ({engine.backend}, {stats['batch_size']} slots): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
         f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline"
     )
     print("profile (seconds, share of the call):")
@@ -203,7 +203,8 @@ def bench_set(name, prompts, model, tok, args) -> dict:
         "engine_seconds": round(dt, 1),
         "engine_kept_tokens": kept,
         "engine_generated_tokens": gen_tokens,
-        "batch_rows": rows,
+        "slots": int(stats["batch_size"]),
+        "rows_mean_per_step": rows,
         "baseline_prompts": nb,
         "baseline_seconds": round(bdt, 1),
         "baseline_kept_tokens": bkept,

@@ -43,10 +43,13 @@ log = logging.getLogger(__name__)
 
 SLOT_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # decode rows beyond which a step's matmuls gain nothing on CPU (measured on 2 cores, see benchmarks/sampling.py)
-CPU_MAX_ROWS = 128
+CPU_MAX_ROWS = 192
 GPU_MAX_ROWS = 1024
 PREFILL_TOKENS_CPU = 2048  # prompt tokens per prefill forward (bounds activation memory)
 PREFILL_TOKENS_GPU = 16384
+LM_HEAD_CHUNK = (
+    2048  # vocabulary rows per LM-head matmul on CPU: the one-shot [rows x 49152] output thrashes cache
+)
 
 
 def available_memory(device: torch.device) -> int:
@@ -222,6 +225,8 @@ class _SlotCache:
         self.phases = phases
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        head = model.lm_head.weight
+        self.head_chunks = head.split(LM_HEAD_CHUNK) if self.device.type == "cpu" else (head,)
         self.kv = torch.empty(
             cfg.num_hidden_layers,
             2,
@@ -264,8 +269,12 @@ class _SlotCache:
             x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        h = self.inner.norm(x[torch.arange(b, device=self.device), last])
-        return self.model.lm_head(h).float()
+        return self.lm_head(self.inner.norm(x[torch.arange(b, device=self.device), last]))
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        if getattr(self.model.lm_head, "bias", None) is not None or len(self.head_chunks) == 1:
+            return self.model.lm_head(h).float()
+        return torch.cat([F.linear(h, w) for w in self.head_chunks], dim=-1).float()
 
     def decode(self, tokens: torch.Tensor, lens: torch.Tensor, width: int) -> torch.Tensor:
         """One step for rows 0..A-1: token i goes to position lens[i] of slot i; `width` = max(lens) + 1."""
@@ -306,7 +315,7 @@ class _SlotCache:
         with ph("decode: norms, residual"):
             h = self.inner.norm(x[:, 0])
         with ph("decode: lm_head"):
-            return self.model.lm_head(h).float()
+            return self.lm_head(h)
 
     def move(self, dst: Sequence[int], src: Sequence[int], width: int) -> None:
         d = torch.tensor(dst, device=self.device)
@@ -344,6 +353,7 @@ class HFEngine:
         self._budget: list[int] = []  # new tokens each prompt of the current call may take (fit_context)
         self.device = next(model.parameters()).device
         self.last_stats: dict[str, float] = {}
+        self._rows_mean = 0.0
         self.phases = OFF  # set to a Phases() to time a call's phases (benchmarks/sampling.py)
 
     def generate(
@@ -359,9 +369,15 @@ class HFEngine:
         ids, self._budget, cut = fit_context(ids, params.max_new_tokens, limit, self.tokenizer.bos_token_id)
         short = sum(b < params.max_new_tokens for b in self._budget)
         if short:
-            log.warning("the model has %d positions: %d of %d prompts leave less room than max_new_tokens=%d "
-                        "(their samples end at the limit; %d prompts cut from the left)", limit, short,
-                        len(ids), params.max_new_tokens, cut)
+            log.warning(
+                "the model has %d positions: %d of %d prompts leave less room than max_new_tokens=%d "
+                "(their samples end at the limit; %d prompts cut from the left)",
+                limit,
+                short,
+                len(ids),
+                params.max_new_tokens,
+                cut,
+            )
         seeds = prompt_seeds(prompts, params.seed, n)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
         slots = self.batch_size or auto_batch_size(self.model, max_len, self.device)
@@ -386,6 +402,7 @@ class HFEngine:
             "seconds": time.perf_counter() - t0,
             "generated_tokens": bar.tokens,
             "batch_size": slots,
+            "rows_mean": self._rows_mean or float(slots),  # active rows per decode step (slots backend)
         }
         if n != params.n:
             return [[o[0]] * params.n for o in out]  # type: ignore[list-item]
@@ -437,6 +454,7 @@ class HFEngine:
         refill_at = max(n, int(math.ceil(self.refill_fraction * slots)))
         rows = _Rows()
         last: list[int] = []  # the newest token of each row (not yet in the cache)
+        steps = row_steps = 0
         while queue or len(rows):
             free = slots - len(rows)
             if queue and (free >= refill_at or (free >= n and not len(rows))):
@@ -459,6 +477,7 @@ class HFEngine:
                 bar.step(len(new), len(done))
                 continue
             a = len(rows)
+            steps, row_steps = steps + 1, row_steps + a
             lens = torch.tensor(rows.lens, device=self.device)
             logits = cache.decode(torch.tensor(last, device=self.device), lens, max(rows.lens) + 1)
             for i in range(a):
@@ -470,6 +489,7 @@ class HFEngine:
             with self.phases("compaction (row moves)"):
                 self._compact(cache, rows, last, done)
             bar.step(a, len(done))
+        self._rows_mean = row_steps / max(steps, 1)
 
     @staticmethod
     def _compact(cache: _SlotCache, rows: _Rows, last: list[int], done: Sequence[int]) -> None:
