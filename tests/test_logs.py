@@ -45,6 +45,19 @@ def test_a_run_logged_to_a_file_is_quiet_and_shows_progress(mini_data, tmp_path)
     assert "sampling: 30/30" in log_file and "stage evaluate" in log_file
 
 
+def test_execution_progress_in_a_log_file_is_lines(caplog, monkeypatch):
+    """The sandbox's progress (shown above 50 programs in a run) is log lines when stderr is not a terminal: a
+    tqdm bar written to a log file is one long line of carriage returns (seen in a default run's log)."""
+    from ilf_lab.execution.sandbox import run_programs
+
+    monkeypatch.setenv("ILF_LAB_PROGRESS_SECONDS", "1")
+    items = [{"program": "x = 1", "tests": ["assert x == 1"]}] * 3
+    with caplog.at_level(logging.INFO, logger="ilf_lab.progress"):
+        verdicts = run_programs(items, timeout=10, progress=True)
+    assert all(v.passed for v in verdicts)
+    assert "executing: 3/3 prog (100 %)" in caplog.text
+
+
 @pytest.mark.parametrize(
     "module,expect",
     [

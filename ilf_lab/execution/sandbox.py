@@ -443,11 +443,10 @@ def _make_job(i: int, it: Mapping, timeout: float, memory_mb: int) -> dict:
 
 
 def _progress_bar(total: int):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress is cosmetic
-        return None
-    return tqdm(total=total, desc="executing", unit="prog")
+    """A bar in a terminal, rate-limited log lines in a log file (a tqdm bar there is one long line of \r)."""
+    from ilf_lab.logs import progress_bar
+
+    return progress_bar(total, "executing", "prog")
 
 
 _POOL: SandboxPool | None = None
