@@ -22,7 +22,8 @@ from ilf_lab.errors import DataError
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same directory + rename: readers never see half a file."""
+    """Write via a temp file in the same directory + rename: readers never see half a file. The file gets the
+    mode a plain open() would (mkstemp's is 0600: results others could not read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -31,6 +32,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -38,6 +40,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def publish_dir(final: str | os.PathLike, build: Callable[[Path], Any], prefix: str | None = None) -> Any:

@@ -6,6 +6,7 @@ set -euo pipefail
 export ILF_LAB_DATA_DIR=${ILF_LAB_DATA_DIR:-../shared/data}
 out=${OUT:-multirun}
 # Table 4 (six rows) + Figure 3 (perplexity of the fine-tuning sources under the base model)
+# (made with the earlier cpu preset: refine.n=10, feedback.n=10; see git history of conf/scale/cpu.yaml)
 SWEEP_DIR=$out/cpu_paper_table bash sweeps/paper_table.sh scale=cpu eval.perplexity=true
 # Tables 2-3: πRefine vs. the base model zero-shot; related vs. shuffled feedback (no policy: stop_after=refine)
 SWEEP_DIR=$out/cpu_refine_analysis bash sweeps/refine_analysis.sh scale=cpu

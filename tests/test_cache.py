@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 import time
@@ -152,3 +153,15 @@ def test_edited_or_copied_metadata_is_not_served(tmp_path):
     art = cache.run("evaluate", "k1", _write(5))
     shutil.copytree(art.path, art.path.parent / "k2")
     assert cache.lookup("evaluate", "k2") is None and cache.lookup("evaluate", "k1") is not None
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    """Published results are readable like any file the user writes (mkstemp alone leaves 0600)."""
+    from ilf_lab.io import atomic_write_text
+
+    out = tmp_path / "results.json"
+    atomic_write_text(out, "{}")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert not list(tmp_path.glob(".results.json.*"))  # no temp file left behind
