@@ -228,6 +228,12 @@ def main() -> None:
     )
     ap.add_argument("--batch-size", type=int, default=None, help="engine rows (default: automatic)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="model weights (model.dtype); the roofline stays fp32's",
+    )
     ap.add_argument("--cache-dir", default=os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab"))
     ap.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/ and ilf/")
     args = ap.parse_args()
@@ -236,10 +242,10 @@ def main() -> None:
     from ilf_lab.models.loading import load_model, model_config, resolve_model_dir
 
     path = resolve_model_dir(model_config("smollm2_135m_instruct"), args.cache_dir)
-    model, tok = load_model(path, "float32")
+    model, tok = load_model(path, args.dtype)
     sets = prompt_sets(args.sets.split(","), tok, args.data_dir, args.prompts)
     print(
-        f"SmolLM2-135M-Instruct fp32, torch {torch.__version__}, {args.threads} threads, "
+        f"SmolLM2-135M-Instruct {args.dtype}, torch {torch.__version__}, {args.threads} threads, "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     results = {name: bench_set(name, prompts, model, tok, args) for name, prompts in sets.items()}
@@ -256,6 +262,7 @@ def main() -> None:
                 "temperature": args.temperature,
                 "top_p": args.top_p,
                 "threads": args.threads,
+                "dtype": args.dtype,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "sets": results,
             }

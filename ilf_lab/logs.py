@@ -41,7 +41,7 @@ class LogProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.perf_counter()
-        if now - self.last >= _interval():
+        if now - self.last >= _interval() and not (self.total and self.n >= self.total):  # close() says done
             self.last = now
             self._line(now)
 

@@ -25,6 +25,19 @@ def test_log_progress_is_rate_limited(caplog, monkeypatch):
     assert lines == [lines[-1]] and lines[0].startswith("sampling: 100/100 sample (100 %)") and "250 tok/s" in lines[0]
 
 
+def test_log_progress_says_done_once(caplog, monkeypatch):
+    """The last update and close() used to log two 100 % lines ("about 0.0 min left", then "done")."""
+    monkeypatch.setenv("ILF_LAB_PROGRESS_SECONDS", "1")
+    with caplog.at_level(logging.INFO, logger="ilf_lab.progress"):
+        bar = LogProgress(2, "executing", "prog")
+        bar.update(1)
+        bar.last -= 2  # the rate limit has passed: the next update may log
+        bar.update(1)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "2/2 prog (100 %)" in lines[0] and "done in" in lines[0]
+
+
 def test_a_run_logged_to_a_file_is_quiet_and_shows_progress(mini_data, tmp_path):
     """Not a TTY (a log file): one line per stage start and end, progress lines for sampling and training, and
     none of Lightning's tips, GPU banners or dependencies' deprecation warnings."""
