@@ -210,6 +210,9 @@ class SamplingConfig:
     top_p: float = num(0.95, 0.0, 1.0, lo_open=True)
     max_new_tokens: int = num(512, 1, MAX_NEW_TOKENS)
     batch_size: int | None = neutral(num(None, 1, 4096))  # sequences per forward; null = chosen from memory
+    # the sampling engine's weights in every sampling stage (null = model.dtype); training keeps model.dtype.
+    # bfloat16 on a CPU with AVX512-BF16 samples faster at changed numerics: opt-in (results/sampling/README.md)
+    dtype: str | None = choice(None, None, "float32", "bfloat16", "float16")
 
 
 @dataclass

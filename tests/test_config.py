@@ -83,6 +83,7 @@ def test_paper_scale_carries_paper_settings():
         ("policy.lr=0", "policy.lr"),
         ("feedback.shots=3", "feedback.shots"),
         ("execution.comparison=fuzzy", "execution.comparison"),
+        ("sampling.dtype=int8", "sampling.dtype"),
         ("policy.batch_size=5", "policy.batch_size"),
         ("rounds=2", "rounds"),
         ("x0=policy", "x0.source"),

@@ -28,7 +28,9 @@ def tiny(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 1.0)  # peaked logits: no near-ties for fp32 noise to flip
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * 1.0
+                )  # peaked logits: no near-ties for fp32 noise to flip
     return str(path), model, tok
 
 
@@ -218,3 +220,27 @@ def test_smollm2_greedy_chat_completion_parses(tmp_path_factory):
     program = program_from_completion(task, completion, "chat")
     ast.parse(program)
     assert "def " in program
+
+
+def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
+    """`sampling.dtype=bfloat16` loads the sampling engine in bf16 while `model.dtype` (training) stays fp32; null
+    keeps the model's dtype. The engine still samples (bf16 matmuls, softmax in fp32)."""
+    from ilf_lab.pipeline.stages.common import EngineConfig, engine_for
+
+    path = tiny[0]
+    eng16, _ = engine_for(
+        path,
+        EngineConfig(
+            engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype="bfloat16"
+        ),
+    )
+    assert next(eng16.model.parameters()).dtype == torch.bfloat16
+    out = eng16.generate(PROMPTS, SamplingParams(n=2, temperature=0.8, max_new_tokens=8, seed=1))
+    assert all(len(o) == 2 for o in out)
+    eng32, _ = engine_for(
+        path,
+        EngineConfig(
+            engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None
+        ),
+    )
+    assert next(eng32.model.parameters()).dtype == torch.float32

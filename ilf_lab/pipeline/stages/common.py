@@ -25,6 +25,11 @@ class EngineConfig:
     batch_size: int | None = at("sampling.batch_size")
     dtype: str = at("model.dtype")
     trust_remote_code: bool = at("model.trust_remote_code")
+    sampling_dtype: str | None = at("sampling.dtype")  # overrides dtype for sampling only
+
+    @property
+    def weights_dtype(self) -> str:
+        return self.sampling_dtype or self.dtype
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,10 @@ def engine_for(path: str, cfg: EngineConfig) -> tuple[Any, Any]:
         from ilf_lab.models.loading import load_model
 
         _loaded.clear()
-        model, tok = load_model(path, cfg.dtype, cfg.trust_remote_code)
-        engine = make_engine(cfg.engine, path, dtype=cfg.dtype, batch_size=cfg.batch_size, model=model, tokenizer=tok)
+        model, tok = load_model(path, cfg.weights_dtype, cfg.trust_remote_code)
+        engine = make_engine(
+            cfg.engine, path, dtype=cfg.weights_dtype, batch_size=cfg.batch_size, model=model, tokenizer=tok
+        )
         _loaded.update(id=(path, cfg), engine=engine, tokenizer=tok)
     return _loaded["engine"], _loaded["tokenizer"]
 
