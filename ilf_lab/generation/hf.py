@@ -12,8 +12,7 @@ Two backends share the scheduler's bookkeeping (seeds, sampling, stop strings, p
 * `generic` (any causal LM): prompts grouped by length, left-padded, prefilled once with the model's own
   forward and a `DynamicCache`, cache expanded n times, finished rows dropped from the batch and the cache.
 
-One module over the usual ~400 lines because the two backends share one scheduler (slots, seeds, stop checks,
-progress) whose invariants are easier to check in one place.
+The slots backend's KV cache and Llama-family forward are in `slots.py`.
 """
 
 from __future__ import annotations
@@ -27,10 +26,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ilf_lab.generation.params import SamplingParams, trivial_completions
-from ilf_lab.generation.phases import OFF, Phases
+from ilf_lab.generation.phases import OFF
 from ilf_lab.generation.sampling import (
     StopChecker,
     choose_tokens,
@@ -38,6 +36,7 @@ from ilf_lab.generation.sampling import (
     make_generator,
     prompt_seeds,
 )
+from ilf_lab.generation.slots import SlotCache, head_dim
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +46,6 @@ CPU_MAX_ROWS = 192
 GPU_MAX_ROWS = 1024
 PREFILL_TOKENS_CPU = 2048  # prompt tokens per prefill forward (bounds activation memory)
 PREFILL_TOKENS_GPU = 16384
-LM_HEAD_CHUNK = (
-    2048  # vocabulary rows per LM-head matmul on CPU: the one-shot [rows x 49152] output thrashes cache
-)
 
 
 def available_memory(device: torch.device) -> int:
@@ -66,15 +62,11 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def _head_dim(cfg: Any) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 def kv_bytes_per_token(model: Any) -> int:
     cfg = model.config
     kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     elem = next(model.parameters()).element_size()
-    return 2 * cfg.num_hidden_layers * kvh * _head_dim(cfg) * elem
+    return 2 * cfg.num_hidden_layers * kvh * head_dim(cfg) * elem
 
 
 def auto_batch_size(model: Any, max_len: int, device: torch.device) -> int:
@@ -210,127 +202,6 @@ class _Rows:
             del seq[new_len:]
 
 
-class _SlotCache:
-    """A preallocated KV cache [layer, k|v, slot, kv_head, position, head_dim] and a Llama-family forward
-    that reads and writes it. Pages are touched only as far as sequences actually grow."""
-
-    def __init__(self, model: Any, slots: int, max_len: int, phases: Phases = OFF) -> None:
-        cfg = model.config
-        self.model = model
-        self.inner = model.model
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.group = self.heads // self.kv_heads
-        self.head_dim = _head_dim(cfg)
-        self.phases = phases
-        p = next(model.parameters())
-        self.device, self.weights_dtype = p.device, p.dtype
-        # the cache and attention stay fp32 on CPU under bf16/fp16 weights: CPU half-precision batched matmuls
-        # over long contexts run several times slower than fp32 (refine prompts: 87 s vs 39 s of attention)
-        self.dtype = torch.float32 if p.device.type == "cpu" else p.dtype
-        head = model.lm_head.weight
-        self.head_chunks = head.split(LM_HEAD_CHUNK) if self.device.type == "cpu" else (head,)
-        self.kv = torch.empty(
-            cfg.num_hidden_layers,
-            2,
-            slots,
-            self.kv_heads,
-            max_len,
-            self.head_dim,
-            dtype=self.dtype,
-            device=self.device,
-        )
-
-    def _qkv(self, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        b, t, _ = h.shape
-        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
-
-    def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
-        """Run the prompts (right-padded; causal attention never sees the padding), write each prompt's KV
-        into `copies` consecutive slots from `row0`, return next-token logits per prompt."""
-        b, t = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros(b, t, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(self.device)
-        pos = torch.arange(t, device=self.device).unsqueeze(0).expand(b, t)
-        x = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(x, pos)
-        rows = slice(row0, row0 + b * copies)
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
-            self.kv[i, 0, rows, :, :t] = k.repeat_interleave(copies, 0) if copies > 1 else k
-            self.kv[i, 1, rows, :, :t] = v.repeat_interleave(copies, 0) if copies > 1 else v
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self.lm_head(self.inner.norm(x[torch.arange(b, device=self.device), last]))
-
-    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        if getattr(self.model.lm_head, "bias", None) is not None or len(self.head_chunks) == 1:
-            return self.model.lm_head(h).float()
-        return torch.cat([F.linear(h, w) for w in self.head_chunks], dim=-1).float()
-
-    def decode(self, tokens: torch.Tensor, lens: torch.Tensor, width: int) -> torch.Tensor:
-        """One step for rows 0..A-1: token i goes to position lens[i] of slot i; `width` = max(lens) + 1."""
-        ph = self.phases
-        a = tokens.shape[0]
-        max_len = self.kv.shape[4]
-        with ph("decode: embed, rope, mask"):
-            heads = torch.arange(self.kv_heads, device=self.device)
-            rows = torch.arange(a, device=self.device)
-            flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * max_len + lens.unsqueeze(1)).view(-1)
-            x = self.inner.embed_tokens(tokens).unsqueeze(1)
-            cos, sin = self.inner.rotary_emb(x, lens.unsqueeze(1))
-            cols = torch.arange(width, device=self.device)
-            mask = torch.zeros(a, 1, 1, width, dtype=self.dtype, device=self.device)
-            mask.masked_fill_((cols.unsqueeze(0) > lens.unsqueeze(1)).view(a, 1, 1, width), float("-inf"))
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            with ph("decode: norms, residual"):
-                h = layer.input_layernorm(x)
-            with ph("decode: q/k/v/o projections, rope"):
-                q, k, v = self._qkv(attn, h, cos, sin)
-            with ph("decode: attention over the cache"):
-                kc, vc = self.kv[i, 0], self.kv[i, 1]
-                kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim).to(self.dtype))
-                vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim).to(self.dtype))
-                qg = q.reshape(a, self.kv_heads, self.group, self.head_dim).to(self.dtype)
-                scores = torch.matmul(qg, kc[:a, :, :width].transpose(-1, -2)).mul_(attn.scaling).add_(mask)
-                o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(qg.dtype), vc[:a, :, :width])
-            with ph("decode: q/k/v/o projections, rope"):
-                o = attn.o_proj(o.reshape(a, 1, -1).to(self.weights_dtype))
-            with ph("decode: norms, residual"):
-                x = x + o
-                h = layer.post_attention_layernorm(x)
-            with ph("decode: MLP"):
-                h = layer.mlp(h)
-            with ph("decode: norms, residual"):
-                x = x + h
-        with ph("decode: norms, residual"):
-            h = self.inner.norm(x[:, 0])
-        with ph("decode: lm_head"):
-            return self.lm_head(h)
-
-    def move(self, dst: Sequence[int], src: Sequence[int], width: int) -> None:
-        d = torch.tensor(dst, device=self.device)
-        s = torch.tensor(src, device=self.device)
-        self.kv[:, :, d, :, :width] = self.kv[:, :, s, :, :width]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class HFEngine:
     """Batched temperature/top-p sampling with stop strings over a loaded HF causal LM (see module doc)."""
 
@@ -451,7 +322,7 @@ class HFEngine:
     # -- slots backend ----------------------------------------------------------------------------------
 
     def _run_slots(self, ids, seeds, n, params, slots, max_len, stopper, out, bar) -> None:
-        cache = _SlotCache(self.model, slots, max_len, self.phases)
+        cache = SlotCache(self.model, slots, max_len, self.phases)
         queue = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         budget = PREFILL_TOKENS_GPU if self.device.type == "cuda" else PREFILL_TOKENS_CPU
         refill_at = max(n, int(math.ceil(self.refill_fraction * slots)))
@@ -495,7 +366,7 @@ class HFEngine:
         self._rows_mean = row_steps / max(steps, 1)
 
     @staticmethod
-    def _compact(cache: _SlotCache, rows: _Rows, last: list[int], done: Sequence[int]) -> None:
+    def _compact(cache: SlotCache, rows: _Rows, last: list[int], done: Sequence[int]) -> None:
         """Fill the holes left by finished rows with the last active rows, keeping rows 0..A-1 dense."""
         if not done:
             return
