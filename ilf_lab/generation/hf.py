@@ -65,7 +65,8 @@ def available_memory(device: torch.device) -> int:
 def kv_bytes_per_token(model: Any) -> int:
     cfg = model.config
     kvh = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    elem = next(model.parameters()).element_size()
+    p = next(model.parameters())
+    elem = 4 if p.device.type == "cpu" else p.element_size()  # SlotCache keeps an fp32 cache on CPU
     return 2 * cfg.num_hidden_layers * kvh * head_dim(cfg) * elem
 
 
