@@ -43,7 +43,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
+    """The process umask, read without setting it (setting it, even briefly, races other threads' file creation)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the only portable way
     os.umask(mask)
     return mask
 
