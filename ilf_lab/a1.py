@@ -1,16 +1,20 @@
 """App. A.1, as the paper did it: choose each method's fine-tuning hyper-parameters on MBPPRefine, then Table 4.
 
-    python -m ilf_lab.a1 --out multirun/a1 [--grid policy.lr=1e-6,5e-6,1e-5 ...] [overrides...]
+    python -m ilf_lab.a1 --out multirun/a1 [--grid policy.lr=1e-6,5e-6,1e-5 ...] [--select sampling.n=10 ...]
+                         [--methods mbpp_gold,human_refinements] [--seeds 0,1,2] [--resume] [overrides...]
 
 1. Every tuned method (MBPP gold, human refinements, 1-/2-shot InstructGPT) is trained at every grid point and
    evaluated on MBPPRefine (`eval.split=refine`): one Hydra sweep, shared stages computed once.
 2. Each method's point with the highest MBPPRefine pass@1 is chosen (the paper names no metric; pass@1 is ours).
    ILF is not swept: "For ILF, we use the best hyperparameters obtained for the sweep over MBPP programs" (A.1),
    since MBPPRefine's tasks already trained πRefine. Selection reads MBPPRefine results only.
-3. Table 4: each method once on MBPPTest at its chosen point (zero-shot has none), then the report.
+3. Table 4: each method on MBPPTest at its chosen point (zero-shot has none), once per `--seeds` seed (the
+   point is chosen once, at the overrides' seed), then the report.
 
 `<out>/selection.json` records every point's MBPPRefine score and the choice; the stage cache makes step 3 reuse
-the chosen points' trained policies.
+the chosen points' trained policies. `--select` overrides apply to step 1 only (a cheaper MBPPRefine evaluation);
+`--resume` continues an interrupted command in the same `--out`: it keeps selection.json (same grid) and every
+Table 4 run that already wrote its results.json, so a block of work survives the loss of the stage cache too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ilf_lab.errors import ConfigError, IlfError, UsageError, run_cli
+from ilf_lab.io import atomic_write_text
 
 TUNED = ("mbpp_gold", "human_refinements", "instructgpt_1shot", "instructgpt_2shot")
 INHERITS = {"ilf": "mbpp_gold"}  # A.1: ILF takes the gold sweep's best point
@@ -43,11 +48,13 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
     return grid
 
 
-def choose(results: Sequence[Any], grid: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+def choose(
+    results: Sequence[Any], grid: dict[str, list[str]], methods: Sequence[str] = TUNED
+) -> dict[str, dict[str, Any]]:
     """Per tuned method, the grid point with the best MBPPRefine pass@1; ties go to the first point in grid
     order (the order the grid was given). Every (method, point) must have exactly one result."""
     order = [tuple(float(v) for v in p.values()) for p in grid_points(grid)]
-    points: dict[str, dict[tuple[float, ...], dict[str, Any]]] = {m: {} for m in TUNED}
+    points: dict[str, dict[tuple[float, ...], dict[str, Any]]] = {m: {} for m in methods}
     for r in results:
         split = r.eval_split or r.setting("eval.split")
         if split != "refine":
@@ -70,7 +77,8 @@ def choose(results: Sequence[Any], grid: dict[str, list[str]]) -> dict[str, dict
         chosen[method] = {"point": pts[best]["point"], "pass@1": pts[best]["pass@1"],
                           "candidates": [pts[p] for p in order]}
     for method, source in INHERITS.items():
-        chosen[method] = {"point": chosen[source]["point"], "inherited_from": source}
+        if source in chosen:
+            chosen[method] = {"point": chosen[source]["point"], "inherited_from": source}
     return chosen
 
 
@@ -81,37 +89,91 @@ def _ilf(args: list[str]) -> None:
         raise IlfError(f"the run failed: {' '.join(cmd)}")
 
 
+def parse_methods(spec: str) -> list[str]:
+    methods = [m for m in spec.split(",") if m]
+    unknown = [m for m in methods if m not in TUNED]
+    if unknown or not methods:
+        raise ConfigError(f"--methods {spec!r}: expected a comma list of {', '.join(TUNED)}")
+    return methods
+
+
+def parse_seeds(spec: str | None) -> list[int | None]:
+    if spec is None:
+        return [None]  # one run at the overrides' (or the config's) seed
+    try:
+        seeds = [int(s) for s in spec.split(",") if s]
+    except ValueError:
+        raise ConfigError(f"--seeds {spec!r}: expected a comma list of integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {spec!r}: expected distinct integers, e.g. 0,1,2")
+    return list(seeds)
+
+
+def _selection(out: Path, grid: dict[str, list[str]], methods: list[str], select: list[str],
+               overrides: list[str], resume: bool) -> dict[str, Any]:
+    """Step 1-2, or the selection a resumed command already made (which must be for this grid and methods)."""
+    from ilf_lab.report import collect
+
+    path = out / "selection.json"
+    if resume and path.exists():
+        old = json.loads(path.read_text())
+        if old.get("grid") != grid or sorted(old.get("methods", TUNED)) != sorted(methods):
+            raise UsageError(f"{path}: made for grid {old.get('grid')} and methods {old.get('methods')}, "
+                             f"not {grid} and {methods}: use a new --out")
+        print(f"kept {path}", flush=True)
+        return old["chosen"]
+    select_dir = out / "select"
+    _ilf(["-m", f"experiment={','.join(methods)}", "eval.split=refine",
+          *[f"{k}={','.join(v)}" for k, v in grid.items()], f"hydra.sweep.dir={select_dir}", *overrides, *select])
+    chosen = choose(collect([select_dir]), grid, methods)
+    atomic_write_text(path, json.dumps({"grid": grid, "methods": methods, "metric": "pass@1 on MBPPRefine",
+                                        "select_overrides": select, "chosen": chosen}, indent=1))
+    return chosen
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ilf_lab.errors import ArgumentParser
 
     ap = ArgumentParser(prog="python -m ilf_lab.a1", description=__doc__.splitlines()[0],
                         epilog="example: python -m ilf_lab.a1 --out multirun/a1 scale=demo "
-                               "--grid policy.lr=1e-5,5e-5 --grid policy.epochs=1,2")
+                               "--grid policy.lr=1e-5,5e-5 --grid policy.epochs=1,2 --select sampling.n=5")
     ap.add_argument("--out", required=True, help="directory for the selection sweep, the table runs and the report")
     ap.add_argument("--grid", action="append", default=[], help="policy.<key>=v1,v2 (repeat; default: the paper's)")
+    ap.add_argument("--select", action="append", default=[],
+                    help="an override for the MBPPRefine selection sweep only (repeat), e.g. data.max_test_tasks=100")
+    ap.add_argument("--methods", default=",".join(TUNED), help="the tuned methods, comma list (default: all four); "
+                    "ILF is run when mbpp_gold is among them, zero-shot always")
+    ap.add_argument("--seeds", default=None, help="Table 4 seeds, comma list (each run in table/<method>/seed<N>)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue in a non-empty --out: keep its selection.json and finished Table 4 runs")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (scale=..., model=...)")
     args = ap.parse_args(argv)
 
     def body() -> int:
-        from ilf_lab.report import collect, report
+        from ilf_lab.report import report
 
         grid = parse_grid(args.grid or PAPER_GRID)
-        if any(o.split("=", 1)[0] in ("experiment", "eval.split", *grid) for o in args.overrides):
-            raise UsageError("experiment, eval.split and the grid's keys are set by this command")
+        methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+        fixed = ("experiment", "eval.split", *grid, *(("seed",) if args.seeds else ()))
+        if any(o.split("=", 1)[0].lstrip("+~") in fixed for o in [*args.overrides, *args.select]):
+            raise UsageError(f"{', '.join(fixed)} are set by this command")
         out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            raise UsageError(f"--out {out} is not empty: choose a new folder (old points would be mixed in)")
-        select_dir = out / "select"
-        _ilf(["-m", f"experiment={','.join(TUNED)}", "eval.split=refine",
-              *[f"{k}={','.join(v)}" for k, v in grid.items()], f"hydra.sweep.dir={select_dir}", *args.overrides])
-        chosen = choose(collect([select_dir]), grid)
-        (out / "selection.json").write_text(json.dumps({"grid": grid, "metric": "pass@1 on MBPPRefine",
-                                                         "chosen": chosen}, indent=1))
-        for method in (*TUNED, *INHERITS, *UNTUNED):
+        if out.exists() and any(out.iterdir()) and not args.resume:
+            raise UsageError(f"--out {out} is not empty: choose a new folder (old points would be mixed in), "
+                             "or --resume to continue the command that made it")
+        out.mkdir(parents=True, exist_ok=True)
+        chosen = _selection(out, grid, methods, args.select, args.overrides, args.resume)
+        table = [*methods, *(m for m, src in INHERITS.items() if src in methods), *UNTUNED]
+        for method in table:
             point = chosen.get(method, {}).get("point", {})
-            _ilf([f"experiment={method}", f"hparams_from={out / 'selection.json'}",
-                  *[f"{k}={v}" for k, v in point.items()],
-                  f"hydra.run.dir={out / 'table' / method}", *args.overrides])
+            for seed in seeds:
+                run_dir = out / "table" / method / ("" if seed is None else f"seed{seed}")
+                if (run_dir / "results.json").exists():
+                    print(f"kept {run_dir / 'results.json'}", flush=True)
+                    continue
+                _ilf([f"experiment={method}", f"hparams_from={out / 'selection.json'}",
+                      *[f"{k}={v}" for k, v in point.items()], *([] if seed is None else [f"seed={seed}"]),
+                      f"hydra.run.dir={run_dir}", *args.overrides])
         text, _ = report([out / "table"], out)
         print(text)
         return 0

@@ -249,6 +249,56 @@ def test_a1_ties_go_to_the_first_grid_point_and_incomplete_grids_fail():
         choose([*tied, _result("mbpp_gold", "2e-5", 0.3)], grid)
 
 
+
+def test_a1_methods_and_seeds_are_checked_and_ilf_inherits_only_a_swept_gold():
+    from ilf_lab.a1 import choose, parse_methods, parse_seeds
+    from ilf_lab.errors import ConfigError
+
+    assert parse_methods("mbpp_gold,human_refinements") == ["mbpp_gold", "human_refinements"]
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(None) == [None]
+    for bad in ("ilf", "zero_shot", "", "mbpp_gold,nope"):
+        with pytest.raises(ConfigError, match="--methods"):
+            parse_methods(bad)
+    for bad in ("0,x", "", "1,1", "0.5"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+    grid = {"policy.lr": ["1e-5", "5e-5"]}
+    human = [_result("human_refinements", lr, p) for lr, p in (("1e-5", 0.1), ("5e-5", 0.3))]
+    only_human = choose(human, grid, ["human_refinements"])
+    assert set(only_human) == {"human_refinements"}  # no gold swept: ILF has no point to inherit
+    assert only_human["human_refinements"]["point"] == {"policy.lr": "5e-5"}
+    gold = [_result("mbpp_gold", lr, 0.2) for lr in ("1e-5", "5e-5")]
+    assert choose([*gold, *human], grid, ["mbpp_gold"])["ilf"]["inherited_from"] == "mbpp_gold"
+
+
+def test_a1_resume_keeps_the_selection_and_finished_table_runs(tmp_path, capsys):
+    """A resumed command reruns nothing that finished (no subprocess here: one would fail without data), and a
+    resume against another grid, or a non-empty --out without --resume, fails with one clear line."""
+    from ilf_lab import a1
+    from ilf_lab.results import Results, Score
+
+    out = tmp_path / "a1"
+    grid = {"policy.lr": ["1e-5"]}
+    (out / "table").mkdir(parents=True)
+    (out / "selection.json").write_text(json.dumps({"grid": grid, "methods": ["mbpp_gold"], "chosen": {
+        "mbpp_gold": {"point": {"policy.lr": "1e-5"}}, "ilf": {"point": {"policy.lr": "1e-5"}}}}))
+    for method in ("mbpp_gold", "ilf", "zero_shot"):
+        for seed in (0, 1):
+            Results(experiment=method, feedback="human", train_on="x", model="m", seed=seed, eval_split="test",
+                    benchmarks={"mbpp": Score(pass_at={1: 0.1, 10: 0.2})},
+                    config={"hparams_from": str(out / "selection.json")}).write(
+                out / "table" / method / f"seed{seed}" / "results.json")
+    args = ["--out", str(out), "--grid", "policy.lr=1e-5", "--methods", "mbpp_gold", "--seeds", "0,1"]
+    assert a1.main([*args, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("kept ") == 7 and "+ " not in printed and "| ILF" in printed
+    assert a1.main(args) != 0
+    assert "--resume" in capsys.readouterr().err
+    assert a1.main(["--out", str(out), "--grid", "policy.lr=2e-5", "--methods", "mbpp_gold", "--resume"]) != 0
+    assert "use a new --out" in capsys.readouterr().err
+    assert a1.main([*args, "--resume", "seed=3"]) != 0
+    assert "set by this command" in capsys.readouterr().err
+
 def test_report_warns_when_a_baseline_is_not_on_ilfs_task_ids():
     from ilf_lab import report
     from ilf_lab.results import Results, Score, StageRecord
