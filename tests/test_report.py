@@ -458,6 +458,39 @@ def test_figure_data(tmp_path):
     assert report.feedback_scaling(results) == {} and report.plot_feedback_scaling(results) is None
 
 
+
+def test_comparisons_pool_seeds_pair_tasks_and_state_power(tmp_path):
+    """Three seeds per row. ILF is +10 points over zero-shot on every seed (detected); gold equals zero-shot on
+    average but its seeds disagree (+/-20 points on a third of the tasks), which the two-level bootstrap must turn
+    into a wider interval and a larger MDE than the same mean from agreeing seeds."""
+    zero = {str(t): {"n": 10, "c": 2 if t % 3 == 0 else 0} for t in range(60)}
+    ilf = {t: {"n": 10, "c": v["c"] + (4 if int(t) < 15 else 0)} for t, v in zero.items()}
+    for seed in range(3):
+        shift = (seed - 1) * 2  # -2, 0, +2 solved samples on tasks 0, 3, 6, ...: seeds disagree, mean unchanged
+        gold = {t: {"n": 10, "c": v["c"] + (shift if int(t) % 3 == 0 else 0)} for t, v in zero.items()}
+        write(tmp_path, f"z{seed}", make_result("zero_shot", seed=seed, per_task=zero))
+        write(tmp_path, f"i{seed}", make_result("ilf", seed=seed, per_task=ilf))
+        write(tmp_path, f"g{seed}", make_result("mbpp_gold", seed=seed, per_task=gold))
+        write(tmp_path, f"h{seed}", make_result("human_refinements", seed=seed, per_task=zero))
+    rows = report.table(report.collect([tmp_path]))
+    comps = {c.name: c for c in report.comparisons(rows)}
+    assert set(comps) == {"ILF vs Zero-shot", "Fine-tuned on MBPP gold vs Zero-shot",
+                          "Fine-tuned on human refinements vs Zero-shot", "ILF vs Fine-tuned on MBPP gold",
+                          "ILF vs Fine-tuned on human refinements"}
+    up = comps["ILF vs Zero-shot"]
+    assert up.delta.mean == pytest.approx(10.0) and up.delta.lo > 0 and up.reading == "higher"
+    assert (up.delta.tasks, up.delta.runs, up.delta.reference_runs) == (60, 3, 3)
+    assert up.delta.mde == pytest.approx(2.8016 * up.delta.se, rel=1e-4)
+    noisy, still = comps["Fine-tuned on MBPP gold vs Zero-shot"], comps["Fine-tuned on human refinements vs Zero-shot"]
+    assert noisy.delta.mean == pytest.approx(0.0) and still.delta.se == 0.0
+    assert noisy.delta.lo < 0 < noisy.delta.hi and noisy.delta.se > 1.0
+    assert noisy.reading.startswith("not detected (|Δ| ≥ ") and f"{noisy.delta.mde:.1f}" in noisy.reading
+    assert comps["ILF vs Fine-tuned on MBPP gold"].reading == "higher"
+    md, _, files = report.build([tmp_path])
+    assert "### Paired comparisons and power" in md and "| ILF vs Zero-shot |" in md
+    lines = files["comparisons.csv"].splitlines()
+    assert lines[0].startswith("model,scale,comparison,a,b,delta_pass@1") and len(lines) == 6
+
 def test_a1_selected_points_stay_on_their_table4_row(tmp_path):
     """ilf_lab.a1 marks its Table 4 runs (hparams_from): their policy.* overrides are the row's A.1 point, shown
     beside the method; unmarked hyper-parameter overrides still move a run off the table."""

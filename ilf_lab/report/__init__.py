@@ -13,11 +13,13 @@ Every result is read as one `ilf_lab.results.Results`. Everything the notebooks 
 here, so the notebooks hold no logic of their own. No pandas: the csv module and matplotlib only.
 
 Modules: `load` (finding and reading results), `table4` (Table 4 rows, markdown, CSV), `refinements`
-(Tables 2-3), `stats` (mean ± std, per-task pass@k, paired bootstrap), `series` (the figures' data),
+(Tables 2-3), `stats` (mean ± std, per-task pass@k, paired bootstrap), `compare` (the paired comparisons
+and their power: comparisons.csv), `series` (the figures' data),
 `selection` (App. A.1 best point), `figures` (matplotlib), `output` (formats, escaping, files), `cli`.
 """
 
 from ilf_lab.report.cli import build, main, report
+from ilf_lab.report.compare import Comparison, comparisons, comparisons_markdown
 from ilf_lab.report.figures import (
     plot,
     plot_feedback_scaling,
@@ -38,7 +40,7 @@ from ilf_lab.report.refinements import (
 )
 from ilf_lab.report.selection import best_overrides
 from ilf_lab.report.series import feedback_num_tasks, feedback_scaling, perplexities, training_curves
-from ilf_lab.report.stats import paired_delta, per_task_pass
+from ilf_lab.report.stats import Paired, paired, paired_delta, per_task_pass
 from ilf_lab.report.table4 import (
     CSV_COLUMNS,
     Row,
@@ -52,6 +54,9 @@ from ilf_lab.report.table4 import (
 from ilf_lab.results import Results, ResultsError
 
 __all__ = [
+    "Comparison",
+    "comparisons",
+    "comparisons_markdown",
     "CSV_COLUMNS",
     "MISSING",
     "REFINER_NAMES",
@@ -69,6 +74,8 @@ __all__ = [
     "feedback_num_tasks",
     "feedback_scaling",
     "main",
+    "Paired",
+    "paired",
     "paired_delta",
     "per_task_pass",
     "perplexities",

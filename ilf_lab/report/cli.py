@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ilf_lab.errors import reraise_as, run_cli
+from ilf_lab.report.compare import COMPARE_CSV_COLUMNS, comparison_records, comparisons, comparisons_markdown
 from ilf_lab.report.figures import plot, plot_feedback_scaling, plot_refinements, png
 from ilf_lab.report.load import ReportError, collect
 from ilf_lab.report.output import records_csv, write_file
@@ -29,7 +30,8 @@ from ilf_lab.report.table4 import CSV_COLUMNS, Row, table, to_markdown, to_recor
 
 def build(dirs: Sequence[str | os.PathLike]) -> tuple[str, list[Row], dict[str, str | bytes]]:
     """The report in memory: its markdown, its Table 4 rows, and {file name: content} of the files beside it
-    (table.csv/.png; refinements.csv/.png for Tables 2-3; feedback_scaling.png for Figure 4)."""
+    (table.csv/.png; comparisons.csv: the paired Δs and their power; refinements.csv/.png for Tables 2-3;
+    feedback_scaling.png for Figure 4)."""
     results = collect(dirs)
     rows = table(results)
     ref_rows = refinement_rows(results)
@@ -38,6 +40,9 @@ def build(dirs: Sequence[str | os.PathLike]) -> tuple[str, list[Row], dict[str, 
     if rows:
         files |= {"table.csv": records_csv(to_records(rows), CSV_COLUMNS), "table.png": png(plot(rows))}
         md.append(to_markdown(rows))
+        if comps := comparisons(rows):
+            files["comparisons.csv"] = records_csv(comparison_records(comps), COMPARE_CSV_COLUMNS)
+            md.append(comparisons_markdown(comps))
     if ref_rows:
         files["refinements.csv"] = records_csv(refinement_records(ref_rows), REFINE_CSV_COLUMNS)
         files["refinements.png"] = png(plot_refinements(ref_rows))

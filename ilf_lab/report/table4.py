@@ -237,7 +237,7 @@ def to_markdown(rows: Sequence[Row]) -> str:
         out.append(
             f"Paper: {paper.SETTING}. pass@k in %; ours = mean ± std over runs; {MISSING} = not run. "
             "Δ pass@1 = ours minus our zero-shot row on the same tasks, with a 95 % paired bootstrap interval "
-            "over tasks."
+            "over seeds and tasks."
         )
         out.append("")
         out += _md_table([r for r in group if r.section == "paper"], he, with_paper=True, zero=zero)
