@@ -92,7 +92,7 @@ def _ilf(args: list[str]) -> None:
 def parse_methods(spec: str) -> list[str]:
     methods = [m for m in spec.split(",") if m]
     unknown = [m for m in methods if m not in TUNED]
-    if unknown or not methods:
+    if unknown or not methods or len(set(methods)) != len(methods):
         raise ConfigError(f"--methods {spec!r}: expected a comma list of {', '.join(TUNED)}")
     return methods
 
@@ -111,24 +111,60 @@ def parse_seeds(spec: str | None) -> list[int | None]:
 
 def _selection(out: Path, grid: dict[str, list[str]], methods: list[str], select: list[str],
                overrides: list[str], resume: bool) -> dict[str, Any]:
-    """Step 1-2, or the selection a resumed command already made (which must be for this grid and methods)."""
+    """Step 1-2, or the selection a resumed command already made (which must be for this very command)."""
     from ilf_lab.report import collect
 
     path = out / "selection.json"
+    made_by = {"grid": grid, "methods": methods, "overrides": overrides, "select_overrides": select}
     if resume and path.exists():
         old = json.loads(path.read_text())
-        if old.get("grid") != grid or sorted(old.get("methods", TUNED)) != sorted(methods):
-            raise UsageError(f"{path}: made for grid {old.get('grid')} and methods {old.get('methods')}, "
-                             f"not {grid} and {methods}: use a new --out")
+        differs = [k for k, v in made_by.items() if old.get(k) != v]
+        if differs:
+            raise UsageError(f"{path}: made by a command with other {', '.join(differs)} "
+                             f"({', '.join(repr(old.get(k)) for k in differs)}): use a new --out")
         print(f"kept {path}", flush=True)
         return old["chosen"]
     select_dir = out / "select"
     _ilf(["-m", f"experiment={','.join(methods)}", "eval.split=refine",
           *[f"{k}={','.join(v)}" for k, v in grid.items()], f"hydra.sweep.dir={select_dir}", *overrides, *select])
     chosen = choose(collect([select_dir]), grid, methods)
-    atomic_write_text(path, json.dumps({"grid": grid, "methods": methods, "metric": "pass@1 on MBPPRefine",
-                                        "select_overrides": select, "chosen": chosen}, indent=1))
+    atomic_write_text(path, json.dumps({**made_by, "metric": "pass@1 on MBPPRefine", "chosen": chosen}, indent=1))
     return chosen
+
+
+def _table_runs(out: Path, chosen: dict[str, Any], methods: list[str], seeds: list[int | None],
+                overrides: list[str]) -> dict[Path, list[str]]:
+    """{run dir: the run's overrides} for Table 4: every method at its point, once per seed."""
+    runs: dict[Path, list[str]] = {}
+    for method in [*methods, *(m for m, src in INHERITS.items() if src in methods), *UNTUNED]:
+        point = chosen.get(method, {}).get("point", {})
+        for seed in seeds:
+            run_dir = out / "table" / method / ("" if seed is None else f"seed{seed}")
+            runs[run_dir] = [f"experiment={method}", f"hparams_from={out / 'selection.json'}",
+                             *[f"{k}={v}" for k, v in point.items()], *([] if seed is None else [f"seed={seed}"]),
+                             f"hydra.run.dir={run_dir}", *overrides]
+    return runs
+
+
+def _run_table(runs: dict[Path, list[str]], out: Path) -> None:
+    """Run each Table 4 run that has no results.json yet. A run dir records the arguments it was started with
+    (`a1_args.json`), so a resumed command keeps only what this command would have made: a results.json from
+    other arguments, or in no run dir of this command (another layout of seeds), stops it."""
+    expected = {(d / "results.json").resolve() for d in runs}
+    stale = [p for p in sorted((out / "table").rglob("results.json")) if p.resolve() not in expected]
+    if stale:
+        raise UsageError(f"{stale[0]}: a run this command would not make (other --methods or --seeds?): "
+                         "use a new --out")
+    for run_dir, args in runs.items():
+        marker = run_dir / "a1_args.json"
+        if (run_dir / "results.json").exists():
+            if not marker.exists() or json.loads(marker.read_text()) != args:
+                raise UsageError(f"{run_dir}: made with other arguments than {args}: use a new --out")
+            print(f"kept {run_dir / 'results.json'}", flush=True)
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps(args))
+        _ilf(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,31 +190,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         grid = parse_grid(args.grid or PAPER_GRID)
         methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
-        fixed = ("experiment", "eval.split", *grid, *(("seed",) if args.seeds else ()))
-        if any(o.split("=", 1)[0].lstrip("+~") in fixed for o in [*args.overrides, *args.select]):
-            raise UsageError(f"{', '.join(fixed)} are set by this command")
+        check_overrides(args.overrides, grid, seeds_set=args.seeds is not None, what="an override")
+        check_overrides(args.select, grid, seeds_set=True, what="--select")
         out = Path(args.out)
         if out.exists() and any(out.iterdir()) and not args.resume:
             raise UsageError(f"--out {out} is not empty: choose a new folder (old points would be mixed in), "
                              "or --resume to continue the command that made it")
         out.mkdir(parents=True, exist_ok=True)
         chosen = _selection(out, grid, methods, args.select, args.overrides, args.resume)
-        table = [*methods, *(m for m, src in INHERITS.items() if src in methods), *UNTUNED]
-        for method in table:
-            point = chosen.get(method, {}).get("point", {})
-            for seed in seeds:
-                run_dir = out / "table" / method / ("" if seed is None else f"seed{seed}")
-                if (run_dir / "results.json").exists():
-                    print(f"kept {run_dir / 'results.json'}", flush=True)
-                    continue
-                _ilf([f"experiment={method}", f"hparams_from={out / 'selection.json'}",
-                      *[f"{k}={v}" for k, v in point.items()], *([] if seed is None else [f"seed={seed}"]),
-                      f"hydra.run.dir={run_dir}", *args.overrides])
+        _run_table(_table_runs(out, chosen, methods, seeds, args.overrides), out)
         text, _ = report([out / "table"], out)
         print(text)
         return 0
 
     return run_cli(body)
+
+
+SET_HERE = ("experiment", "eval.split", "hparams_from", "hydra.run.dir", "hydra.sweep.dir")
+
+
+def check_overrides(overrides: Sequence[str], grid: dict[str, list[str]], seeds_set: bool, what: str) -> None:
+    """Refuse overrides of what this command sets (last wins in Hydra, so one would silently redirect every
+    run): the experiment (also as `+experiment@_global_=`), the split, the grid, the run folders, and the seed
+    where the command sets it (always in the selection sweep: A.1 chooses once, at the runs' seed)."""
+    fixed = (*SET_HERE, *grid, *(("seed",) if seeds_set else ()))
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+        if key in fixed:
+            raise UsageError(f"{what} {o!r}: {key} is set by this command")
 
 
 def grid_points(grid: dict[str, list[str]]) -> list[dict[str, str]]:

@@ -272,32 +272,46 @@ def test_a1_methods_and_seeds_are_checked_and_ilf_inherits_only_a_swept_gold():
 
 
 def test_a1_resume_keeps_the_selection_and_finished_table_runs(tmp_path, capsys):
-    """A resumed command reruns nothing that finished (no subprocess here: one would fail without data), and a
-    resume against another grid, or a non-empty --out without --resume, fails with one clear line."""
+    """A resumed command reruns nothing that finished (no subprocess here: one would fail without data). It
+    refuses to mix in what another command made: another grid or overrides, a run dir started with other
+    arguments, a results.json in another seed layout; a non-empty --out needs --resume."""
     from ilf_lab import a1
     from ilf_lab.results import Results, Score
 
     out = tmp_path / "a1"
-    grid = {"policy.lr": ["1e-5"]}
-    (out / "table").mkdir(parents=True)
-    (out / "selection.json").write_text(json.dumps({"grid": grid, "methods": ["mbpp_gold"], "chosen": {
-        "mbpp_gold": {"point": {"policy.lr": "1e-5"}}, "ilf": {"point": {"policy.lr": "1e-5"}}}}))
-    for method in ("mbpp_gold", "ilf", "zero_shot"):
-        for seed in (0, 1):
-            Results(experiment=method, feedback="human", train_on="x", model="m", seed=seed, eval_split="test",
-                    benchmarks={"mbpp": Score(pass_at={1: 0.1, 10: 0.2})},
-                    config={"hparams_from": str(out / "selection.json")}).write(
-                out / "table" / method / f"seed{seed}" / "results.json")
-    args = ["--out", str(out), "--grid", "policy.lr=1e-5", "--methods", "mbpp_gold", "--seeds", "0,1"]
-    assert a1.main([*args, "--resume"]) == 0
+    grid, overrides = {"policy.lr": ["1e-5"]}, ["scale=smoke"]
+    chosen = {"mbpp_gold": {"point": {"policy.lr": "1e-5"}}, "ilf": {"point": {"policy.lr": "1e-5"}}}
+    out.mkdir()
+    (out / "selection.json").write_text(json.dumps({"grid": grid, "methods": ["mbpp_gold"], "overrides": overrides,
+                                                    "select_overrides": [], "chosen": chosen}))
+    runs = a1._table_runs(out, chosen, ["mbpp_gold"], [0, 1], overrides)
+    assert len(runs) == 6 and all("policy.lr=1e-5" in v for d, v in runs.items() if "zero_shot" not in str(d))
+    for run_dir, args in runs.items():
+        Results(experiment=args[0].split("=")[1], feedback="human", train_on="x", model="m", seed=0,
+                eval_split="test", benchmarks={"mbpp": Score(pass_at={1: 0.1, 10: 0.2})},
+                config={"hparams_from": str(out / "selection.json")}).write(run_dir / "results.json")
+        (run_dir / "a1_args.json").write_text(json.dumps(args))
+    cmd = ["--out", str(out), "--grid", "policy.lr=1e-5", "--methods", "mbpp_gold", "--seeds", "0,1"]
+    assert a1.main([*cmd, "--resume", *overrides]) == 0
     printed = capsys.readouterr().out
     assert printed.count("kept ") == 7 and "+ " not in printed and "| ILF" in printed
-    assert a1.main(args) != 0
-    assert "--resume" in capsys.readouterr().err
-    assert a1.main(["--out", str(out), "--grid", "policy.lr=2e-5", "--methods", "mbpp_gold", "--resume"]) != 0
-    assert "use a new --out" in capsys.readouterr().err
-    assert a1.main([*args, "--resume", "seed=3"]) != 0
-    assert "set by this command" in capsys.readouterr().err
+
+    def fails(argv: list[str], message: str) -> None:
+        assert a1.main(argv) != 0
+        assert message in capsys.readouterr().err
+
+    fails([*cmd, *overrides], "--resume")
+    fails([*cmd, "--resume", "scale=demo"], "other overrides")
+    fails(["--out", str(out), "--grid", "policy.lr=2e-5", "--methods", "mbpp_gold", "--resume", *overrides],
+          "other grid")
+    for bad in ("seed=3", "+experiment@_global_=zero_shot", "hydra.run.dir=x", "hparams_from=y"):
+        fails([*cmd, "--resume", *overrides, bad], "is set by this command")
+    fails([*cmd, "--resume", "--select", "seed=1", *overrides], "--select 'seed=1'")
+    fails([*cmd[:-2], "--resume", *overrides], "would not make")  # the seeds' runs, seen from an unseeded layout
+    (out / "table" / "ilf" / "seed1" / "a1_args.json").write_text(json.dumps(["experiment=ilf"]))
+    fails([*cmd, "--resume", *overrides], "made with other arguments")
+    with pytest.raises(Exception, match="--methods"):
+        a1.parse_methods("mbpp_gold,mbpp_gold")
 
 def test_report_warns_when_a_baseline_is_not_on_ilfs_task_ids():
     from ilf_lab import report

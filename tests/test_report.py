@@ -327,7 +327,7 @@ def test_cli_writes_nothing_when_an_input_is_malformed(tmp_path, content):
     write(root, "zz_bad", make_result())  # the same inputs, well-formed: every file is written
     assert run_cli(str(root), "--out", str(tmp_path / "out")).returncode == 0
     assert {f.name for f in (tmp_path / "out").iterdir()} == {
-        "table.csv", "table.png", "refinements.csv", "refinements.png", "feedback_scaling.png"
+        "table.csv", "table.png", "comparisons.csv", "refinements.csv", "refinements.png", "feedback_scaling.png"
     }
 
 
@@ -460,36 +460,70 @@ def test_figure_data(tmp_path):
 
 
 def test_comparisons_pool_seeds_pair_tasks_and_state_power(tmp_path):
-    """Three seeds per row. ILF is +10 points over zero-shot on every seed (detected); gold equals zero-shot on
-    average but its seeds disagree (+/-20 points on a third of the tasks), which the two-level bootstrap must turn
-    into a wider interval and a larger MDE than the same mean from agreeing seeds."""
+    """Three seeds per row, all sampled in bf16 (a setting the whole table shares: the rows stay Table 4 rows).
+    ILF is +10 points over zero-shot on every seed (detected). Gold equals zero-shot on average but its seeds
+    disagree (a run-wide shift of -6.7, 0, +6.7 points): its SE must carry that seed variance, which a bootstrap
+    over tasks alone would not see, while human (identical to zero-shot everywhere) has no spread at all."""
     zero = {str(t): {"n": 10, "c": 2 if t % 3 == 0 else 0} for t in range(60)}
     ilf = {t: {"n": 10, "c": v["c"] + (4 if int(t) < 15 else 0)} for t, v in zero.items()}
+    bf16 = ["sampling.dtype=bfloat16"]
     for seed in range(3):
         shift = (seed - 1) * 2  # -2, 0, +2 solved samples on tasks 0, 3, 6, ...: seeds disagree, mean unchanged
         gold = {t: {"n": 10, "c": v["c"] + (shift if int(t) % 3 == 0 else 0)} for t, v in zero.items()}
-        write(tmp_path, f"z{seed}", make_result("zero_shot", seed=seed, per_task=zero))
-        write(tmp_path, f"i{seed}", make_result("ilf", seed=seed, per_task=ilf))
-        write(tmp_path, f"g{seed}", make_result("mbpp_gold", seed=seed, per_task=gold))
-        write(tmp_path, f"h{seed}", make_result("human_refinements", seed=seed, per_task=zero))
+        write(tmp_path, f"z{seed}", make_result("zero_shot", seed=seed, per_task=zero, overrides=bf16))
+        write(tmp_path, f"i{seed}", make_result("ilf", seed=seed, per_task=ilf, overrides=bf16))
+        write(tmp_path, f"g{seed}", make_result("mbpp_gold", seed=seed, per_task=gold, overrides=bf16))
+        write(tmp_path, f"h{seed}", make_result("human_refinements", seed=seed, per_task=zero, overrides=bf16))
     rows = report.table(report.collect([tmp_path]))
+    assert {r.scale for r in rows} == {"smoke (sampling.dtype=bfloat16)"}
+    assert all(len(r.runs) == 3 for r in rows if r.section == "paper" and r.experiment != "instructgpt_1shot"
+               and r.experiment != "instructgpt_2shot") and not [r for r in rows if r.section == "other"]
     comps = {c.name: c for c in report.comparisons(rows)}
     assert set(comps) == {"ILF vs Zero-shot", "Fine-tuned on MBPP gold vs Zero-shot",
                           "Fine-tuned on human refinements vs Zero-shot", "ILF vs Fine-tuned on MBPP gold",
                           "ILF vs Fine-tuned on human refinements"}
     up = comps["ILF vs Zero-shot"]
     assert up.delta.mean == pytest.approx(10.0) and up.delta.lo > 0 and up.reading == "higher"
-    assert (up.delta.tasks, up.delta.runs, up.delta.reference_runs) == (60, 3, 3)
-    assert up.delta.mde == pytest.approx(2.8016 * up.delta.se, rel=1e-4)
-    noisy, still = comps["Fine-tuned on MBPP gold vs Zero-shot"], comps["Fine-tuned on human refinements vs Zero-shot"]
-    assert noisy.delta.mean == pytest.approx(0.0) and still.delta.se == 0.0
-    assert noisy.delta.lo < 0 < noisy.delta.hi and noisy.delta.se > 1.0
+    assert (up.delta.tasks, up.delta.runs, up.delta.reference_runs) == (60, 3, 3) and up.delta.df == 59
+    # the one-run paired t over tasks: SE = sd(d)/sqrt(60); d = 40 on 15 tasks, 0 elsewhere
+    sd = (sum((x - 10) ** 2 for x in [40] * 15 + [0] * 45) / 59) ** 0.5
+    assert up.delta.se == pytest.approx(sd / 60**0.5)
+    assert up.delta.mde == pytest.approx((2.000995 + 0.847756) * up.delta.se, rel=1e-4)  # t(.975, 59) + t(.8, 59)
+    noisy, same = comps["Fine-tuned on MBPP gold vs Zero-shot"], comps["Fine-tuned on human refinements vs Zero-shot"]
+    assert noisy.delta.mean == pytest.approx(0.0) and noisy.delta.lo < 0 < noisy.delta.hi
+    # seed means -6.7, 0, +6.7 (var 44.4) -> SE ~ sqrt(44.4 / 3) = 3.85, on 2 df: a wide interval, an honest MDE
+    assert noisy.delta.se == pytest.approx((400 / 9 / 3) ** 0.5, rel=0.02) and noisy.delta.df < 3
     assert noisy.reading.startswith("not detected (|Δ| ≥ ") and f"{noisy.delta.mde:.1f}" in noisy.reading
-    assert comps["ILF vs Fine-tuned on MBPP gold"].reading == "higher"
+    assert same.delta.se == 0 and same.delta.mde is None and same.reading == "identical on every task"
+    assert comps["ILF vs Fine-tuned on MBPP gold"].reading.startswith("not detected")  # gold's seed noise
+    assert comps["ILF vs Fine-tuned on human refinements"].reading == "higher"
     md, _, files = report.build([tmp_path])
     assert "### Paired comparisons and power" in md and "| ILF vs Zero-shot |" in md
     lines = files["comparisons.csv"].splitlines()
     assert lines[0].startswith("model,scale,comparison,a,b,delta_pass@1") and len(lines) == 6
+
+
+def test_a_setting_only_some_runs_share_is_a_deviation(tmp_path):
+    write(tmp_path, "z", make_result("zero_shot", overrides=["sampling.dtype=bfloat16"]))
+    write(tmp_path, "i", make_result("ilf"))
+    rows = report.table(report.collect([tmp_path]))
+    assert {r.scale for r in rows} == {"smoke"}
+    assert [r.label for r in rows if r.section == "other"] == ["sampling.dtype=bfloat16"]
+
+
+def test_t_quantiles_and_degenerate_comparisons():
+    from ilf_lab.report.stats import t_ppf
+
+    for p, df, ref in [(0.975, 2, 4.302653), (0.975, 10, 2.228139), (0.8, 5, 0.919544), (0.025, 3, -3.182446),
+                       (0.975, float("inf"), 1.959964)]:
+        assert t_ppf(p, df) == pytest.approx(ref, abs=1e-5)
+    one = report.paired([make("ilf", per_task={"11": {"n": 10, "c": 5}})],
+                        [make("zero_shot", per_task={"11": {"n": 10, "c": 1}})])
+    assert one is not None and one.tasks == 1 and one.mde is None and one.mean == pytest.approx(40.0)
+    from ilf_lab.report.compare import Comparison
+
+    assert Comparison("m", "s", "x", "a", "b", one).reading == "too few tasks to tell"
+
 
 def test_a1_selected_points_stay_on_their_table4_row(tmp_path):
     """ilf_lab.a1 marks its Table 4 runs (hparams_from): their policy.* overrides are the row's A.1 point, shown

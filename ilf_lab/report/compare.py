@@ -1,8 +1,8 @@
 """Table 4's comparisons, paired and with their power: every row against zero-shot, ILF against each baseline.
 
-Each comparison is Δ pass@1 in points on the tasks both rows evaluated, with a 95 % interval from the two-level
-paired bootstrap (`stats.paired`: seeds, then tasks), and the smallest Δ the design detects with power 0.8 at
-α = 0.05 (MDE). An interval that holds 0 says "not detected"; the MDE says whether that means "no effect of a size
+Each comparison is Δ pass@1 in points on the tasks both rows evaluated, with a 95 % interval whose standard error
+counts the task spread and each row's seed variance (`stats.paired`), and the smallest Δ the design detects with
+power 0.8 at α = 0.05 (MDE). An interval that holds 0 says "not detected"; the MDE says whether that means "no effect of a size
 that matters" or "too small for this design to see".
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ilf_lab.report.output import md_row
-from ilf_lab.report.stats import MDE_Z, Paired, paired
+from ilf_lab.report.stats import Paired, paired
 from ilf_lab.report.table4 import Row
 
 BASELINES = ("mbpp_gold", "human_refinements", "instructgpt_1shot", "instructgpt_2shot")
@@ -31,11 +31,16 @@ class Comparison:
     @property
     def reading(self) -> str:
         d = self.delta
+        if d.tasks < 2:
+            return "too few tasks to tell"
+        if d.mde is None:  # no spread at all: the same pass rate on every task, e.g. both are the base policy
+            return "identical on every task" if d.mean == 0 else f"{d.mean:+.1f} on every task alike"
+        seeds = "" if min(d.runs, d.reference_runs) > 1 else "; one run on a side: seed variance not estimated"
         if d.lo > 0:
-            return "higher"
+            return "higher" + seeds
         if d.hi < 0:
-            return "lower"
-        return f"not detected (|Δ| ≥ {d.mde:.1f} would be seen with power 0.8)"
+            return "lower" + seeds
+        return f"not detected (|Δ| ≥ {d.mde:.1f} would be seen with power 0.8{seeds})"
 
 
 def comparisons(rows: Sequence[Row], k: int = 1) -> list[Comparison]:
@@ -60,24 +65,26 @@ def comparisons_markdown(comps: Sequence[Comparison]) -> str:
     lines = [
         "### Paired comparisons and power",
         "",
-        "Δ pass@1 in points (first minus second) on the tasks both rows evaluated; 95 % interval from a paired "
-        "bootstrap over seeds and tasks; MDE = the smallest |Δ| this design detects with power 0.8 at α = 0.05 "
-        f"(two-sided, {MDE_Z:.2f} × the bootstrap's standard error).",
+        "Δ pass@1 in points (first minus second) on the tasks both rows evaluated. SE: the spread over tasks of "
+        "the paired per-task differences of the runs' means, plus each row's seed (training) variance over its "
+        "runs; 95 % interval Δ ± t(0.975, df) × SE with Satterthwaite's df. MDE = the smallest |Δ| this design "
+        "detects with power 0.8 at α = 0.05 (two-sided): (t(0.975, df) + t(0.8, df)) × SE.",
         "",
-        "| Comparison | model, scale | Δ pass@1 [95 % CI] | SE | MDE | tasks × runs | reading |",
-        "|---|---|---|---|---|---|---|",
+        "| Comparison | model, scale | Δ pass@1 [95 % CI] | SE | df | MDE | tasks × runs | reading |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in comps:
         d = c.delta
         lines.append(md_row([
             c.name, f"{c.model}, {c.scale}", f"{d.mean:+.1f} [{d.lo:+.1f}, {d.hi:+.1f}]", f"{d.se:.1f}",
-            f"{d.mde:.1f}", f"{d.tasks} × {d.runs} vs {d.reference_runs}", c.reading,
+            f"{d.df:.0f}", "—" if d.mde is None else f"{d.mde:.1f}", f"{d.tasks} × {d.runs} vs {d.reference_runs}",
+            c.reading,
         ]))  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 COMPARE_CSV_COLUMNS = (
-    "model", "scale", "comparison", "a", "b", "delta_pass@1", "ci_low", "ci_high", "se", "mde_power80",
+    "model", "scale", "comparison", "a", "b", "delta_pass@1", "ci_low", "ci_high", "se", "df", "mde_power80",
     "tasks", "runs_a", "runs_b", "reading",
 )  # fmt: skip
 
@@ -86,7 +93,8 @@ def comparison_records(comps: Sequence[Comparison]) -> list[dict[str, Any]]:
     return [
         {"model": c.model, "scale": c.scale, "comparison": c.name, "a": c.a, "b": c.b,
          "delta_pass@1": round(c.delta.mean, 4), "ci_low": round(c.delta.lo, 4), "ci_high": round(c.delta.hi, 4),
-         "se": round(c.delta.se, 4), "mde_power80": round(c.delta.mde, 4), "tasks": c.delta.tasks,
+         "se": round(c.delta.se, 4), "df": None if c.delta.df == float("inf") else round(c.delta.df, 2),
+         "mde_power80": None if c.delta.mde is None else round(c.delta.mde, 4), "tasks": c.delta.tasks,
          "runs_a": c.delta.runs, "runs_b": c.delta.reference_runs, "reading": c.reading}
         for c in comps
     ]  # fmt: skip

@@ -1,11 +1,13 @@
-"""Numbers over runs: mean ± std over seeds, per-task pass@k, and the paired bootstrap of a difference (over
-seeds and tasks) with the smallest difference the design can detect."""
+"""Numbers over runs: mean ± std over seeds, per-task pass@k, and a paired difference over tasks and seeds with
+its interval and the smallest difference the design can detect."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ilf_lab.results import Results
 
@@ -36,37 +38,65 @@ class Paired:
     """A paired difference of pass@k in points: `runs` minus `reference` on the tasks every run evaluated."""
 
     mean: float
-    lo: float  # 95 % bootstrap interval
+    lo: float  # 95 % interval (t, Satterthwaite df)
     hi: float
-    se: float  # the bootstrap's standard error
+    se: float  # standard error: task spread of the paired differences + each side's seed (training) variance
+    df: float
+    mde: float | None  # smallest |Δ| detected with power 0.8 at α = 0.05 (two-sided); None without spread
     tasks: int
     runs: int
     reference_runs: int
 
-    @property
-    def mde(self) -> float:
-        """The smallest |Δ| this design detects with power 0.8 at α = 0.05 (two-sided, normal approximation)."""
-        return MDE_Z * self.se
 
+def t_ppf(p: float, df: float) -> float:
+    """Student-t quantile (no scipy here): Simpson's rule on the density, then bisection; exact to ~1e-6."""
+    if math.isinf(df) or df > 1e4:
+        return statistics.NormalDist().inv_cdf(p)
+    if p < 0.5:
+        return -t_ppf(1 - p, df)
+    const = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
 
-MDE_Z = 1.959964 + 0.841621  # z_{1-α/2} + z_{power}, α = 0.05, power 0.8
+    def cdf(x: float, steps: int = 2000) -> float:
+        h = x / steps
+        f = [math.exp(const - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(steps + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
 
 
 def per_run_task_pass(runs: Sequence[Results], k: int = 1) -> tuple[list[str], list[list[float]]]:
-    """(tasks, matrix[run][task]) of pass@k fractions on the tasks every run evaluated with >= k samples."""
+    """(tasks, matrix[run][task]) of pass@k fractions on the tasks every run evaluated with >= k samples; runs
+    with no such task (no per-task counts) are left out."""
     from ilf_lab.execution.passk import pass_at_k
 
     per = [{str(t): pass_at_k(nc["n"], nc["c"], k) for t, nc in r.per_task.items() if nc["n"] >= k} for r in runs]
+    per = [p for p in per if p]
     tasks = sorted(set.intersection(*(set(p) for p in per))) if per else []
     return tasks, [[p[t] for t in tasks] for p in per]
 
 
-def paired(
-    runs: Sequence[Results], reference: Sequence[Results], k: int = 1, iters: int = 4000, seed: int = 0
-) -> Paired | None:
-    """Δ pass@k with a two-level paired bootstrap: each draw resamples each side's runs (seeds: training and
-    sampling noise), then the tasks (which tasks are solvable dominates), and differences the per-task means of
-    the drawn runs on the drawn tasks. With one run per side it is the plain paired bootstrap over tasks.
+def _seed_variance(x: Any) -> float:
+    """σ²_seed of one side's [runs x tasks] matrix (a run-wide shift: training, sampling), by moments: the
+    variance of the runs' means minus what the run x task residual alone puts there."""
+    n, t = x.shape
+    if n < 2 or t < 2:
+        return 0.0
+    resid = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + x.mean()
+    ms_resid = float((resid**2).sum()) / ((n - 1) * (t - 1))
+    return max(0.0, float(x.mean(1).var(ddof=1)) - ms_resid / t)
+
+
+def paired(runs: Sequence[Results], reference: Sequence[Results], k: int = 1) -> Paired | None:
+    """Δ pass@k in points for seeds crossed with tasks. The per-task differences of the runs' means carry the
+    task spread and the per-task sampling noise (their variance / tasks); a shift shared by all tasks of one
+    run (a seed's trained model) is the same on every task, so each side's seed variance / runs is added.
+    Interval and MDE use t with Satterthwaite's df: with 3 seeds a seed effect is seen with few df.
     None when the sides share no task."""
     import numpy as np
 
@@ -77,23 +107,25 @@ def paired(
         return None
     A = np.array(a)[:, [ta.index(t) for t in tasks]] * 100
     B = np.array(b)[:, [tb.index(t) for t in tasks]] * 100
-    rng = np.random.default_rng(seed)
-    ra = A[rng.integers(0, len(A), (iters, len(A)))].mean(axis=1)  # (iters, tasks)
-    rb = B[rng.integers(0, len(B), (iters, len(B)))].mean(axis=1)
-    pick = rng.integers(0, len(tasks), (iters, len(tasks)))
-    boots = (np.take_along_axis(ra, pick, 1) - np.take_along_axis(rb, pick, 1)).mean(axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return Paired(float(A.mean(0).mean() - B.mean(0).mean()), float(lo), float(hi), float(boots.std(ddof=1)),
-                  len(tasks), len(A), len(B))
+    d = A.mean(0) - B.mean(0)
+    mean, n = float(d.mean()), len(tasks)
+    parts = [(float(d.var(ddof=1)) / n if n > 1 else 0.0, n - 1)]
+    parts += [(_seed_variance(x) / len(x), len(x) - 1) for x in (A, B)]
+    var = sum(v for v, _ in parts)
+    if var <= 0 or n < 2:
+        return Paired(mean, mean, mean, 0.0, math.inf, None, n, len(A), len(B))
+    df = var**2 / sum(v**2 / f for v, f in parts if v > 0)
+    se = math.sqrt(var)
+    half = t_ppf(0.975, df) * se
+    return Paired(mean, mean - half, mean + half, se, df, (t_ppf(0.975, df) + t_ppf(0.8, df)) * se,
+                  n, len(A), len(B))
 
 
 def paired_delta(
     runs: Sequence[Results],
     reference: Sequence[Results],
     k: int = 1,
-    iters: int = 4000,
-    seed: int = 0,
 ) -> tuple[float, float, float] | None:
     """(Δ, low, high) of `paired`: pass@k of `runs` minus `reference` in points with its 95 % interval."""
-    p = paired(runs, reference, k, iters, seed)
+    p = paired(runs, reference, k)
     return None if p is None else (p.mean, p.lo, p.hi)

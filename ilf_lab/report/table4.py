@@ -31,7 +31,7 @@ class Row:
     """One line of the report: a Table 4 row (possibly with no runs) or another result group."""
 
     model: str
-    scale: str
+    scale: str  # the scale, and in parentheses the overrides every run of the table shares (`shared_setting`)
     method: str
     feedback_source: str
     finetuning_data: str
@@ -170,6 +170,9 @@ def table(results: Sequence[Results]) -> list[Row]:
         groups.setdefault((r.model, str(r.scale or "?")), []).append(r)
     rows: list[Row] = []
     for (model, scale), rs in sorted(groups.items()):
+        shared = shared_setting(rs)
+        if shared:  # e.g. every run sampled in bf16: the table's setting, shown with its scale, not a deviation
+            scale = f"{scale} ({' '.join(shared)})"
         paper_rows = [
             Row(model, scale, p.method, p.feedback_source, p.finetuning_data, p.experiment, paper=p)
             for p in paper.TABLE4
@@ -177,7 +180,7 @@ def table(results: Sequence[Results]) -> list[Row]:
         others: dict[tuple[Any, ...], Row] = {}
         for r in rs:
             p = paper.row_for(r)
-            dev, hyper = deviations(r), hyper_label(r)
+            dev, hyper = [d for d in deviations(r) if d not in shared], hyper_label(r)
             row = paper_rows[paper.TABLE4.index(p)] if p is not None else None
             if row is not None and not dev and (not row.runs or row.hyper == hyper):
                 row.runs.append(r)
@@ -192,6 +195,18 @@ def table(results: Sequence[Results]) -> list[Row]:
         rows += paper_rows
         rows += sorted(others.values(), key=lambda x: (x.experiment, _natural(x.label)))
     return rows
+
+
+SYNTHETIC = ("eval.split=", "rounds=", "feedback.num_tasks=")  # what a run is, not how it was run
+
+
+def shared_setting(results: Sequence[Results]) -> list[str]:
+    """The deviations every result of a (model, scale) group shares, except hyper-parameters and what makes a
+    result another experiment (eval split, rounds, feedback tasks): a setting the whole table was run under."""
+    if not results:
+        return []
+    common = set.intersection(*(set(deviations(r)) for r in results))
+    return sorted(d for d in common if not d.startswith((*HYPER_PREFIXES, *SYNTHETIC)))
 
 
 def _natural(s: str) -> list[Any]:
