@@ -67,6 +67,19 @@ def _digest(path: Path) -> dict[str, str]:
             for f in sorted(path.rglob("*")) if f.is_file() and f.name not in skip}
 
 
+def _first_difference(a: Path, b: Path) -> str:
+    """The first line that differs between two artifacts' files (for a failing digest check)."""
+    for f in sorted(a.rglob("*")):
+        g = b / f.relative_to(a)
+        if f.is_file() and f.name not in {"meta.json", "train_result.json"} and f.read_bytes() != g.read_bytes():
+            for i, (x, y) in enumerate(zip(f.read_text(errors="replace").splitlines(),
+                                           g.read_text(errors="replace").splitlines(), strict=False)):
+                if x != y:
+                    return f"{f.relative_to(a)} line {i + 1}: {x[:300]!r} != {y[:300]!r}"
+            return f"{f.relative_to(a)}: lengths differ"
+    return "no file differs"
+
+
 def _closure(run: Runner, stage: str) -> set[str]:
     """The config paths a stage's artifact may depend on: its own and its upstream stages' (and the model's)."""
     inst, ups = run.graph[stage]
@@ -167,7 +180,8 @@ def test_undeclared_settings_never_change_an_artifact(pipeline, baselines, mini_
         old, new = base.done[stage], run.done[stage]
         assert new.key == old.key, f"{stage}: undeclared settings changed its key: {sorted(mutate)}"
         assert not new.cached  # a fresh cache: recomputed
-        assert _digest(new.path) == _digest(old.path), f"{stage}: artifact changed under {sorted(mutate)}"
+        assert _digest(new.path) == _digest(old.path), (
+            f"{stage}: artifact changed under {sorted(mutate)}: {_first_difference(old.path, new.path)}")
         checked.append((stage, len(mutate)))
     assert len(checked) >= 4, checked
 
