@@ -1372,3 +1372,26 @@ def test_mbpp_gold_programs_pass(pool, comparison):
     # runs program, then setup, then asserts.  The slowest program is task 123 (~2 s here).
     assert failed == {}
     assert leftovers(pool) == []
+
+
+def test_a_program_python_cannot_parse_fails_alone_and_never_ends_the_run(monkeypatch):
+    """A powered run's evaluate stage once ended on SystemError ("AST constructor recursion depth mismatch",
+    CPython 3.11) from ast.parse on a model-written program. Every error ast.parse can raise on hostile source
+    leaves the parent's analysis with no names (less trust), and the programs are still judged by running them."""
+    import ast
+
+    from ilf_lab.execution import verdict
+
+    real = ast.parse
+    for exc in verdict.UNPARSABLE:
+        monkeypatch.setattr(ast, "parse", lambda src, *a, **k: (_ for _ in ()).throw(exc("hostile")))
+        assert verdict.program_names("def f():\n    return 1\n") == frozenset()
+        verdict.plan_test.cache_clear()
+        assert verdict.plan_test("assert f() == 1").sites == ()
+    monkeypatch.setattr(ast, "parse", real)
+    verdict.plan_test.cache_clear()
+    deep = "def f():\n    return " + "-" * 5000 + "1\n"  # RecursionError in ast.parse, for real
+    items = [{"task_id": i, "program": p, "tests": ["assert f() == 1"]}
+             for i, p in enumerate([deep, "def f():\n    return 1\n"])]
+    out = run_programs(items, timeout=10)
+    assert [v.passed for v in out] == [False, True]

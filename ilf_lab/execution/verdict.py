@@ -705,12 +705,17 @@ def _stmt_names(body: list[ast.stmt], out: set[str], into_defs: bool) -> None:
             _stmt_names(case.body, out, into_defs)
 
 
+# what ast.parse raises on hostile source; SystemError: CPython 3.11's "AST constructor recursion depth mismatch"
+# on deeply nested model-written programs (seen in a powered run's evaluate stage, where it ended the run)
+UNPARSABLE = (SyntaxError, ValueError, MemoryError, RecursionError, SystemError)
+
+
 def program_names(src: str) -> frozenset:
     """Names the program (or setup) defines at module level by def/class/assignment (imports excluded: a
     probe like ``math.isclose(...)`` calls the standard library, not the program)."""
     try:
         tree = ast.parse(src)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
+    except UNPARSABLE:  # no names: the trust check then allows fewer probes (the safe direction)
         return frozenset()
     out: set[str] = set()
     _stmt_names(tree.body, out, into_defs=False)
@@ -819,7 +824,7 @@ def plan_test(src: str, shadowed: frozenset = frozenset()) -> TestPlan:
     """
     try:
         tree = ast.parse(src)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
+    except UNPARSABLE:
         # the sandbox compiles it and reports the error (after running the program, like before)
         return TestPlan(src, (), False, frozenset(), frozenset())
     once = _once_def(tree)
