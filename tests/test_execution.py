@@ -1384,7 +1384,7 @@ def test_a_program_python_cannot_parse_fails_alone_and_never_ends_the_run(monkey
 
     real = ast.parse
     for exc in verdict.UNPARSABLE:
-        monkeypatch.setattr(ast, "parse", lambda src, *a, **k: (_ for _ in ()).throw(exc("hostile")))
+        monkeypatch.setattr(ast, "parse", lambda src, *a, exc=exc, **k: (_ for _ in ()).throw(exc("hostile")))
         assert verdict.program_names("def f():\n    return 1\n") == frozenset()
         verdict.plan_test.cache_clear()
         assert verdict.plan_test("assert f() == 1").sites == ()
