@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Copy the machine-readable records of finished runs (results.json, perplexity.jsonl; no samples, no checkpoints)
-# from a run folder into a results/ folder, keeping their relative paths, e.g.
+# Copy the machine-readable records of finished runs (results.json, perplexity.jsonl, and ilf_lab.a1's
+# a1_args.json, which lets a resumed a1 keep them; no samples, no checkpoints) from a run folder into a results/
+# folder, keeping their relative paths, e.g.
 #   scripts/publish_runs.sh /work/runs19/a1/table results/cpu_powered/runs
 # Only results.json files of finished runs are copied; a copy that would change a committed file says so.
 set -euo pipefail
@@ -10,7 +11,7 @@ n=0
 while IFS= read -r -d '' f; do
   rel=${f#"$src"/}; dir=$(dirname "$rel")
   mkdir -p "$dst/$dir"
-  for name in results.json perplexity.jsonl; do
+  for name in results.json perplexity.jsonl a1_args.json; do
     [ -f "$src/$dir/$name" ] || continue
     if [ -f "$dst/$dir/$name" ] && ! cmp -s "$src/$dir/$name" "$dst/$dir/$name"; then echo "replaced $dst/$dir/$name"; fi
     cp "$src/$dir/$name" "$dst/$dir/$name"

@@ -251,8 +251,8 @@ def to_markdown(rows: Sequence[Row]) -> str:
         out.append("")
         out.append(
             f"Paper: {paper.SETTING}. pass@k in %; ours = mean ± std over runs; {MISSING} = not run. "
-            "Δ pass@1 = ours minus our zero-shot row on the same tasks, with a 95 % paired bootstrap interval "
-            "over seeds and tasks."
+            "Δ pass@1 = ours minus our zero-shot row on the same tasks, with a 95 % paired interval over tasks "
+            "and seeds (how: the paired comparisons below)."
         )
         out.append("")
         out += _md_table([r for r in group if r.section == "paper"], he, with_paper=True, zero=zero)
