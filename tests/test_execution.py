@@ -1395,3 +1395,27 @@ def test_a_program_python_cannot_parse_fails_alone_and_never_ends_the_run(monkey
              for i, p in enumerate([deep, "def f():\n    return 1\n"])]
     out = run_programs(items, timeout=10)
     assert [v.passed for v in out] == [False, True]
+
+
+def test_a_program_the_parent_cannot_parse_keeps_its_own_builtins(monkeypatch):
+    """If the parent cannot parse a program (3.11's SystemError) that still runs in the sandbox, a test's
+    builtin call must use the program's definition, not the parent's: a redefined abs must not make a wrong
+    answer pass."""
+    import ast
+
+    from ilf_lab.execution import verdict
+
+    real = ast.parse
+
+    program = "def abs(x):\n    return 0\n\ndef f(x):\n    return 3\n"
+
+    def parse(src, *a, **k):
+        if src == program:
+            raise SystemError("AST constructor recursion depth mismatch")
+        return real(src, *a, **k)
+
+    monkeypatch.setattr(ast, "parse", parse)
+    verdict.plan_test.cache_clear()
+    out = run_programs([{"task_id": 1, "program": program, "tests": ["assert f(-3) == abs(-3)"]}], timeout=10)
+    assert [v.passed for v in out] == [False]
+    verdict.plan_test.cache_clear()

@@ -710,6 +710,22 @@ def _stmt_names(body: list[ast.stmt], out: set[str], into_defs: bool) -> None:
 UNPARSABLE = (SyntaxError, ValueError, MemoryError, RecursionError, SystemError)
 
 
+class _AllNames(frozenset):
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+ALL_NAMES = _AllNames()
+
+
+def _parses(src: str) -> bool:
+    try:
+        ast.parse(src)
+    except UNPARSABLE:
+        return False
+    return True
+
+
 def program_names(src: str) -> frozenset:
     """Names the program (or setup) defines at module level by def/class/assignment (imports excluded: a
     probe like ``math.isclose(...)`` calls the standard library, not the program)."""
@@ -859,7 +875,10 @@ def plan_item(program: str, setup: str, tests: list[str], trust: bool = True) ->
         maybe = [n for n in tp.folded if n in program or n in setup]
         if maybe:
             if defined is None:
-                defined = program_names(program) | program_names(setup)
+                # unparsable here (e.g. 3.11's SystemError) may still compile in the sandbox: then every name
+                # the text holds may be the program's own, and the parent evaluates none of them
+                parsed = [_parses(program), _parses(setup)]
+                defined = (program_names(program) | program_names(setup)) if all(parsed) else ALL_NAMES
             shadowed = frozenset(n for n in maybe if n in defined)
             if shadowed:
                 tp = plan_test(src, shadowed)

@@ -3,6 +3,7 @@
 #   RUNS=/work/runs19 ILF_LAB_CACHE_DIR=/work/cache19 bash results/cpu_powered/run_block.sh 1|2|3a
 # Each block is one resumable command: run it again after an interruption (finished runs and stages are kept).
 set -euo pipefail
+cd "$(dirname "$0")/../.."  # the repository root
 block=${1:?usage: run_block.sh 1|2|3a}
 RUNS=${RUNS:-/work/runs19}
 export ILF_LAB_DATA_DIR=${ILF_LAB_DATA_DIR:-../shared/data} ILF_LAB_CACHE_DIR=${ILF_LAB_CACHE_DIR:-/work/cache19}
@@ -14,5 +15,6 @@ case $block in
   3a) out=$RUNS/a1_llm; args=(--methods instructgpt_1shot,instructgpt_2shot --seeds 0) ;;
   *)  echo "error: unknown block $block (1, 2 or 3a)" >&2; exit 2 ;;
 esac
-resume=(); [ -e "$out" ] && resume=(--resume)
-python -m ilf_lab.a1 --out "$out" "${resume[@]}" "${args[@]}" "${common[@]}"
+cmd=(python -m ilf_lab.a1 --out "$out" "${args[@]}" "${common[@]}")
+if [ -e "$out" ]; then cmd+=(--resume); fi
+"${cmd[@]}"
