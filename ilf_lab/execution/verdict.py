@@ -710,29 +710,14 @@ def _stmt_names(body: list[ast.stmt], out: set[str], into_defs: bool) -> None:
 UNPARSABLE = (SyntaxError, ValueError, MemoryError, RecursionError, SystemError)
 
 
-class _AllNames(frozenset):
-    def __contains__(self, name: object) -> bool:
-        return True
-
-
-ALL_NAMES = _AllNames()
-
-
-def _parses(src: str) -> bool:
-    try:
-        ast.parse(src)
-    except UNPARSABLE:
-        return False
-    return True
-
-
-def program_names(src: str) -> frozenset:
+def program_names(src: str, unparsable: frozenset | None = frozenset()) -> frozenset | None:
     """Names the program (or setup) defines at module level by def/class/assignment (imports excluded: a
-    probe like ``math.isclose(...)`` calls the standard library, not the program)."""
+    probe like ``math.isclose(...)`` calls the standard library, not the program); `unparsable` when the
+    parent cannot parse it (the trust check takes no names: it then allows fewer probes, the safe direction)."""
     try:
         tree = ast.parse(src)
-    except UNPARSABLE:  # no names: the trust check then allows fewer probes (the safe direction)
-        return frozenset()
+    except UNPARSABLE:
+        return unparsable
     out: set[str] = set()
     _stmt_names(tree.body, out, into_defs=False)
     imported: set[str] = set()
@@ -866,7 +851,7 @@ def plan_item(program: str, setup: str, tests: list[str], trust: bool = True) ->
     trust level (else call ``assess_trust`` later: the pool does it while the program runs)."""
     item = ItemPlan(sources=[], tests_plans=[])
     once = set()
-    defined: frozenset | None = None
+    names: list[frozenset | None] | None = None  # the program's and the setup's, parsed once when needed
     for t, src in enumerate(tests):
         tp = plan_test(src)
         # The parent evaluates a builtin the test calls (abs, tuple, ...) itself unless the program or setup
@@ -874,12 +859,11 @@ def plan_item(program: str, setup: str, tests: list[str], trust: bool = True) ->
         # run time, e.g. ``builtins.abs = ...``, changes nothing here.)  The substring test spares the parse.
         maybe = [n for n in tp.folded if n in program or n in setup]
         if maybe:
-            if defined is None:
-                # unparsable here (e.g. 3.11's SystemError) may still compile in the sandbox: then every name
-                # the text holds may be the program's own, and the parent evaluates none of them
-                parsed = [_parses(program), _parses(setup)]
-                defined = (program_names(program) | program_names(setup)) if all(parsed) else ALL_NAMES
-            shadowed = frozenset(n for n in maybe if n in defined)
+            if names is None:
+                names = [program_names(program, None), program_names(setup, None)]
+            # unparsable here (e.g. 3.11's SystemError) may still compile in the sandbox: then every name the
+            # text holds may be the program's own, and the parent evaluates none of them
+            shadowed = frozenset(n for n in maybe if None in names or any(n in ns for ns in names if ns))
             if shadowed:
                 tp = plan_test(src, shadowed)
         item.sources.append(tp.source)
