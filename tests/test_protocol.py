@@ -310,7 +310,9 @@ def test_a1_resume_keeps_the_selection_and_finished_table_runs(tmp_path, capsys)
     fails([*cmd[:-2], "--resume", *overrides], "would not make")  # the seeds' runs, seen from an unseeded layout
     (out / "table" / "ilf" / "seed1" / "a1_args.json").write_text(json.dumps(["experiment=ilf"]))
     fails([*cmd, "--resume", *overrides], "made with other arguments")
-    with pytest.raises(Exception, match="--methods"):
+    from ilf_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--methods"):
         a1.parse_methods("mbpp_gold,mbpp_gold")
 
 def test_report_warns_when_a_baseline_is_not_on_ilfs_task_ids():
