@@ -244,3 +244,27 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
         ),
     )
     assert next(eng32.model.parameters()).dtype == torch.float32
+
+
+def test_the_cache_starts_zero_whatever_the_heap_held(tiny):
+    """Attention reads columns no row wrote in its slot (masked, but 0 x V), so they must be finite. A previous
+    batch may have left NaN where the next cache is allocated: free a NaN tensor of the cache's size first."""
+    import gc
+
+    from ilf_lab.generation.slots import SlotCache
+
+    _, model, tok = tiny
+    shape = SlotCache(model, 8, 64).kv.shape
+    junk = torch.full(shape, float("nan"))
+    del junk
+    cache = SlotCache(model, 8, 64)
+    assert cache.kv.count_nonzero() == 0
+    gc.collect()
+    cache.kv.fill_(1.0)  # still writable memory once the allocation's own references are gone
+    assert cache.kv.sum() == cache.kv.numel()
+    p = SamplingParams(n=2, temperature=0, max_new_tokens=16)
+    junk = torch.full(shape, float("nan"))
+    del junk
+    assert HFEngine(model, tok, batch_size=3).generate(PROMPTS, p) == [
+        [_hf_greedy(model, tok, x, 16)] * 2 for x in PROMPTS
+    ]

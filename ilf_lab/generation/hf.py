@@ -267,6 +267,7 @@ class HFEngine:
         # degenerate. Sampling is deterministic without it (per-sample generators), so switch it off here.
         was_deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(False)
+        self._rows_mean = 0.0
         try:
             with torch.inference_mode():
                 run = self._run_slots if self.backend == "slots" else self._run_generic
@@ -377,7 +378,7 @@ class HFEngine:
         holes = sorted(i for i in gone if i < new_len)
         movers = [i for i in range(new_len, len(rows)) if i not in gone]
         if holes:
-            cache.move(holes, movers, max(rows.lens[i] for i in movers))
+            cache.move(holes, movers, [rows.lens[i] for i in movers])
             for d, s in zip(holes, movers, strict=True):
                 last[d] = last[s]
         rows.move(holes, movers, new_len)

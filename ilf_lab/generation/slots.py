@@ -3,6 +3,8 @@ that fills and drains the slots is `hf.HFEngine`)."""
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +23,10 @@ def head_dim(cfg: Any) -> int:
 
 class SlotCache:
     """A preallocated KV cache [layer, k|v, slot, kv_head, position, head_dim] and a Llama-family forward
-    that reads and writes it. Pages are touched only as far as sequences actually grow."""
+    that reads and writes it. Attention reads every row up to the batch's longest, so a row also reads columns
+    nobody wrote in its slot: masked, but still 0 x V, so they must be finite (uninitialised memory may hold NaN).
+    On CPU the cache is anonymous mmap memory, zero by definition and touched only as far as sequences grow
+    (`torch.zeros` would write a refine batch's gigabytes up front: seconds)."""
 
     def __init__(self, model: Any, slots: int, max_len: int, phases: Phases = OFF) -> None:
         cfg = model.config
@@ -39,16 +44,11 @@ class SlotCache:
         self.dtype = torch.float32 if p.device.type == "cpu" else p.dtype
         head = model.lm_head.weight
         self.head_chunks = head.split(LM_HEAD_CHUNK) if self.device.type == "cpu" else (head,)
-        self.kv = torch.empty(
-            cfg.num_hidden_layers,
-            2,
-            slots,
-            self.kv_heads,
-            max_len,
-            self.head_dim,
-            dtype=self.dtype,
-            device=self.device,
-        )
+        shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
+        if self.device.type == "cpu":
+            self.kv = zeroed_cpu(shape, self.dtype)
+        else:
+            self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def _qkv(self, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, t, _ = h.shape
@@ -129,10 +129,17 @@ class SlotCache:
         with ph("decode: lm_head"):
             return self.lm_head(h)
 
-    def move(self, dst: Sequence[int], src: Sequence[int], width: int) -> None:
-        d = torch.tensor(dst, device=self.device)
-        s = torch.tensor(src, device=self.device)
-        self.kv[:, :, d, :, :width] = self.kv[:, :, s, :, :width]
+    def move(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int]) -> None:
+        """Copy slot src[j]'s first lens[j] cache columns into slot dst[j] (in place: no gathered temporary)."""
+        for d, s, n in zip(dst, src, lens, strict=True):
+            self.kv[:, :, d, :, :n].copy_(self.kv[:, :, s, :, :n])
+
+
+def zeroed_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor in anonymous mmap memory: the kernel guarantees zero pages and maps them on first touch."""
+    count = math.prod(shape)
+    buf = mmap.mmap(-1, count * torch.empty((), dtype=dtype).element_size())
+    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)  # the tensor keeps `buf` alive
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
