@@ -112,9 +112,7 @@ class SlotCache:
                 kc, vc = self.kv[i, 0], self.kv[i, 1]
                 kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim).to(self.dtype))
                 vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim).to(self.dtype))
-                qg = q.reshape(a, self.kv_heads, self.group, self.head_dim).to(self.dtype)
-                scores = torch.matmul(qg, kc[:a, :, :width].transpose(-1, -2)).mul_(attn.scaling).add_(mask)
-                o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(qg.dtype), vc[:a, :, :width])
+                o = self._attend(q, kc, vc, mask, a, width, attn.scaling)
             with ph("decode: q/k/v/o projections, rope"):
                 o = attn.o_proj(o.reshape(a, 1, -1).to(self.weights_dtype))
             with ph("decode: norms, residual"):
@@ -128,6 +126,19 @@ class SlotCache:
             h = self.inner.norm(x[:, 0])
         with ph("decode: lm_head"):
             return self.lm_head(h)
+
+    def _attend(self, q, kc, vc, mask, a: int, width: int, scaling: float) -> torch.Tensor:
+        """Each row's query heads against its own cache columns [0, width). Batched matmuls over (row, kv head)
+        read the cache in place: the 4-d `torch.matmul` copied K and V to contiguous memory first (~25 % of
+        attention's time), with bitwise the same result."""
+        rows, hd = a * self.kv_heads, self.head_dim
+        qg = q.reshape(rows, self.group, hd).to(self.dtype)
+        k = kc[:a, :, :width].reshape(rows, width, hd)  # a view: slot and head strides merge
+        v = vc[:a, :, :width].reshape(rows, width, hd)
+        scores = torch.bmm(qg, k.transpose(1, 2)).view(a, self.heads, width)
+        scores.mul_(scaling).add_(mask.view(a, 1, width))
+        p = torch.softmax(scores.float(), dim=-1).to(qg.dtype)
+        return torch.bmm(p.view(rows, self.group, width), v)
 
     def move(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int]) -> None:
         """Copy slot src[j]'s first lens[j] cache columns into slot dst[j] (in place: no gathered temporary)."""
