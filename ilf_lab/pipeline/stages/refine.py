@@ -19,6 +19,7 @@ from ilf_lab.pipeline.stages.common import (
     EngineConfig,
     ExecConfig,
     SampleConfig,
+    SamplesWithEngine,
     engine_for,
     run_tests,
     sample_programs,
@@ -69,7 +70,7 @@ class SampledRefinementsConfig:
     seed: int = at("seed")
 
 
-class SampledRefinements(_Refine):
+class SampledRefinements(SamplesWithEngine, _Refine):
     """n refinements per MBPPTrain task sampled from the refiner (input `model`) given (t, x0, f)."""
 
     Config = SampledRefinementsConfig
