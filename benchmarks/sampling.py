@@ -152,7 +152,7 @@ def bench_set(name, prompts, model, tok, args) -> dict:
         f"(min {min(plen)}, max {max(plen)}), T={args.temperature}, top_p={args.top_p}, "
         f"{args.max_new_tokens} new tokens"
     )
-    engine = HFEngine(model, tok, batch_size=args.batch_size, attention=args.attention)
+    engine = HFEngine(model, tok, batch_size=args.batch_size)
     engine.phases = Phases()
     t0 = time.perf_counter()
     out = engine.generate(prompts, params)
@@ -229,12 +229,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="engine rows (default: automatic)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--attention",
-        default="kernel",
-        choices=("kernel", "matmul"),
-        help="the engine's decode attention (sampling.attention): the C++ kernel or torch's batched matmuls",
-    )
-    ap.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "bfloat16"),
@@ -251,8 +245,7 @@ def main() -> None:
     model, tok = load_model(path, args.dtype)
     sets = prompt_sets(args.sets.split(","), tok, args.data_dir, args.prompts)
     print(
-        f"SmolLM2-135M-Instruct {args.dtype}, {args.attention} attention, torch {torch.__version__}, "
-        f"{args.threads} threads, "
+        f"SmolLM2-135M-Instruct {args.dtype}, torch {torch.__version__}, {args.threads} threads, "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     results = {name: bench_set(name, prompts, model, tok, args) for name, prompts in sets.items()}
@@ -270,7 +263,6 @@ def main() -> None:
                 "top_p": args.top_p,
                 "threads": args.threads,
                 "dtype": args.dtype,
-                "attention": args.attention,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "sets": results,
             }

@@ -213,9 +213,6 @@ class SamplingConfig:
     # the sampling engine's weights in every sampling stage (null = model.dtype); training keeps model.dtype.
     # bfloat16 on a CPU with AVX512-BF16 samples faster at changed numerics: opt-in (results/sampling/README.md)
     dtype: str | None = choice(None, None, "float32", "bfloat16", "float16")
-    # the hf engine's decode attention on CPU: a C++ kernel built on first use (results/sampling/README.md) |
-    # torch's batched matmuls (no compiler needed); the two differ in float rounding, so samples differ
-    attention: str = choice("kernel", "kernel", "matmul")
 
 
 @dataclass

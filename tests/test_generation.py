@@ -230,14 +230,18 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
     path = tiny[0]
     eng16, _ = engine_for(
         path,
-        EngineConfig("hf", 4, "float32", False, sampling_dtype="bfloat16", attention="kernel"),
+        EngineConfig(
+            engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype="bfloat16"
+        ),
     )
     assert next(eng16.model.parameters()).dtype == torch.bfloat16
     out = eng16.generate(PROMPTS, SamplingParams(n=2, temperature=0.8, max_new_tokens=8, seed=1))
     assert all(len(o) == 2 for o in out)
     eng32, _ = engine_for(
         path,
-        EngineConfig("hf", 4, "float32", False, sampling_dtype=None, attention="matmul"),
+        EngineConfig(
+            engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None
+        ),
     )
     assert next(eng32.model.parameters()).dtype == torch.float32
 
@@ -264,54 +268,3 @@ def test_the_cache_starts_zero_whatever_the_heap_held(tiny):
     assert HFEngine(model, tok, batch_size=3).generate(PROMPTS, p) == [
         [_hf_greedy(model, tok, x, 16)] * 2 for x in PROMPTS
     ]
-
-
-def _attention_inputs(a=7, kv_heads=3, group=3, hd=16, max_len=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(a, kv_heads, group, hd, generator=g)
-    kv = torch.randn(2, a + 2, kv_heads, max_len, hd, generator=g)
-    lens = torch.randint(0, max_len, (a,), generator=g)
-    return q, kv[0], kv[1], lens
-
-
-def test_attention_kernel_matches_matmul_attention_and_ignores_the_batch():
-    """The C++ kernel against the reference (torch's softmax(QK^T)V over each row's own columns), and the
-    property the engine relies on: a row's result is bitwise the same whatever rows are computed beside it."""
-    from ilf_lab.generation.attention import kernel
-
-    q, k, v, lens = _attention_inputs()
-    out = kernel().decode_attention(q, k, v, lens, 0.25)
-    for r in range(q.shape[0]):
-        n = int(lens[r]) + 1
-        p = torch.softmax(q[r] @ k[r, :, :n].transpose(-1, -2) * 0.25, dim=-1)  # [kv_heads, group, n]
-        torch.testing.assert_close(out[r], p @ v[r, :, :n], rtol=1e-5, atol=1e-6)
-    alone = kernel().decode_attention(q[2:3].contiguous(), k[2:], v[2:], lens[2:3].contiguous(), 0.25)
-    assert torch.equal(alone[0], out[2])
-    with pytest.raises(RuntimeError, match="lens out of range"):
-        kernel().decode_attention(q, k, v, torch.full_like(lens, k.shape[2]), 0.25)
-
-
-def test_engine_samples_with_either_attention_and_refuses_an_unknown_one(tiny):
-    _, model, tok = tiny
-    p = SamplingParams(n=2, temperature=0, max_new_tokens=16)
-    want = [[_hf_greedy(model, tok, x, 16)] * 2 for x in PROMPTS]
-    for attention in ("kernel", "matmul"):
-        assert HFEngine(model, tok, batch_size=3, attention=attention).generate(PROMPTS, p) == want
-    with pytest.raises(ValueError, match="attention must be one of"):
-        HFEngine(model, tok, attention="flash")
-
-
-def test_a_kernel_that_does_not_build_fails_once_and_names_the_way_out(tmp_path, monkeypatch):
-    """A real compiler run on a broken source: one error that says to use sampling.attention=matmul."""
-    from ilf_lab.generation import attention
-
-    broken = tmp_path / "decode_attention.cpp"
-    broken.write_text("#include <torch/extension.h>\nthis is not C++;\n")
-    monkeypatch.setattr(attention, "SOURCE", broken)
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    attention.kernel.cache_clear()
-    try:
-        with pytest.raises(attention.KernelUnavailable, match="sampling.attention=matmul"):
-            attention.kernel()
-    finally:
-        attention.kernel.cache_clear()

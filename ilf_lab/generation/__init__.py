@@ -6,11 +6,7 @@ from typing import Any
 
 from ilf_lab.generation.params import Engine, SamplingParams
 
-__all__ = ["NUMERICS", "Engine", "SamplingParams", "make_engine", "vllm_available"]
-
-# bump when the engine's samples change for the same settings (part of every sampling stage's key);
-# 2: the C++ decode attention is the CPU default (sampling.attention=kernel)
-NUMERICS = 2
+__all__ = ["Engine", "SamplingParams", "make_engine", "vllm_available"]
 
 
 def vllm_available() -> bool:
@@ -27,11 +23,9 @@ def make_engine(
     batch_size: int | None = None,
     model: Any = None,
     tokenizer: Any = None,
-    attention: str = "kernel",
 ) -> Engine:
     """An engine by name: "hf" (our batched loop, CPU or GPU) or "vllm" (GPU, needs the vllm extra).
-    Pass an already-loaded `model`/`tokenizer` to reuse them (hf only; vLLM loads its own copy). `attention`:
-    the hf engine's CPU decode attention, "kernel" (C++, generation/attention.py) or "matmul" (torch)."""
+    Pass an already-loaded `model`/`tokenizer` to reuse them (hf only; vLLM loads its own copy)."""
     if name == "hf":
         from ilf_lab.generation.hf import HFEngine
 
@@ -43,7 +37,7 @@ def make_engine(
                 tokenizer = tokenizer or tok
             else:
                 tokenizer = load_tokenizer(model_path)
-        return HFEngine(model, tokenizer, batch_size=batch_size, attention=attention)
+        return HFEngine(model, tokenizer, batch_size=batch_size)
     if name == "vllm":
         from ilf_lab.generation.vllm_engine import VLLMEngine
 

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from ilf_lab.generation.attention import check_implementation
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
 from ilf_lab.generation.sampling import (
@@ -215,7 +214,6 @@ class HFEngine:
         batch_size: int | None = None,
         backend: str = "auto",
         refill_fraction: float = 0.0,
-        attention: str = "kernel",
     ) -> None:
         if backend not in ("auto", "slots", "generic"):
             raise ValueError(f"backend must be auto, slots or generic, got {backend!r}")
@@ -227,7 +225,6 @@ class HFEngine:
         self.backend = ("slots" if supports_slots(model) else "generic") if backend == "auto" else backend
         # refill freed slots once this share of them is free (0: as soon as one prompt's n samples fit)
         self.refill_fraction = refill_fraction
-        self.attention = check_implementation(attention)  # the slots backend's decode attention
         self.eos = eos_token_ids(model, tokenizer)
         self._budget: list[int] = []  # new tokens each prompt of the current call may take (fit_context)
         self.device = next(model.parameters()).device
@@ -328,7 +325,7 @@ class HFEngine:
     # -- slots backend ----------------------------------------------------------------------------------
 
     def _run_slots(self, ids, seeds, n, params, slots, max_len, stopper, out, bar) -> None:
-        cache = SlotCache(self.model, slots, max_len, self.phases, self.attention)
+        cache = SlotCache(self.model, slots, max_len, self.phases)
         queue = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         budget = PREFILL_TOKENS_GPU if self.device.type == "cuda" else PREFILL_TOKENS_CPU
         refill_at = max(n, int(math.ceil(self.refill_fraction * slots)))

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ilf_lab.generation.attention import check_implementation, kernel
 from ilf_lab.generation.phases import OFF, Phases
 
 # vocabulary rows per LM-head matmul on CPU: 1.3x the GFLOP/s of one [rows x 49152] matmul (results/sampling)
@@ -29,9 +28,7 @@ class SlotCache:
     On CPU the cache is anonymous mmap memory, zero by definition and touched only as far as sequences grow
     (`torch.zeros` would write a refine batch's gigabytes up front: seconds)."""
 
-    def __init__(
-        self, model: Any, slots: int, max_len: int, phases: Phases = OFF, attention: str = "kernel"
-    ) -> None:
+    def __init__(self, model: Any, slots: int, max_len: int, phases: Phases = OFF) -> None:
         cfg = model.config
         self.model = model
         self.inner = model.model
@@ -45,9 +42,6 @@ class SlotCache:
         # the cache and attention stay fp32 on CPU under bf16/fp16 weights: CPU half-precision batched matmuls
         # over long contexts run several times slower than fp32 (refine prompts: 87 s vs 39 s of attention)
         self.dtype = torch.float32 if p.device.type == "cpu" else p.dtype
-        # the C++ kernel on CPU (fp32 cache); torch's batched matmuls on GPUs or when asked for
-        use_kernel = check_implementation(attention) == "kernel" and self.device.type == "cpu"
-        self.kernel = kernel() if use_kernel else None
         head = model.lm_head.weight
         self.head_chunks = head.split(LM_HEAD_CHUNK) if self.device.type == "cpu" else (head,)
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
@@ -105,11 +99,9 @@ class SlotCache:
             flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * max_len + lens.unsqueeze(1)).view(-1)
             x = self.inner.embed_tokens(tokens).unsqueeze(1)
             cos, sin = self.inner.rotary_emb(x, lens.unsqueeze(1))
-            mask = None
-            if self.kernel is None:
-                cols = torch.arange(width, device=self.device)
-                mask = torch.zeros(a, 1, 1, width, dtype=self.dtype, device=self.device)
-                mask.masked_fill_((cols.unsqueeze(0) > lens.unsqueeze(1)).view(a, 1, 1, width), float("-inf"))
+            cols = torch.arange(width, device=self.device)
+            mask = torch.zeros(a, 1, 1, width, dtype=self.dtype, device=self.device)
+            mask.masked_fill_((cols.unsqueeze(0) > lens.unsqueeze(1)).view(a, 1, 1, width), float("-inf"))
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             with ph("decode: norms, residual"):
@@ -120,11 +112,7 @@ class SlotCache:
                 kc, vc = self.kv[i, 0], self.kv[i, 1]
                 kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim).to(self.dtype))
                 vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim).to(self.dtype))
-                if self.kernel is not None:
-                    qg = q.reshape(a, self.kv_heads, self.group, self.head_dim).to(self.dtype).contiguous()
-                    o = self.kernel.decode_attention(qg, kc, vc, lens, attn.scaling)
-                else:
-                    o = self._attend(q, kc, vc, mask, a, width, attn.scaling)
+                o = self._attend(q, kc, vc, mask, a, width, attn.scaling)
             with ph("decode: q/k/v/o projections, rope"):
                 o = attn.o_proj(o.reshape(a, 1, -1).to(self.weights_dtype))
             with ph("decode: norms, residual"):

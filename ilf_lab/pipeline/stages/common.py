@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ilf_lab.data.prompts import Task, program_from_completion, stop_sequences, task_prompt
-from ilf_lab.pipeline.stage import Stage, at
+from ilf_lab.pipeline.stage import at
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +26,10 @@ class EngineConfig:
     dtype: str = at("model.dtype")
     trust_remote_code: bool = at("model.trust_remote_code")
     sampling_dtype: str | None = at("sampling.dtype")  # overrides dtype for sampling only
-    attention: str = at("sampling.attention")
 
     @property
     def weights_dtype(self) -> str:
         return self.sampling_dtype or self.dtype
-
-
-class SamplesWithEngine(Stage):
-    """A stage that samples with the engine of its `engine` slice: its key carries the engine's numerics
-    version, so a change of the engine's default arithmetic (generation.NUMERICS) never serves old samples."""
-
-    def resolved(self, cfg: Any) -> dict[str, Any]:
-        from ilf_lab.generation import NUMERICS
-
-        return {"engine_numerics": NUMERICS, **super().resolved(cfg)}
 
 
 @dataclass(frozen=True)
@@ -75,13 +64,7 @@ def engine_for(path: str, cfg: EngineConfig) -> tuple[Any, Any]:
         _loaded.clear()
         model, tok = load_model(path, cfg.weights_dtype, cfg.trust_remote_code)
         engine = make_engine(
-            cfg.engine,
-            path,
-            dtype=cfg.weights_dtype,
-            batch_size=cfg.batch_size,
-            model=model,
-            tokenizer=tok,
-            attention=cfg.attention,
+            cfg.engine, path, dtype=cfg.weights_dtype, batch_size=cfg.batch_size, model=model, tokenizer=tok
         )
         _loaded.update(id=(path, cfg), engine=engine, tokenizer=tok)
     return _loaded["engine"], _loaded["tokenizer"]

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ilf_lab.io import write_jsonl
-from ilf_lab.pipeline.stage import Artifact, at, nested
+from ilf_lab.pipeline.stage import Artifact, Stage, at, nested
 from ilf_lab.pipeline.stages.common import (
     EngineConfig,
     ExecConfig,
     SampleConfig,
-    SamplesWithEngine,
     engine_for,
     run_tests,
     sample_programs,
@@ -39,7 +38,7 @@ class EvaluateConfig:
     seed: int = at("seed")
 
 
-class Evaluate(SamplesWithEngine):
+class Evaluate(Stage):
     """πθ* (input `model`) on MBPP: the first `max_tasks` of MBPPTest (or of MBPPRefine, eval.split=refine).
     `for_split` picks the implementation for `eval.split`."""
 
@@ -95,7 +94,7 @@ class EvaluateHumanEvalConfig:
     seed: int = at("seed")
 
 
-class EvaluateHumanEval(SamplesWithEngine):
+class EvaluateHumanEval(Stage):
     """Transfer: the same sampler and sandbox on HumanEval's problems (its own `check` tests, exact)."""
 
     name = "evaluate_humaneval"

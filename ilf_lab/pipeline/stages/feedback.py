@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from ilf_lab.io import read_jsonl, write_jsonl
 from ilf_lab.pipeline.stage import Artifact, Stage, at, nested
-from ilf_lab.pipeline.stages.common import EngineConfig, SamplesWithEngine, engine_for
+from ilf_lab.pipeline.stages.common import EngineConfig, engine_for
 from ilf_lab.pipeline.stages.tasks import TaskSet
 
 
@@ -91,7 +91,7 @@ class LLMFeedbackConfig:
     seed: int = at("seed")
 
 
-class LLMFeedback(SamplesWithEngine, FeedbackStage):
+class LLMFeedback(FeedbackStage):
     """An LLM's feedback and refinement for each MBPPTrain x0, k-shot from MBPPRefine's human annotations:
     `feedback.n` replies per x0 at `feedback.temperature` (§3.3: "30 output samples at temperature 0.8 for all
     stages"; the paper gives no separate setting for Table 4's InstructGPT rows, so using §3.3's is our

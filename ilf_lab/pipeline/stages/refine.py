@@ -19,7 +19,6 @@ from ilf_lab.pipeline.stages.common import (
     EngineConfig,
     ExecConfig,
     SampleConfig,
-    SamplesWithEngine,
     engine_for,
     run_tests,
     sample_programs,
@@ -70,7 +69,7 @@ class SampledRefinementsConfig:
     seed: int = at("seed")
 
 
-class SampledRefinements(SamplesWithEngine, _Refine):
+class SampledRefinements(_Refine):
     """n refinements per MBPPTrain task sampled from the refiner (input `model`) given (t, x0, f)."""
 
     Config = SampledRefinementsConfig

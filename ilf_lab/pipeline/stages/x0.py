@@ -16,7 +16,6 @@ from ilf_lab.pipeline.stages.common import (
     EngineConfig,
     ExecConfig,
     SampleConfig,
-    SamplesWithEngine,
     run_tests,
     sample_programs,
     test_items,
@@ -69,7 +68,7 @@ class PolicyX0Config:
     seed: int = at("seed")
 
 
-class PolicyX0(SamplesWithEngine, X0Stage):
+class PolicyX0(X0Stage):
     """The policy's own failing samples on MBPPTrain: the shortest failing one per task (the paper's annotators
     picked an easy-to-fix sample). Round r samples with seed + 1000 r."""
 
