@@ -129,8 +129,8 @@ class SlotCache:
 
     def _attend(self, q, kc, vc, mask, a: int, width: int, scaling: float) -> torch.Tensor:
         """Each row's query heads against its own cache columns [0, width). Batched matmuls over (row, kv head)
-        read the cache in place: the 4-d `torch.matmul` copied K and V to contiguous memory first (~25 % of
-        attention's time), with bitwise the same result."""
+        read the cache in place (the 4-d `torch.matmul` copied K and V to contiguous memory first); bitwise the
+        same result."""
         rows, hd = a * self.kv_heads, self.head_dim
         qg = q.reshape(rows, self.group, hd).to(self.dtype)
         k = kc[:a, :, :width].reshape(rows, width, hd)  # a view: slot and head strides merge
