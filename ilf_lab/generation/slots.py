@@ -149,7 +149,7 @@ class SlotCache:
 def zeroed_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor in anonymous mmap memory: the kernel guarantees zero pages and maps them on first touch."""
     count = math.prod(shape)
-    buf = mmap.mmap(-1, count * torch.empty((), dtype=dtype).element_size())
+    buf = mmap.mmap(-1, count * dtype.itemsize)
     return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)  # the tensor keeps `buf` alive
 
 
