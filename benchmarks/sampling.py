@@ -15,6 +15,7 @@ The last line is one JSON object (metric, value, baseline, ratio, unit, per-set 
 
     python benchmarks/sampling.py                              # 32 chat + 32 refine prompts x n=8, 128 new tokens
     python benchmarks/sampling.py --sets chat --prompts 8 --n 4 --max-new-tokens 64
+    python benchmarks/sampling.py --quantize int8             # the engine in int8 (baseline, roofline: fp32)
 """
 
 from __future__ import annotations
@@ -29,17 +30,26 @@ import torch
 from ilf_lab.generation.phases import Phases
 
 
-def mm_gflops(m: int, k: int, n: int, seconds: float = 0.3, trials: int = 5) -> float:
-    """fp32 throughput of x[m,k] @ W[n,k]^T (F.linear, as the model calls it); best of a few short trials, so a
-    moment of contention from another process does not define the roofline."""
+def mm_gflops(m: int, k: int, n: int, seconds: float = 0.3, trials: int = 5, int8: bool = False) -> float:
+    """fp32 throughput of x[m,k] @ W[n,k]^T (F.linear, as the model calls it), or with `int8` the engine's int8
+    layer's (its FLOPs counted as fp32's); best of a few short trials, so a moment of contention from another
+    process does not define the roofline."""
     x, w = torch.randn(m, k), torch.randn(n, k)
+    f = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+    if int8:
+        from ilf_lab.generation.quantize import Int8Linear
+
+        lin = torch.nn.Linear(k, n, bias=False)
+        lin.weight.data = w
+        q = Int8Linear(lin)
+        f = lambda: q(x)  # noqa: E731
     for _ in range(3):
-        torch.nn.functional.linear(x, w)
+        f()
     best = 0.0
     for _ in range(trials):
         it, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            torch.nn.functional.linear(x, w)
+            f()
             it += 1
         best = max(best, 2 * m * k * n * it / (time.perf_counter() - t0) / 1e9)
     return best
@@ -60,12 +70,12 @@ def decode_shapes(model) -> list[tuple[int, int, int]]:
     ]
 
 
-def roofline(model, rows: int) -> tuple[float, float]:
+def roofline(model, rows: int, int8: bool = False) -> tuple[float, float]:
     """(GFLOP/s over the decode step's linear layers at `rows` rows, weighted by their FLOPs; GFLOP per token of
     those layers = 2 x their parameters)."""
     flops = secs = 0.0
     for k, n, count in decode_shapes(model):
-        g = mm_gflops(rows, k, n)
+        g = mm_gflops(rows, k, n, int8=int8)
         f = 2 * k * n * count
         flops += f
         secs += f / (g * 1e9)
@@ -133,7 +143,8 @@ def prompt_sets(names, tok, data_dir: str | None, count: int) -> dict[str, list[
     return out
 
 
-def bench_set(name, prompts, model, tok, args) -> dict:
+def bench_set(name, prompts, model, sampler, tok, args) -> dict:
+    """`sampler` samples (the model, or its int8 copy); `model` runs the baseline and sets the roofline."""
     from ilf_lab.data.prompts import stop_sequences
     from ilf_lab.generation import SamplingParams
     from ilf_lab.generation.hf import HFEngine, encode_prompts
@@ -152,7 +163,7 @@ def bench_set(name, prompts, model, tok, args) -> dict:
         f"(min {min(plen)}, max {max(plen)}), T={args.temperature}, top_p={args.top_p}, "
         f"{args.max_new_tokens} new tokens"
     )
-    engine = HFEngine(model, tok, batch_size=args.batch_size)
+    engine = HFEngine(sampler, tok, batch_size=args.batch_size)
     engine.phases = Phases()
     t0 = time.perf_counter()
     out = engine.generate(prompts, params)
@@ -175,6 +186,12 @@ def bench_set(name, prompts, model, tok, args) -> dict:
         f"engine ({engine.backend}, {stats['batch_size']} slots): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
         f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline"
     )
+    share8 = None
+    if args.quantize:  # the same FLOPs at the int8 layer's own rate: how far the int8 engine is from its limit
+        mm8, _ = roofline(model, rows, int8=True)
+        share8 = gen_rate * gflop / mm8
+        print(f"int8 roofline: the engine's Int8Linear at the same shapes {mm8:.1f} GFLOP/s (fp32-equivalent); "
+              f"generated tok/s = {100 * share8:.0f}% of it")
     print("profile (seconds, share of the call):")
     profile = {}
     for phase, sec, frac in engine.phases.table(dt):
@@ -211,6 +228,7 @@ def bench_set(name, prompts, model, tok, args) -> dict:
         "roofline_gflops": round(mm, 1),
         "gflop_per_generated_token": round(gflop, 4),
         "roofline_share": round(share, 3),
+        "int8_roofline_share": None if share8 is None else round(share8, 3),
         "profile_s": profile,
     }
 
@@ -234,6 +252,12 @@ def main() -> None:
         choices=("float32", "bfloat16"),
         help="model weights (model.dtype); the roofline stays fp32's",
     )
+    ap.add_argument(
+        "--quantize",
+        default=None,
+        choices=("int8",),
+        help="the engine samples with int8 linear layers (sampling.quantize); baseline and roofline stay fp32",
+    )
     ap.add_argument("--cache-dir", default=os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab"))
     ap.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/ and ilf/")
     args = ap.parse_args()
@@ -243,12 +267,17 @@ def main() -> None:
 
     path = resolve_model_dir(model_config("smollm2_135m_instruct"), args.cache_dir)
     model, tok = load_model(path, args.dtype)
+    sampler = model
+    if args.quantize:
+        from ilf_lab.generation.quantize import quantize_linear
+
+        sampler = quantize_linear(model, args.quantize)
     sets = prompt_sets(args.sets.split(","), tok, args.data_dir, args.prompts)
     print(
-        f"SmolLM2-135M-Instruct {args.dtype}, torch {torch.__version__}, {args.threads} threads, "
+        f"SmolLM2-135M-Instruct {args.dtype}{' engine ' + args.quantize if args.quantize else ''}, torch {torch.__version__}, {args.threads} threads, "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
-    results = {name: bench_set(name, prompts, model, tok, args) for name, prompts in sets.items()}
+    results = {name: bench_set(name, prompts, model, sampler, tok, args) for name, prompts in sets.items()}
     worst = min(results.values(), key=lambda r: r["ratio"])
     print(
         json.dumps(
@@ -263,6 +292,7 @@ def main() -> None:
                 "top_p": args.top_p,
                 "threads": args.threads,
                 "dtype": args.dtype,
+                "quantize": args.quantize,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "sets": results,
             }

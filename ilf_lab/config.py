@@ -213,6 +213,8 @@ class SamplingConfig:
     # the sampling engine's weights in every sampling stage (null = model.dtype); training keeps model.dtype.
     # bfloat16 on a CPU with AVX512-BF16 samples faster at changed numerics: opt-in (results/sampling/README.md)
     dtype: str | None = choice(None, None, "float32", "bfloat16", "float16")
+    # int8 weights in the sampling engine's linear layers (CPU, fp32 weights): faster, changed numerics, opt-in
+    quantize: str | None = choice(None, None, "int8")
 
 
 @dataclass
@@ -437,6 +439,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("rounds>1 needs fresh feedback each round: use an llm feedback option")
     if cfg.feedback.backend == "openai" and cfg.feedback.provider == "llm" and not cfg.feedback.base_url:
         raise ConfigError("feedback.base_url is required for feedback.backend=openai")
+    if cfg.sampling.quantize and (cfg.sampling.engine != "hf" or (cfg.sampling.dtype or cfg.model.dtype) != "float32"):
+        raise ConfigError(f"sampling.quantize={cfg.sampling.quantize} needs sampling.engine=hf and fp32 sampling "
+                          "weights (sampling.dtype null or float32 with model.dtype=float32)")
 
 
 def _check_labels(cfg: DictConfig) -> None:

@@ -169,6 +169,9 @@ def test_nan_inf_and_impossible_sizes_fail_at_start(override, key, tmp_path):
         (["train_on._target_=ilf_lab.pipeline.stages.train.MBPPGold"], "train_on.source='refinements' does not describe"),
         (["feedback._target_=ilf_lab.pipeline.stages.feedback.LLMFeedback"], "feedback.provider='human' does not"),
         (["x0._target_=ilf_lab.pipeline.stages.x0.PolicyX0"], "x0.source='annotations' does not describe"),
+        (["sampling.quantize=int8", "sampling.dtype=bfloat16"], "sampling.quantize=int8 needs sampling.engine=hf"),
+        (["sampling.quantize=int8", "sampling.engine=vllm"], "sampling.quantize=int8 needs sampling.engine=hf"),
+        (["sampling.quantize=int4"], "sampling.quantize='int4' is not one of"),
     ],
 )
 def test_values_that_used_to_fail_mid_run_fail_at_start(overrides, message):

@@ -268,3 +268,57 @@ def test_the_cache_starts_zero_whatever_the_heap_held(tiny):
     assert HFEngine(model, tok, batch_size=3).generate(PROMPTS, p) == [
         [_hf_greedy(model, tok, x, 16)] * 2 for x in PROMPTS
     ]
+
+
+def test_int8_linear_layers_track_fp32_and_leave_the_model_alone(tiny, tmp_path):
+    """`sampling.quantize=int8`: every linear layer (the LM head too) of a copy becomes int8; its logits stay
+    within int8's rounding of fp32's (a bug in scales or layout would be off by O(1)); the input model is
+    untouched, since a trainer may hold it."""
+    from ilf_lab.generation.quantize import Int8Linear, quantize_linear
+
+    model, tok = load_model(str(build_tiny_random(tmp_path)))  # default init: no blown-up activations
+    q = quantize_linear(model, "int8")
+    assert isinstance(q.lm_head, Int8Linear) and isinstance(q.model.layers[0].mlp.down_proj, Int8Linear)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    ids = tok(PROMPTS[2], return_tensors="pt").input_ids
+    with torch.inference_mode():
+        ref, got = model(ids).logits, q(ids).logits
+    err = float((got - ref).norm() / ref.norm())
+    assert 0 < err < 0.05, err
+    lin = torch.nn.Linear(64, 5, bias=True)
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        err = float((Int8Linear(lin)(x) - lin(x)).norm() / lin(x).norm())
+        assert 0 < err < 0.02, err
+        assert torch.equal(Int8Linear(lin)(torch.zeros(2, 64)), lin.bias.expand(2, 5))
+
+
+def test_int8_samples_depend_only_on_their_own_prompt(tiny):
+    """Inputs are quantised per row, and int8 products sum exactly, so a prompt's samples do not depend on what
+    is batched beside it or on the batch size; the seed still decides them."""
+    _, model, tok = tiny
+    eng = make_engine("hf", tiny[0], model=model, tokenizer=tok, batch_size=5, quantize="int8")
+    p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
+    together = eng.generate(PROMPTS, p)
+    assert together[2] == eng.generate([PROMPTS[2]], p)[0]
+    assert together == make_engine("hf", tiny[0], model=model, tokenizer=tok, batch_size=12,
+                                   quantize="int8").generate(PROMPTS, p)
+    assert together != eng.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=4))
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)
+    assert eng.generate(PROMPTS, greedy) == HFEngine(eng.model, tok, backend="generic").generate(PROMPTS, greedy)
+
+
+def test_int8_needs_fp32_weights_on_cpu(tiny):
+    from ilf_lab.errors import ConfigError
+    from ilf_lab.generation.quantize import quantize_linear
+
+    with pytest.raises(ConfigError, match="needs fp32 weights on CPU"):
+        quantize_linear(_bf16(tiny[1]), "int8")
+    with pytest.raises(ValueError, match="needs the hf engine"):
+        make_engine("vllm", tiny[0], quantize="int8")
+
+
+def _bf16(model):
+    import copy
+
+    return copy.deepcopy(model).to(torch.bfloat16)

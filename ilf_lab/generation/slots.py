@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ilf_lab.generation.phases import OFF, Phases
+from ilf_lab.generation.quantize import is_quantized
 
 # vocabulary rows per LM-head matmul on CPU: 1.3x the GFLOP/s of one [rows x 49152] matmul (results/sampling)
 LM_HEAD_CHUNK = 2048
@@ -42,8 +43,9 @@ class SlotCache:
         # the cache and attention stay fp32 on CPU under bf16/fp16 weights: CPU half-precision batched matmuls
         # over long contexts run several times slower than fp32 (refine prompts: 87 s vs 39 s of attention)
         self.dtype = torch.float32 if p.device.type == "cpu" else p.dtype
-        head = model.lm_head.weight
-        self.head_chunks = head.split(LM_HEAD_CHUNK) if self.device.type == "cpu" else (head,)
+        head = model.lm_head  # in vocabulary chunks on CPU, unless int8 (sampling.quantize): then as it is
+        plain = self.device.type == "cpu" and not is_quantized(head) and getattr(head, "bias", None) is None
+        self.head_chunks = head.weight.split(LM_HEAD_CHUNK) if plain else ()
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
         if self.device.type == "cpu":
             self.kv = zeroed_cpu(shape, self.dtype)
@@ -84,7 +86,7 @@ class SlotCache:
         return self.lm_head(self.inner.norm(x[torch.arange(b, device=self.device), last]))
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        if getattr(self.model.lm_head, "bias", None) is not None or len(self.head_chunks) == 1:
+        if len(self.head_chunks) <= 1:
             return self.model.lm_head(h).float()
         return torch.cat([F.linear(h, w) for w in self.head_chunks], dim=-1).float()
 

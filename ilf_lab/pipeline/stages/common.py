@@ -26,6 +26,7 @@ class EngineConfig:
     dtype: str = at("model.dtype")
     trust_remote_code: bool = at("model.trust_remote_code")
     sampling_dtype: str | None = at("sampling.dtype")  # overrides dtype for sampling only
+    quantize: str | None = at("sampling.quantize")  # int8 linear layers (opt-in, CPU)
 
     @property
     def weights_dtype(self) -> str:
@@ -64,7 +65,8 @@ def engine_for(path: str, cfg: EngineConfig) -> tuple[Any, Any]:
         _loaded.clear()
         model, tok = load_model(path, cfg.weights_dtype, cfg.trust_remote_code)
         engine = make_engine(
-            cfg.engine, path, dtype=cfg.weights_dtype, batch_size=cfg.batch_size, model=model, tokenizer=tok
+            cfg.engine, path, dtype=cfg.weights_dtype, batch_size=cfg.batch_size, model=model, tokenizer=tok,
+            quantize=cfg.quantize,
         )
         _loaded.update(id=(path, cfg), engine=engine, tokenizer=tok)
     return _loaded["engine"], _loaded["tokenizer"]

@@ -1,0 +1,79 @@
+"""Opt-in int8 linear layers for the sampling engine on CPU (`sampling.quantize=int8`).
+
+Each weight is stored as int8 with one scale per output row; each input row is quantised to int8 with its own
+scale at call time; the product runs as an int8 GEMM with exact int32 accumulation (`torch._int_mm`), then is
+rescaled. At the decode shapes that is 3-4 x fp32's rate on this project's hosts (results/sampling/README.md).
+
+Why per row and not torch.ao's dynamic quantisation (one activation scale per call): with a per-call scale a
+row's output would depend on the other rows in the batch, so a prompt's samples would change with whatever
+was batched beside it. Here each row's output depends only on that row, and integer accumulation is exact, so
+the samples depend neither on batching nor on threads. Numerics differ from fp32, so it is opt-in and judged by
+zero-shot pass@k against fp32 on the same seeds, never assumed equal.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from ilf_lab.errors import ConfigError
+
+QUANTIZE_MODES = ("int8",)
+
+
+class Int8Linear(torch.nn.Module):
+    """`nn.Linear` with int8 weights (per output row scales) and int8 inputs (per row scales)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = w.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("weight_t", q.t().contiguous())  # [in, out]: what _int_mm takes
+        self.register_buffer("scale", scale)
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        sx = x2.abs().amax(1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny).div_(127)
+        xq = torch.div(x2, sx).round_().to(torch.int8)  # |x / sx| <= 127: no clamp needed
+        out = torch._int_mm(xq, self.weight_t).float().mul_(sx).mul_(self.scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_linear(model: Any, mode: str) -> Any:
+    """A copy of `model` whose `nn.Linear` layers (the LM head too) are `Int8Linear`; the input model is left as
+    it was (a trainer may share it). Needs fp32 weights on CPU."""
+    if mode not in QUANTIZE_MODES:
+        raise ConfigError(f"sampling.quantize={mode!r} is not one of {', '.join(QUANTIZE_MODES)} (or null)")
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        raise ConfigError(
+            f"sampling.quantize={mode} needs fp32 weights on CPU (got {p.dtype} on {p.device.type}): "
+            "leave sampling.dtype null or float32, and sample on CPU"
+        )
+    out = copy.deepcopy(model)
+    for name, m in [(n, m) for n, m in out.named_modules() if type(m) is torch.nn.Linear]:
+        parent, _, attr = name.rpartition(".")
+        q = Int8Linear(m)
+        try:  # fail here, with the reason, rather than at the first sample
+            q(torch.zeros(1, q.in_features))
+        except RuntimeError as e:
+            raise ConfigError(f"sampling.quantize={mode}: no CPU int8 GEMM for {name} in this torch ({e})") from None
+        setattr(out.get_submodule(parent), attr, q)
+    return out.eval()
+
+
+def is_quantized(module: Any) -> bool:
+    """True for a linear layer with int8 weights (the slot forward then calls it as it is)."""
+    return isinstance(module, Int8Linear)
