@@ -538,3 +538,25 @@ def test_a1_selected_points_stay_on_their_table4_row(tmp_path):
     assert "| ILF (policy.lr=1e-05) |" in report.to_markdown(rows)
     gold = next(r for r in rows if r.section == "paper" and r.experiment == "mbpp_gold")
     assert not gold.runs and any(r.label == "policy.lr=1e-05" for r in rows if r.section == "other")
+
+
+def test_rows_that_ran_the_same_seeds_are_paired_seed_by_seed():
+    """ILF and gold at seed s train on the same task IDs, so a seed can move both alike (here -2, 0, +2 solved
+    samples on every third task). Paired seed by seed, that shared shift cancels and ILF's +1 on every task is
+    seen; rows without the same seeds fall back to adding each row's own seed variance, which hides it."""
+    from ilf_lab.report.stats import paired
+
+    def rows(name, seeds, extra):
+        out = []
+        for seed in seeds:
+            shift = (seed % 3 - 1) * 2
+            per = {str(t): {"n": 10, "c": 3 + extra + (shift if t % 3 == 0 else 0)} for t in range(60)}
+            out.append(make(name, seed=seed, per_task=per))
+        return out
+
+    ilf, gold = rows("ilf", [0, 1, 2], 1), rows("mbpp_gold", [2, 0, 1], 0)  # order does not matter, seeds do
+    matched = paired(ilf, gold)
+    assert matched.seed_matched and matched.mean == pytest.approx(10.0) and matched.se == pytest.approx(0.0)
+    apart = paired(ilf, rows("mbpp_gold", [3, 4, 5], 0))
+    assert not apart.seed_matched and apart.mean == pytest.approx(10.0) and apart.lo < 0 < apart.hi
+    assert not paired(ilf, gold[:1]).seed_matched  # one seed on a side: nothing to pair by

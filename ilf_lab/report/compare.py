@@ -1,7 +1,7 @@
 """Table 4's comparisons, paired and with their power: every row against zero-shot, ILF against each baseline.
 
 Each comparison is Δ pass@1 in points on the tasks both rows evaluated, with a 95 % interval whose standard error
-counts the task spread and each row's seed variance (`stats.paired`), and the smallest Δ the design detects with
+counts the task spread and the seed variance (`stats.paired`: seed by seed where both rows ran the same seeds), and the smallest Δ the design detects with
 power 0.8 at α = 0.05 (MDE). An interval that holds 0 says "not detected"; the MDE says whether that means "no effect of a size
 that matters" or "too small for this design to see".
 """
@@ -66,8 +66,9 @@ def comparisons_markdown(comps: Sequence[Comparison]) -> str:
         "### Paired comparisons and power",
         "",
         "Δ pass@1 in points (first minus second) on the tasks both rows evaluated. SE: the spread over tasks of "
-        "the paired per-task differences of the runs' means, plus each row's seed (training) variance over its "
-        "runs; 95 % interval Δ ± t(0.975, df) × SE with Satterthwaite's df. MDE = the smallest |Δ| this design "
+        "the paired per-task differences of the runs' means, plus the seed (training) variance: of the per-seed "
+        "differences where both rows ran the same seeds (runs paired seed by seed, \"seed-matched\"), else each "
+        "row's own over its runs; 95 % interval Δ ± t(0.975, df) × SE with Satterthwaite's df. MDE = the smallest |Δ| this design "
         "detects with power 0.8 at α = 0.05 (two-sided): (t(0.975, df) + t(0.8, df)) × SE.",
         "",
         "| Comparison | model, scale | Δ pass@1 [95 % CI] | SE | df | MDE | tasks × runs | reading |",
@@ -77,7 +78,7 @@ def comparisons_markdown(comps: Sequence[Comparison]) -> str:
         d = c.delta
         lines.append(md_row([
             c.name, f"{c.model}, {c.scale}", f"{d.mean:+.1f} [{d.lo:+.1f}, {d.hi:+.1f}]", f"{d.se:.1f}",
-            f"{d.df:.0f}", "—" if d.mde is None else f"{d.mde:.1f}", f"{d.tasks} × {d.runs} vs {d.reference_runs}",
+            f"{d.df:.0f}", "—" if d.mde is None else f"{d.mde:.1f}", f"{d.tasks} × {d.runs} vs {d.reference_runs}" + (" seed-matched" if d.seed_matched else ""),
             c.reading,
         ]))  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -85,7 +86,7 @@ def comparisons_markdown(comps: Sequence[Comparison]) -> str:
 
 COMPARE_CSV_COLUMNS = (
     "model", "scale", "comparison", "a", "b", "delta_pass@1", "ci_low", "ci_high", "se", "df", "mde_power80",
-    "tasks", "runs_a", "runs_b", "reading",
+    "tasks", "runs_a", "runs_b", "seed_matched", "reading",
 )  # fmt: skip
 
 
@@ -95,6 +96,7 @@ def comparison_records(comps: Sequence[Comparison]) -> list[dict[str, Any]]:
          "delta_pass@1": round(c.delta.mean, 4), "ci_low": round(c.delta.lo, 4), "ci_high": round(c.delta.hi, 4),
          "se": round(c.delta.se, 4), "df": None if c.delta.df == float("inf") else round(c.delta.df, 2),
          "mde_power80": None if c.delta.mde is None else round(c.delta.mde, 4), "tasks": c.delta.tasks,
-         "runs_a": c.delta.runs, "runs_b": c.delta.reference_runs, "reading": c.reading}
+         "runs_a": c.delta.runs, "runs_b": c.delta.reference_runs, "seed_matched": c.delta.seed_matched,
+         "reading": c.reading}
         for c in comps
     ]  # fmt: skip

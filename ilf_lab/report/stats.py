@@ -40,12 +40,13 @@ class Paired:
     mean: float
     lo: float  # 95 % interval (t, Satterthwaite df)
     hi: float
-    se: float  # standard error: task spread of the paired differences + each side's seed (training) variance
+    se: float  # standard error: task spread of the paired differences + seed (training) variance
     df: float
     mde: float | None  # smallest |Δ| detected with power 0.8 at α = 0.05 (two-sided); None without spread
     tasks: int
     runs: int
     reference_runs: int
+    seed_matched: bool = False  # runs paired seed by seed (both sides ran the same seeds)
 
 
 def t_ppf(p: float, df: float) -> float:
@@ -92,14 +93,30 @@ def _seed_variance(x: Any) -> float:
     return max(0.0, float(x.mean(1).var(ddof=1)) - ms_resid / t)
 
 
+def _seed_order(runs: Sequence[Results], reference: Sequence[Results]) -> list[int] | None:
+    """Indices into `reference` that line its runs up with `runs` seed by seed, when both sides ran the same
+    seeds once each (two or more); else None."""
+    a, b = [r.seed for r in runs], [r.seed for r in reference]
+    if len(a) < 2 or None in a or len(set(a)) != len(a) or sorted(a) != sorted(b):
+        return None
+    return [b.index(s) for s in a]
+
+
 def paired(runs: Sequence[Results], reference: Sequence[Results], k: int = 1) -> Paired | None:
     """Δ pass@k in points for seeds crossed with tasks. The per-task differences of the runs' means carry the
     task spread and the per-task sampling noise (their variance / tasks); a shift shared by all tasks of one
-    run (a seed's trained model) is the same on every task, so each side's seed variance / runs is added.
+    run (a seed's trained model) is the same on every task, so a seed variance / runs is added. When both sides
+    ran the same seeds (the protocol's matched rows: seed s of ILF and of a baseline train on the same task
+    IDs), the runs are paired seed by seed too and the seed variance is that of the per-seed differences (what
+    a seed shifts on both sides cancels); otherwise each side's own seed variance is added.
     Interval and MDE use t with Satterthwaite's df: with 3 seeds a seed effect is seen with few df.
     None when the sides share no task."""
     import numpy as np
 
+    def scored(rs: Sequence[Results]) -> list[Results]:
+        return [r for r in rs if any(nc["n"] >= k for nc in r.per_task.values())]
+
+    runs, reference = scored(runs), scored(reference)
     ta, a = per_run_task_pass(runs, k)
     tb, b = per_run_task_pass(reference, k)
     tasks = sorted(set(ta) & set(tb))
@@ -110,15 +127,20 @@ def paired(runs: Sequence[Results], reference: Sequence[Results], k: int = 1) ->
     d = A.mean(0) - B.mean(0)
     mean, n = float(d.mean()), len(tasks)
     parts = [(float(d.var(ddof=1)) / n if n > 1 else 0.0, n - 1)]
-    parts += [(_seed_variance(x) / len(x), len(x) - 1) for x in (A, B)]
+    order = _seed_order(runs, reference)
+    if order is not None:
+        D = A - B[order]
+        parts.append((_seed_variance(D) / len(D), len(D) - 1))
+    else:
+        parts += [(_seed_variance(x) / len(x), len(x) - 1) for x in (A, B)]
     var = sum(v for v, _ in parts)
     if var <= 0 or n < 2:
-        return Paired(mean, mean, mean, 0.0, math.inf, None, n, len(A), len(B))
+        return Paired(mean, mean, mean, 0.0, math.inf, None, n, len(A), len(B), order is not None)
     df = var**2 / sum(v**2 / f for v, f in parts if v > 0)
     se = math.sqrt(var)
     half = t_ppf(0.975, df) * se
     return Paired(mean, mean - half, mean + half, se, df, (t_ppf(0.975, df) + t_ppf(0.8, df)) * se,
-                  n, len(A), len(B))
+                  n, len(A), len(B), order is not None)
 
 
 def paired_delta(
