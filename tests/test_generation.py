@@ -4,6 +4,7 @@ invariance, and (slow) a real SmolLM2 chat completion that parses as Python."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 
 import pytest
@@ -231,7 +232,8 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
     eng16, _ = engine_for(
         path,
         EngineConfig(
-            engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype="bfloat16"
+            engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype="bfloat16",
+            quantize=None,
         ),
     )
     assert next(eng16.model.parameters()).dtype == torch.bfloat16
@@ -240,10 +242,18 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
     eng32, _ = engine_for(
         path,
         EngineConfig(
-            engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None
+            engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None,
+            quantize=None,
         ),
     )
     assert next(eng32.model.parameters()).dtype == torch.float32
+    from ilf_lab.generation.quantize import is_quantized  # sampling.quantize reaches the engine a stage gets
+
+    eng8, _ = engine_for(path, dataclasses.replace(EngineConfig(
+        engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None, quantize=None,
+    ), quantize="int8"))
+    assert eng8 is not eng32 and is_quantized(eng8.model.lm_head) and not is_quantized(eng32.model.lm_head)
+    assert all(len(o) == 2 for o in eng8.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, seed=1)))
 
 
 def test_the_cache_starts_zero_whatever_the_heap_held(tiny):
