@@ -441,7 +441,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("feedback.base_url is required for feedback.backend=openai")
     if cfg.sampling.quantize and (cfg.sampling.engine != "hf" or (cfg.sampling.dtype or cfg.model.dtype) != "float32"):
         raise ConfigError(f"sampling.quantize={cfg.sampling.quantize} needs sampling.engine=hf and fp32 sampling "
-                          "weights (sampling.dtype null or float32 with model.dtype=float32)")
+                          "weights (sampling.dtype=float32, or null with model.dtype=float32)")
 
 
 def _check_labels(cfg: DictConfig) -> None:

@@ -332,3 +332,28 @@ def _bf16(model):
     import copy
 
     return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def test_int8_refuses_models_it_would_only_partly_convert():
+    """A weight matrix int8 cannot take (GPT-2/CodeGen-style Conv1D, a Linear subclass) would leave an "int8" run
+    mostly fp32: refused, as is a model with no linear layer at all."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ilf_lab.errors import ConfigError
+    from ilf_lab.generation.quantize import quantize_linear
+
+    class Sub(torch.nn.Linear):
+        pass
+
+    for model in (torch.nn.Sequential(torch.nn.Linear(8, 8), Conv1D(8, 8)), torch.nn.Sequential(Sub(8, 8)),
+                  torch.nn.Sequential(torch.nn.Embedding(4, 8))):
+        with pytest.raises(ConfigError, match="plain nn.Linear layers only"):
+            quantize_linear(model, "int8")
+    inplace = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    assert quantize_linear(inplace, "int8", copy=False) is inplace and is_int8(inplace[0])
+
+
+def is_int8(module) -> bool:
+    from ilf_lab.generation.quantize import is_quantized
+
+    return is_quantized(module)

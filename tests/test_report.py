@@ -560,3 +560,15 @@ def test_rows_that_ran_the_same_seeds_are_paired_seed_by_seed():
     apart = paired(ilf, rows("mbpp_gold", [3, 4, 5], 0))
     assert not apart.seed_matched and apart.mean == pytest.approx(10.0) and apart.lo < 0 < apart.hi
     assert not paired(ilf, gold[:1]).seed_matched  # one seed on a side: nothing to pair by
+
+
+def test_seed_pairing_needs_known_seeds_on_both_sides():
+    """Older results.json may carry no seed: such a side is not paired by seed (and nothing crashes)."""
+    from ilf_lab.report.stats import paired
+
+    per = {str(t): {"n": 10, "c": t % 4} for t in range(20)}
+    runs = [make("ilf", seed=s, per_task=per) for s in (0, 1)]
+    unknown = [make("zero_shot", seed=None, per_task=per), make("zero_shot", seed=1, per_task=per)]
+    assert unknown[0].seed is None
+    p = paired(runs, unknown)
+    assert p is not None and not p.seed_matched and p.mean == pytest.approx(0.0)

@@ -27,9 +27,11 @@ def make_engine(
 ) -> Engine:
     """An engine by name: "hf" (our batched loop, CPU or GPU) or "vllm" (GPU, needs the vllm extra).
     Pass an already-loaded `model`/`tokenizer` to reuse them (hf only; vLLM loads its own copy). `quantize`:
-    "int8" samples with int8 linear layers (hf on CPU; `generation.quantize`)."""
+    "int8" samples with int8 linear layers (hf on CPU; `sampling.quantize`; a given `model` is copied first)."""
     if name == "hf":
         from ilf_lab.generation.hf import HFEngine
+
+        given = model is not None
 
         if model is None or tokenizer is None:
             from ilf_lab.models.loading import load_model, load_tokenizer
@@ -42,7 +44,7 @@ def make_engine(
         if quantize:
             from ilf_lab.generation.quantize import quantize_linear
 
-            model = quantize_linear(model, quantize)
+            model = quantize_linear(model, quantize, copy=given)
         return HFEngine(model, tokenizer, batch_size=batch_size)
     if quantize:
         raise ValueError(f"quantize={quantize!r} needs the hf engine, not {name!r}")

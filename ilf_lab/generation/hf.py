@@ -78,7 +78,7 @@ def auto_batch_size(model: Any, max_len: int, device: torch.device) -> int:
     per_row = kv_bytes_per_token(model) * max_len + vocab * 4 * 4
     budget = available_memory(device) * (0.6 if device.type == "cuda" else 0.5)
     if device.type != "cuda":  # the model itself is already resident; leave room for a trainer next door
-        budget -= sum(p.numel() * p.element_size() for p in model.parameters())
+        budget -= sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     rows = max(1, int(budget // per_row))
     return max(1, min(rows, GPU_MAX_ROWS if device.type == "cuda" else CPU_MAX_ROWS))
 

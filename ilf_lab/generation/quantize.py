@@ -13,7 +13,7 @@ zero-shot pass@k against fp32 on the same seeds, never assumed equal.
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 from typing import Any
 
 import torch
@@ -51,9 +51,10 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_linear(model: Any, mode: str) -> Any:
-    """A copy of `model` whose `nn.Linear` layers (the LM head too) are `Int8Linear`; the input model is left as
-    it was (a trainer may share it). Needs fp32 weights on CPU."""
+def quantize_linear(model: Any, mode: str, copy: bool = True) -> Any:
+    """`model` with its `nn.Linear` layers (the LM head too) as `Int8Linear`: a copy by default, since a trainer
+    may share the input; `copy=False` converts in place (a model loaded only to sample: no second fp32 copy in
+    memory). Needs fp32 weights on CPU, and a model whose every weight matrix is an `nn.Linear`."""
     if mode not in QUANTIZE_MODES:
         raise ConfigError(f"sampling.quantize={mode!r} is not one of {', '.join(QUANTIZE_MODES)} (or null)")
     p = next(model.parameters())
@@ -62,10 +63,17 @@ def quantize_linear(model: Any, mode: str) -> Any:
             f"sampling.quantize={mode} needs fp32 weights on CPU (got {p.dtype} on {p.device.type}): "
             "leave sampling.dtype null or float32, and sample on CPU"
         )
-    out = copy.deepcopy(model)
-    for name, m in [(n, m) for n, m in out.named_modules() if type(m) is torch.nn.Linear]:
+    # layers int8 cannot take (a Linear subclass, GPT-2/CodeGen-style Conv1D) would leave the run mostly fp32
+    other = [n for n, m in model.named_modules()
+             if (isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    if other or not linears:
+        raise ConfigError(f"sampling.quantize={mode} converts plain nn.Linear layers only; this model has "
+                          f"{len(linears)} and {len(other)} others ({', '.join(other[:3]) or 'none'})")
+    out = _copy.deepcopy(model) if copy else model
+    for name in linears:
         parent, _, attr = name.rpartition(".")
-        q = Int8Linear(m)
+        q = Int8Linear(out.get_submodule(name))
         try:  # fail here, with the reason, rather than at the first sample
             q(torch.zeros(1, q.in_features))
         except RuntimeError as e:

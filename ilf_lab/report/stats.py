@@ -97,7 +97,7 @@ def _seed_order(runs: Sequence[Results], reference: Sequence[Results]) -> list[i
     """Indices into `reference` that line its runs up with `runs` seed by seed, when both sides ran the same
     seeds once each (two or more); else None."""
     a, b = [r.seed for r in runs], [r.seed for r in reference]
-    if len(a) < 2 or None in a or len(set(a)) != len(a) or sorted(a) != sorted(b):
+    if len(a) < 2 or None in a or None in b or len(set(a)) != len(a) or sorted(a) != sorted(b):
         return None
     return [b.index(s) for s in a]
 
@@ -106,9 +106,10 @@ def paired(runs: Sequence[Results], reference: Sequence[Results], k: int = 1) ->
     """Δ pass@k in points for seeds crossed with tasks. The per-task differences of the runs' means carry the
     task spread and the per-task sampling noise (their variance / tasks); a shift shared by all tasks of one
     run (a seed's trained model) is the same on every task, so a seed variance / runs is added. When both sides
-    ran the same seeds (the protocol's matched rows: seed s of ILF and of a baseline train on the same task
-    IDs), the runs are paired seed by seed too and the seed variance is that of the per-seed differences (what
-    a seed shifts on both sides cancels); otherwise each side's own seed variance is added.
+    ran the same seeds, the runs are paired seed by seed too and the seed variance is that of the per-seed
+    differences: what a seed shifts on both sides cancels (the protocol's matched rows: seed s of ILF and of a
+    baseline train on the same task IDs; against zero-shot only the sampling seed is shared, and pairing is
+    still valid). Otherwise (other or partly shared seeds) each side's own seed variance is added.
     Interval and MDE use t with Satterthwaite's df: with 3 seeds a seed effect is seen with few df.
     None when the sides share no task."""
     import numpy as np

@@ -64,9 +64,12 @@ def engine_for(path: str, cfg: EngineConfig) -> tuple[Any, Any]:
 
         _loaded.clear()
         model, tok = load_model(path, cfg.weights_dtype, cfg.trust_remote_code)
+        if cfg.quantize:  # loaded only to sample: convert in place (no second fp32 copy)
+            from ilf_lab.generation.quantize import quantize_linear
+
+            model = quantize_linear(model, cfg.quantize, copy=False)
         engine = make_engine(
-            cfg.engine, path, dtype=cfg.weights_dtype, batch_size=cfg.batch_size, model=model, tokenizer=tok,
-            quantize=cfg.quantize,
+            cfg.engine, path, dtype=cfg.weights_dtype, batch_size=cfg.batch_size, model=model, tokenizer=tok
         )
         _loaded.update(id=(path, cfg), engine=engine, tokenizer=tok)
     return _loaded["engine"], _loaded["tokenizer"]
