@@ -4,6 +4,7 @@ invariance, and (slow) a real SmolLM2 chat completion that parses as Python."""
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import os
 
@@ -306,13 +307,15 @@ def test_int8_linear_layers_track_fp32_and_leave_the_model_alone(tiny, tmp_path)
 def test_int8_samples_depend_only_on_their_own_prompt(tiny):
     """Inputs are quantised per row, and int8 products sum exactly, so a prompt's samples do not depend on what
     is batched beside it or on the batch size; the seed still decides them."""
+    from ilf_lab.generation.quantize import quantize_linear
+
     _, model, tok = tiny
-    eng = make_engine("hf", tiny[0], model=model, tokenizer=tok, batch_size=5, quantize="int8")
+    int8 = quantize_linear(model, "int8")
+    eng = HFEngine(int8, tok, batch_size=5)
     p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
     together = eng.generate(PROMPTS, p)
     assert together[2] == eng.generate([PROMPTS[2]], p)[0]
-    assert together == make_engine("hf", tiny[0], model=model, tokenizer=tok, batch_size=12,
-                                   quantize="int8").generate(PROMPTS, p)
+    assert together == HFEngine(int8, tok, batch_size=12).generate(PROMPTS, p)
     assert together != eng.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=4))
     greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)
     assert eng.generate(PROMPTS, greedy) == HFEngine(eng.model, tok, backend="generic").generate(PROMPTS, greedy)
@@ -323,15 +326,7 @@ def test_int8_needs_fp32_weights_on_cpu(tiny):
     from ilf_lab.generation.quantize import quantize_linear
 
     with pytest.raises(ConfigError, match="needs fp32 weights on CPU"):
-        quantize_linear(_bf16(tiny[1]), "int8")
-    with pytest.raises(ValueError, match="needs the hf engine"):
-        make_engine("vllm", tiny[0], quantize="int8")
-
-
-def _bf16(model):
-    import copy
-
-    return copy.deepcopy(model).to(torch.bfloat16)
+        quantize_linear(copy.deepcopy(tiny[1]).to(torch.bfloat16), "int8")
 
 
 def test_int8_refuses_models_it_would_only_partly_convert():
@@ -340,7 +335,7 @@ def test_int8_refuses_models_it_would_only_partly_convert():
     from transformers.pytorch_utils import Conv1D
 
     from ilf_lab.errors import ConfigError
-    from ilf_lab.generation.quantize import quantize_linear
+    from ilf_lab.generation.quantize import is_quantized, quantize_linear
 
     class Sub(torch.nn.Linear):
         pass
@@ -350,10 +345,4 @@ def test_int8_refuses_models_it_would_only_partly_convert():
         with pytest.raises(ConfigError, match="plain nn.Linear layers only"):
             quantize_linear(model, "int8")
     inplace = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    assert quantize_linear(inplace, "int8", copy=False) is inplace and is_int8(inplace[0])
-
-
-def is_int8(module) -> bool:
-    from ilf_lab.generation.quantize import is_quantized
-
-    return is_quantized(module)
+    assert quantize_linear(inplace, "int8", copy=False) is inplace and is_quantized(inplace[0])

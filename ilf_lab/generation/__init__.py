@@ -23,15 +23,12 @@ def make_engine(
     batch_size: int | None = None,
     model: Any = None,
     tokenizer: Any = None,
-    quantize: str | None = None,
 ) -> Engine:
     """An engine by name: "hf" (our batched loop, CPU or GPU) or "vllm" (GPU, needs the vllm extra).
-    Pass an already-loaded `model`/`tokenizer` to reuse them (hf only; vLLM loads its own copy). `quantize`:
-    "int8" samples with int8 linear layers (hf on CPU; `sampling.quantize`; a given `model` is copied first)."""
+    Pass an already-loaded `model`/`tokenizer` to reuse them (hf only; vLLM loads its own copy).
+    int8 sampling (`sampling.quantize`): pass a model from `generation.quantize.quantize_linear`."""
     if name == "hf":
         from ilf_lab.generation.hf import HFEngine
-
-        given = model is not None
 
         if model is None or tokenizer is None:
             from ilf_lab.models.loading import load_model, load_tokenizer
@@ -41,13 +38,7 @@ def make_engine(
                 tokenizer = tokenizer or tok
             else:
                 tokenizer = load_tokenizer(model_path)
-        if quantize:
-            from ilf_lab.generation.quantize import quantize_linear
-
-            model = quantize_linear(model, quantize, copy=given)
         return HFEngine(model, tokenizer, batch_size=batch_size)
-    if quantize:
-        raise ValueError(f"quantize={quantize!r} needs the hf engine, not {name!r}")
     if name == "vllm":
         from ilf_lab.generation.vllm_engine import VLLMEngine
 
