@@ -16,6 +16,7 @@ The last line is one JSON object (metric, value, baseline, ratio, unit, per-set 
     python benchmarks/sampling.py                              # 32 chat + 32 refine prompts x n=8, 128 new tokens
     python benchmarks/sampling.py --sets chat --prompts 8 --n 4 --max-new-tokens 64
     python benchmarks/sampling.py --quantize int8             # the engine in int8 (baseline, roofline: fp32)
+    python benchmarks/sampling.py --prompt-kv shared          # a prompt's KV held once for its n samples
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         f"(min {min(plen)}, max {max(plen)}), T={args.temperature}, top_p={args.top_p}, "
         f"{args.max_new_tokens} new tokens"
     )
-    engine = HFEngine(sampler, tok, batch_size=args.batch_size)
+    engine = HFEngine(sampler, tok, batch_size=args.batch_size, prompt_kv=args.prompt_kv)
     engine.phases = Phases()
     t0 = time.perf_counter()
     out = engine.generate(prompts, params)
@@ -183,7 +184,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         f"{gflop:.3f} GFLOP per generated token ({lin_gflop:.3f} linear + attention at mean context {context:.0f})"
     )
     print(
-        f"engine ({engine.backend}, {stats['batch_size']} slots): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
+        f"engine ({engine.backend}, prompt KV {engine.prompt_kv}, {stats['batch_size']} slots): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
         f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline"
     )
     share8 = None
@@ -258,6 +259,12 @@ def main() -> None:
         choices=("int8",),
         help="the engine samples with int8 linear layers (sampling.quantize); baseline and roofline stay fp32",
     )
+    ap.add_argument(
+        "--prompt-kv",
+        default="copy",
+        choices=("copy", "shared"),
+        help="the engine copies a prompt's KV into each of its n slots, or holds it once (sampling.prompt_kv)",
+    )
     ap.add_argument("--cache-dir", default=os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab"))
     ap.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/ and ilf/")
     args = ap.parse_args()
@@ -274,7 +281,8 @@ def main() -> None:
         sampler = quantize_linear(model, args.quantize)
     sets = prompt_sets(args.sets.split(","), tok, args.data_dir, args.prompts)
     print(
-        f"SmolLM2-135M-Instruct {args.dtype}{' engine ' + args.quantize if args.quantize else ''}, torch {torch.__version__}, {args.threads} threads, "
+        f"SmolLM2-135M-Instruct {args.dtype}{' engine ' + args.quantize if args.quantize else ''}, "
+        f"prompt KV {args.prompt_kv}, torch {torch.__version__}, {args.threads} threads, "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     results = {name: bench_set(name, prompts, model, sampler, tok, args) for name, prompts in sets.items()}
@@ -293,6 +301,7 @@ def main() -> None:
                 "threads": args.threads,
                 "dtype": args.dtype,
                 "quantize": args.quantize,
+                "prompt_kv": args.prompt_kv,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "sets": results,
             }

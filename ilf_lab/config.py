@@ -215,6 +215,9 @@ class SamplingConfig:
     dtype: str | None = choice(None, None, "float32", "bfloat16", "float16")
     # int8 weights in the sampling engine's linear layers (CPU, fp32 weights): faster, changed numerics, opt-in
     quantize: str | None = choice(None, None, "int8")
+    # shared: a prompt's KV is held once for its n samples instead of copied into each (hf engine, Llama-family
+    # models): faster on long prompts, logits equal to float rounding; opt-in (ilf_lab/generation/prefix.py)
+    prompt_kv: str | None = choice(None, None, "shared")
 
 
 @dataclass
@@ -439,6 +442,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("rounds>1 needs fresh feedback each round: use an llm feedback option")
     if cfg.feedback.backend == "openai" and cfg.feedback.provider == "llm" and not cfg.feedback.base_url:
         raise ConfigError("feedback.base_url is required for feedback.backend=openai")
+    if cfg.sampling.prompt_kv and cfg.sampling.engine != "hf":
+        raise ConfigError(f"sampling.prompt_kv={cfg.sampling.prompt_kv} needs sampling.engine=hf (vLLM pages its own cache)")
     if cfg.sampling.quantize and (cfg.sampling.engine != "hf" or (cfg.sampling.dtype or cfg.model.dtype) != "float32"):
         raise ConfigError(f"sampling.quantize={cfg.sampling.quantize} needs sampling.engine=hf and fp32 sampling "
                           "weights (sampling.dtype=float32, or null with model.dtype=float32)")

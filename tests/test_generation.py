@@ -17,7 +17,7 @@ from ilf_lab.generation.sampling import StopChecker, choose_tokens, cut_at_stop
 from ilf_lab.models.loading import build_tiny_random, load_model
 
 PROMPTS = ["def add(a, b):\n", "Hi", "x = [1, 2, 3]\nfor i in x:\n    print(i)\n" * 3, "import os\n"]
-BACKENDS = ["slots", "generic"]
+BACKENDS = ["slots", "slots-shared", "generic"]  # slots-shared: sampling.prompt_kv=shared (prefix.py)
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +38,8 @@ def tiny(tmp_path_factory):
 
 def _engine(tiny, backend, batch_size=8):
     _, model, tok = tiny
-    return HFEngine(model, tok, batch_size=batch_size, backend=backend)
+    backend, _, shared = backend.partition("-")
+    return HFEngine(model, tok, batch_size=batch_size, backend=backend, prompt_kv="shared" if shared else "copy")
 
 
 def _hf_greedy(model, tok, prompt, max_new):
@@ -109,7 +110,51 @@ def test_samples_do_not_depend_on_the_other_prompts(tiny):
 
 def test_backends_agree_on_samples(tiny):
     p = SamplingParams(n=3, temperature=0.8, max_new_tokens=10, seed=5)
-    assert _engine(tiny, "slots").generate(PROMPTS, p) == _engine(tiny, "generic").generate(PROMPTS, p)
+    slots = _engine(tiny, "slots").generate(PROMPTS, p)
+    assert slots == _engine(tiny, "generic").generate(PROMPTS, p)
+    for batch_size in (3, 4, 7, 64):  # 3: one prompt at a time; 4, 7: prompts come and go mid-batch
+        assert _engine(tiny, "slots-shared", batch_size).generate(PROMPTS, p) == slots
+
+
+def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(tmp_path):
+    """prompt_kv=shared splits each step's attention into the prompt part (one matmul per prompt for all its
+    rows) and the row's own part under one softmax: the same logits as the copied cache to float rounding, with
+    grouped-query heads, prompts of different lengths, rows finishing and prompts being freed and moved."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ilf_lab.generation.prefix import SharedPromptCache
+    from ilf_lab.generation.slots import SlotCache
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    prompts = [[5, 9, 2], [7] * 11, [3, 4, 5, 6, 7, 8]]
+    n, new = 3, 8
+    copied = SlotCache(model, 16, max(map(len, prompts)) + new)
+    shared = SharedPromptCache(model, 16, max(map(len, prompts)), new)
+    lens = [len(p) for p in prompts for _ in range(n)]
+    with torch.inference_mode():
+        for cache in (copied, shared):
+            cache.prefill(prompts, 0, n)
+        tokens = torch.arange(len(lens)) % 97
+        for step in range(new - 1):
+            t = torch.tensor(lens)
+            got = shared.decode(tokens[: len(lens)], t, max(lens) + 1)
+            ref = copied.decode(tokens[: len(lens)], t, max(lens) + 1)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            lens = [x + 1 for x in lens]
+            if step in (1, 3):  # finish rows 0-2 (all of prompt 0: its slot is freed and the last moved in), then 1
+                gone = [0, 1, 2] if step == 1 else [1]
+                keep = [i for i in range(len(lens)) if i not in gone]
+                holes = [i for i in gone if i < len(keep)]
+                movers = [i for i in range(len(keep), len(lens)) if i not in gone]
+                for cache in (copied, shared):
+                    cache.compact(holes, movers, [lens[i] for i in movers], len(keep))
+                for d, s_ in zip(holes, movers, strict=True):
+                    lens[d] = lens[s_]
+                lens = lens[: len(keep)]
+    assert len(shared.prompt_len) == 2 and shared.prompt_len[0] == 6  # prompt 2 took freed slot 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -234,7 +279,7 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
         path,
         EngineConfig(
             engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype="bfloat16",
-            quantize=None,
+            quantize=None, prompt_kv=None,
         ),
     )
     assert next(eng16.model.parameters()).dtype == torch.bfloat16
@@ -244,17 +289,19 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
         path,
         EngineConfig(
             engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None,
-            quantize=None,
+            quantize=None, prompt_kv=None,
         ),
     )
     assert next(eng32.model.parameters()).dtype == torch.float32
     from ilf_lab.generation.quantize import is_quantized  # sampling.quantize reaches the engine a stage gets
 
-    eng8, _ = engine_for(path, dataclasses.replace(EngineConfig(
-        engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None, quantize=None,
-    ), quantize="int8"))
+    plain = EngineConfig(engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None,
+                         quantize=None, prompt_kv=None)
+    eng8, _ = engine_for(path, dataclasses.replace(plain, quantize="int8"))
     assert eng8 is not eng32 and is_quantized(eng8.model.lm_head) and not is_quantized(eng32.model.lm_head)
     assert all(len(o) == 2 for o in eng8.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, seed=1)))
+    assert eng32.prompt_kv == "copy"  # and sampling.prompt_kv reaches it too
+    assert engine_for(path, dataclasses.replace(plain, prompt_kv="shared"))[0].prompt_kv == "shared"
 
 
 def test_the_cache_starts_zero_whatever_the_heap_held(tiny):

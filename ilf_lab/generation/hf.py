@@ -5,8 +5,9 @@ Two backends share the scheduler's bookkeeping (seeds, sampling, stop strings, p
 * `slots` (Llama-family models: llama, mistral, qwen2): continuous batching over a preallocated KV cache of
   `batch_size` slots. Each slot holds one sample; its cache starts at column 0 (no padding) and grows one
   column per step, so rows of different lengths decode together with a per-row length mask. A prompt is
-  prefilled once and its KV copied into its n slots; a finished row is replaced by the last active row (one
-  row copy, the batch stays dense) and freed slots are refilled with the next prompts' samples. Attention is
+  prefilled once and its KV copied into its n slots (`prompt_kv="shared"`: held once for all n, prefix.py); a
+  finished row is replaced by the last active row (one row copy, the batch stays dense) and freed slots are
+  refilled with the next prompts' samples. Attention is
   computed by this module (grouped-query heads folded into the query axis, so the KV cache is never expanded);
   everything else calls the model's own modules.
 * `generic` (any causal LM): prompts grouped by length, left-padded, prefilled once with the model's own
@@ -30,6 +31,7 @@ import torch
 
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
+from ilf_lab.generation.prefix import SharedPromptCache
 from ilf_lab.generation.sampling import (
     StopChecker,
     choose_tokens,
@@ -214,15 +216,21 @@ class HFEngine:
         batch_size: int | None = None,
         backend: str = "auto",
         refill_fraction: float = 0.0,
+        prompt_kv: str = "copy",
     ) -> None:
         if backend not in ("auto", "slots", "generic"):
             raise ValueError(f"backend must be auto, slots or generic, got {backend!r}")
+        if prompt_kv not in ("copy", "shared"):
+            raise ValueError(f"prompt_kv must be copy or shared, got {prompt_kv!r}")
         if backend == "slots" and not supports_slots(model):
             raise ValueError(f"the slots backend supports {SLOT_MODEL_TYPES}, not {model.config.model_type}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.backend = ("slots" if supports_slots(model) else "generic") if backend == "auto" else backend
+        if prompt_kv == "shared" and self.backend != "slots":
+            raise ValueError(f"prompt_kv=shared needs the slots backend ({SLOT_MODEL_TYPES}), not {self.backend}")
+        self.prompt_kv = prompt_kv  # shared: a prompt's KV is held once for its n samples (prefix.py)
         # refill freed slots once this share of them is free (0: as soon as one prompt's n samples fit)
         self.refill_fraction = refill_fraction
         self.eos = eos_token_ids(model, tokenizer)
@@ -325,7 +333,10 @@ class HFEngine:
     # -- slots backend ----------------------------------------------------------------------------------
 
     def _run_slots(self, ids, seeds, n, params, slots, max_len, stopper, out, bar) -> None:
-        cache = SlotCache(self.model, slots, max_len, self.phases)
+        if self.prompt_kv == "shared":
+            cache = SharedPromptCache(self.model, slots, max(map(len, ids)), max(self._budget), self.phases)
+        else:
+            cache = SlotCache(self.model, slots, max_len, self.phases)
         queue = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         budget = PREFILL_TOKENS_GPU if self.device.type == "cuda" else PREFILL_TOKENS_CPU
         refill_at = max(n, int(math.ceil(self.refill_fraction * slots)))
@@ -377,8 +388,8 @@ class HFEngine:
         new_len = len(rows) - len(gone)
         holes = sorted(i for i in gone if i < new_len)
         movers = [i for i in range(new_len, len(rows)) if i not in gone]
+        cache.compact(holes, movers, [rows.lens[i] for i in movers], new_len)
         if holes:
-            cache.move(holes, movers, [rows.lens[i] for i in movers])
             for d, s in zip(holes, movers, strict=True):
                 last[d] = last[s]
         rows.move(holes, movers, new_len)

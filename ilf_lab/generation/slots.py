@@ -73,12 +73,10 @@ class SlotCache:
         pos = torch.arange(t, device=self.device).unsqueeze(0).expand(b, t)
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, pos)
-        rows = slice(row0, row0 + b * copies)
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
-            self.kv[i, 0, rows, :, :t] = k.repeat_interleave(copies, 0) if copies > 1 else k
-            self.kv[i, 1, rows, :, :t] = v.repeat_interleave(copies, 0) if copies > 1 else v
+            self._store_prompt(i, k, v, row0, copies)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -94,16 +92,10 @@ class SlotCache:
         """One step for rows 0..A-1: token i goes to position lens[i] of slot i; `width` = max(lens) + 1."""
         ph = self.phases
         a = tokens.shape[0]
-        max_len = self.kv.shape[4]
         with ph("decode: embed, rope, mask"):
-            heads = torch.arange(self.kv_heads, device=self.device)
-            rows = torch.arange(a, device=self.device)
-            flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * max_len + lens.unsqueeze(1)).view(-1)
             x = self.inner.embed_tokens(tokens).unsqueeze(1)
             cos, sin = self.inner.rotary_emb(x, lens.unsqueeze(1))
-            cols = torch.arange(width, device=self.device)
-            mask = torch.zeros(a, 1, 1, width, dtype=self.dtype, device=self.device)
-            mask.masked_fill_((cols.unsqueeze(0) > lens.unsqueeze(1)).view(a, 1, 1, width), float("-inf"))
+            step = self._step(lens, width)
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             with ph("decode: norms, residual"):
@@ -111,10 +103,7 @@ class SlotCache:
             with ph("decode: q/k/v/o projections, rope"):
                 q, k, v = self._qkv(attn, h, cos, sin)
             with ph("decode: attention over the cache"):
-                kc, vc = self.kv[i, 0], self.kv[i, 1]
-                kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim).to(self.dtype))
-                vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim).to(self.dtype))
-                o = self._attend(q, kc, vc, mask, a, width, attn.scaling)
+                o = self._attend_layer(i, q, k, v, step, attn.scaling)
             with ph("decode: q/k/v/o projections, rope"):
                 o = attn.o_proj(o.reshape(a, 1, -1).to(self.weights_dtype))
             with ph("decode: norms, residual"):
@@ -129,6 +118,32 @@ class SlotCache:
         with ph("decode: lm_head"):
             return self.lm_head(h)
 
+    def _store_prompt(self, i: int, k: torch.Tensor, v: torch.Tensor, row0: int, copies: int) -> None:
+        """Layer i's prompt KV [prompt, kv_head, t, head_dim] into `copies` consecutive slots per prompt."""
+        b, t = k.shape[0], k.shape[2]
+        rows = slice(row0, row0 + b * copies)
+        self.kv[i, 0, rows, :, :t] = k.repeat_interleave(copies, 0) if copies > 1 else k
+        self.kv[i, 1, rows, :, :t] = v.repeat_interleave(copies, 0) if copies > 1 else v
+
+    def _step(self, lens: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What every layer of one decode step shares: where each row's new KV goes, the length mask."""
+        a, max_len = lens.shape[0], self.kv.shape[4]
+        heads = torch.arange(self.kv_heads, device=self.device)
+        rows = torch.arange(a, device=self.device)
+        flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * max_len + lens.unsqueeze(1)).view(-1)
+        cols = torch.arange(width, device=self.device)
+        mask = torch.zeros(a, 1, 1, width, dtype=self.dtype, device=self.device)
+        mask.masked_fill_((cols.unsqueeze(0) > lens.unsqueeze(1)).view(a, 1, 1, width), float("-inf"))
+        return flat, mask, width
+
+    def _attend_layer(self, i: int, q, k, v, step, scaling: float) -> torch.Tensor:
+        """Write the step's KV into layer i's cache and attend over it."""
+        flat, mask, width = step
+        kc, vc = self.kv[i, 0], self.kv[i, 1]
+        kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim).to(self.dtype))
+        vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim).to(self.dtype))
+        return self._attend(q, kc, vc, mask, q.shape[0], width, scaling)
+
     def _attend(self, q, kc, vc, mask, a: int, width: int, scaling: float) -> torch.Tensor:
         """Each row's query heads against its own cache columns [0, width). Batched matmuls over (row, kv head)
         read the cache in place (the 4-d `torch.matmul` copied K and V to contiguous memory first); bitwise the
@@ -141,6 +156,11 @@ class SlotCache:
         scores.mul_(scaling).add_(mask.view(a, 1, width))
         p = torch.softmax(scores.float(), dim=-1).to(qg.dtype)
         return torch.bmm(p.view(rows, self.group, width), v)
+
+    def compact(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int], rows: int) -> None:
+        """Rows src[j] (lens[j] columns filled) move into rows dst[j]; rows from `rows` on are gone."""
+        if dst:
+            self.move(dst, src, lens)
 
     def move(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int]) -> None:
         """Copy slot src[j]'s first lens[j] cache columns into slot dst[j] (in place: no gathered temporary)."""

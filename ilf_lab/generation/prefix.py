@@ -1,0 +1,117 @@
+"""The slots backend with each prompt's KV held once and shared by its n samples (`sampling.prompt_kv=shared`).
+
+`SlotCache` copies a prompt's KV into each of its n slots, so every decode step reads the prompt n times; on
+refine prompts (hundreds of tokens, 128 new) that read is most of a step. Here a prompt's KV lives in a prompt
+slot and each row's own slot holds only its generated tokens. A step attends in two parts that share one
+softmax: the queries of a prompt's rows, stacked on a grid [prompt slot, sample], against the prompt's KV (read
+once for all its rows), and each row against its own columns. Same model, same positions; the sums are split
+differently, so logits agree with `SlotCache` to float rounding, not bitwise (hence opt-in until measured).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ilf_lab.generation.phases import OFF, Phases
+from ilf_lab.generation.slots import SlotCache, zeroed_cpu
+
+
+class SharedPromptCache(SlotCache):
+    """Own cache [layer, k|v, row slot, kv_head, new token, head_dim] (SlotCache's, `max_new` columns) plus a
+    prompt store [layer, k|v, prompt slot, kv_head, position, head_dim]. Active prompts occupy prompt slots
+    0..m-1 (a prompt whose rows have all finished is freed and the last one moved into its place)."""
+
+    def __init__(self, model: Any, slots: int, max_prompt: int, max_new: int, phases: Phases = OFF) -> None:
+        super().__init__(model, slots, max(1, max_new), phases)
+        cfg = model.config
+        # a prompt has at least one active row, so `slots` prompt slots always suffice; untouched ones cost nothing
+        shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_prompt, self.head_dim)
+        if self.device.type == "cpu":
+            self.pkv = zeroed_cpu(shape, self.dtype)
+        else:
+            self.pkv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.row_prompt: list[int] = []  # prompt slot of each active row
+        self.row_sample: list[int] = []  # its column on the grid (the sample's index within its prompt)
+        self.prompt_len: list[int] = []  # tokens of each active prompt slot
+        self.grid = 1  # samples per prompt (the grid's width)
+
+    def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
+        if row0 != len(self.row_prompt):
+            raise ValueError(f"rows are appended: row0 {row0} != {len(self.row_prompt)} active rows")
+        self._first_prompt = len(self.prompt_len)
+        for p, ids in enumerate(prompts):
+            self.prompt_len.append(len(ids))
+            self.row_prompt.extend([self._first_prompt + p] * copies)
+            self.row_sample.extend(range(copies))
+        self.grid = max(self.grid, copies)
+        return super().prefill(prompts, row0, copies)
+
+    def _store_prompt(self, i: int, k: torch.Tensor, v: torch.Tensor, row0: int, copies: int) -> None:
+        p0, b, t = self._first_prompt, k.shape[0], k.shape[2]
+        self.pkv[i, 0, p0 : p0 + b, :, :t] = k
+        self.pkv[i, 1, p0 : p0 + b, :, :t] = v
+
+    def _step(self, lens: torch.Tensor, width: int):
+        a, dev = lens.shape[0], self.device
+        prompt = torch.tensor(self.row_prompt[:a], device=dev)
+        sample = torch.tensor(self.row_sample[:a], device=dev)
+        plen = torch.tensor(self.prompt_len, device=dev)[prompt]
+        own = lens - plen  # the row's own column that takes this step's token
+        gw, pw = int(own.max()) + 1, max(self.prompt_len)
+        heads = torch.arange(self.kv_heads, device=dev)
+        rows = torch.arange(a, device=dev)
+        flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * self.kv.shape[4] + own.unsqueeze(1)).view(-1)
+        cols_p, cols_o = torch.arange(pw, device=dev), torch.arange(gw, device=dev)
+        hidden = torch.cat([cols_p.unsqueeze(0) >= plen.unsqueeze(1), cols_o.unsqueeze(0) > own.unsqueeze(1)], 1)
+        mask = torch.zeros(a, 1, 1, pw + gw, dtype=self.dtype, device=dev)
+        mask.masked_fill_(hidden.view(a, 1, 1, pw + gw), float("-inf"))
+        return flat, mask, prompt, sample, pw, gw
+
+    def _attend_layer(self, i: int, q, k, v, step, scaling: float) -> torch.Tensor:
+        flat, mask, prompt, sample, pw, gw = step
+        a, m, n, kvh, g, hd = q.shape[0], len(self.prompt_len), self.grid, self.kv_heads, self.group, self.head_dim
+        kc, vc = self.kv[i, 0], self.kv[i, 1]
+        kc.view(-1, hd).index_copy_(0, flat, k.reshape(-1, hd).to(self.dtype))
+        vc.view(-1, hd).index_copy_(0, flat, v.reshape(-1, hd).to(self.dtype))
+        qg = q.reshape(a, kvh, g, hd).to(self.dtype)
+        # the prompt part: each prompt's rows on a grid [prompt, kv_head, sample x group], one matmul per prompt
+        grid = qg.new_zeros(m, n, kvh, g, hd)
+        grid[prompt, sample] = qg
+        kp = self.pkv[i, 0, :m, :, :pw].reshape(m * kvh, pw, hd)  # views: slot and head strides merge
+        vp = self.pkv[i, 1, :m, :, :pw].reshape(m * kvh, pw, hd)
+        sp = torch.bmm(grid.transpose(1, 2).reshape(m * kvh, n * g, hd), kp.transpose(1, 2))
+        sp = sp.view(m, kvh, n, g, pw)[prompt, :, sample]  # [row, kv_head, group, pw]
+        # the own part: each row against its generated tokens
+        ko = kc[:a, :, :gw].reshape(a * kvh, gw, hd)
+        vo = vc[:a, :, :gw].reshape(a * kvh, gw, hd)
+        so = torch.bmm(qg.view(a * kvh, g, hd), ko.transpose(1, 2)).view(a, kvh, g, gw)
+        scores = torch.cat([sp, so], dim=-1)
+        scores.mul_(scaling).add_(mask)
+        p = torch.softmax(scores.float(), dim=-1).to(qg.dtype)
+        pgrid = p.new_zeros(m, kvh, n, g, pw)
+        pgrid[prompt, :, sample] = p[..., :pw]
+        op = torch.bmm(pgrid.view(m * kvh, n * g, pw), vp).view(m, kvh, n, g, hd)[prompt, :, sample]
+        oo = torch.bmm(p[..., pw:].reshape(a * kvh, g, gw), vo).view(a, kvh, g, hd)
+        return (op + oo).view(a * kvh, g, hd)
+
+    def compact(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int], rows: int) -> None:
+        """Move rows (own columns only), drop rows from `rows` on, free the prompts left without rows."""
+        for d, s, n in zip(dst, src, lens, strict=True):
+            own = n - self.prompt_len[self.row_prompt[s]]
+            self.kv[:, :, d, :, :own].copy_(self.kv[:, :, s, :, :own])
+            self.row_prompt[d], self.row_sample[d] = self.row_prompt[s], self.row_sample[s]
+        del self.row_prompt[rows:], self.row_sample[rows:]
+        live = set(self.row_prompt)
+        keep = len(live)
+        holes = [p for p in range(keep) if p not in live]
+        movers = [p for p in range(keep, len(self.prompt_len)) if p in live]
+        remap = dict(zip(movers, holes, strict=True))
+        for s, d in remap.items():
+            t = self.prompt_len[s]
+            self.pkv[:, :, d, :, :t].copy_(self.pkv[:, :, s, :, :t])
+            self.prompt_len[d] = t
+        del self.prompt_len[keep:]
+        self.row_prompt = [remap.get(p, p) for p in self.row_prompt]
