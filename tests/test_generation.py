@@ -100,8 +100,9 @@ def test_same_seed_same_samples_different_seed_differs(tiny, backend):
     assert len({s for o in a for s in o}) > len(PROMPTS)  # the n samples differ from each other
 
 
-def test_samples_do_not_depend_on_the_other_prompts(tiny):
-    eng = _engine(tiny, "slots", batch_size=5)
+@pytest.mark.parametrize("backend", ["slots", "slots-shared"])
+def test_samples_do_not_depend_on_the_other_prompts(tiny, backend):
+    eng = _engine(tiny, backend, batch_size=5)
     p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
     together = eng.generate(PROMPTS, p)
     assert together[2] == eng.generate([PROMPTS[2]], p)[0]
