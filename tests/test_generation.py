@@ -117,10 +117,11 @@ def test_backends_agree_on_samples(tiny):
         assert _engine(tiny, "slots-shared", batch_size).generate(PROMPTS, p) == slots
 
 
-def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(tmp_path):
+def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads():
     """prompt_kv=shared splits each step's attention into the prompt part (one matmul per prompt for all its
     rows) and the row's own part under one softmax: the same logits as the copied cache to float rounding, with
-    grouped-query heads, prompts of different lengths, rows finishing and prompts being freed and moved."""
+    grouped-query heads, prompts of different lengths, prompts admitted mid-run with another n, rows finishing,
+    and several prompts freed at once (live prompts moving into their slots)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ilf_lab.generation.prefix import SharedPromptCache
@@ -130,32 +131,47 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(tmp_pat
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     model = LlamaForCausalLM(cfg).eval()
-    prompts = [[5, 9, 2], [7] * 11, [3, 4, 5, 6, 7, 8]]
-    n, new = 3, 8
-    copied = SlotCache(model, 16, max(map(len, prompts)) + new)
-    shared = SharedPromptCache(model, 16, max(map(len, prompts)), new)
-    lens = [len(p) for p in prompts for _ in range(n)]
-    with torch.inference_mode():
+    first, later = [[5, 9, 2], [7] * 11, [3, 4, 5, 6, 7, 8], [1, 2]], [[8] * 9, [4, 4, 2]]
+    new = 10
+    copied = SlotCache(model, 16, 12 + new)
+    shared = SharedPromptCache(model, 16, 12, new)
+    lens: list[int] = []
+    owner: list[tuple[int, ...]] = []  # each row's prompt
+
+    def admit(prompts, copies):
         for cache in (copied, shared):
-            cache.prefill(prompts, 0, n)
-        tokens = torch.arange(len(lens)) % 97
-        for step in range(new - 1):
+            cache.prefill(prompts, len(lens), copies)
+        lens.extend(len(p) for p in prompts for _ in range(copies))
+        owner.extend(tuple(p) for p in prompts for _ in range(copies))
+
+    def finish(gone):
+        keep = [i for i in range(len(lens)) if i not in gone]
+        holes = [i for i in gone if i < len(keep)]
+        movers = [i for i in range(len(keep), len(lens)) if i not in gone]
+        for cache in (copied, shared):
+            cache.compact(holes, movers, [lens[i] for i in movers], len(keep))
+        for d, s_ in zip(holes, movers, strict=True):
+            lens[d], owner[d] = lens[s_], owner[s_]
+        del lens[len(keep):], owner[len(keep):]
+        assert sorted(shared.prompt_len) == sorted(map(len, set(owner)))  # exactly the prompts with rows
+
+    with torch.inference_mode():
+        admit(first, 3)  # rows 0-11: prompt p has rows 3p..3p+2
+        for step in range(new - 2):
             t = torch.tensor(lens)
-            got = shared.decode(tokens[: len(lens)], t, max(lens) + 1)
-            ref = copied.decode(tokens[: len(lens)], t, max(lens) + 1)
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-            lens = [x + 1 for x in lens]
-            if step in (1, 3):  # finish rows 0-2 (all of prompt 0: its slot is freed and the last moved in), then 1
-                gone = [0, 1, 2] if step == 1 else [1]
-                keep = [i for i in range(len(lens)) if i not in gone]
-                holes = [i for i in gone if i < len(keep)]
-                movers = [i for i in range(len(keep), len(lens)) if i not in gone]
-                for cache in (copied, shared):
-                    cache.compact(holes, movers, [lens[i] for i in movers], len(keep))
-                for d, s_ in zip(holes, movers, strict=True):
-                    lens[d] = lens[s_]
-                lens = lens[: len(keep)]
-    assert len(shared.prompt_len) == 2 and shared.prompt_len[0] == 6  # prompt 2 took freed slot 0
+            tokens = (torch.arange(len(lens)) * 7 + step) % 97
+            got = shared.decode(tokens, t, max(lens) + 1)
+            torch.testing.assert_close(got, copied.decode(tokens, t, max(lens) + 1), rtol=1e-4, atol=1e-4)
+            lens[:] = [x + 1 for x in lens]
+            if step == 1:  # prompts 0 and 2 end together (holes and movers interleave), and one row of prompt 1
+                finish([0, 1, 2, 4, 6, 7, 8])
+            if step == 2:  # prompts admitted mid-run, with 2 samples each
+                admit(later, 2)
+            if step == 4:
+                finish([0, 3, len(lens) - 1])
+    assert sorted(shared.prompt_len) == [2, 3, 9], shared.prompt_len  # prompt 1 (11 tokens) left at step 4
+    with pytest.raises(NotImplementedError):
+        shared.move([0], [1], [lens[1]])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -264,6 +264,8 @@ class HFEngine:
             )
         seeds = prompt_seeds(prompts, params.seed, n)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
+        if self.prompt_kv == "shared":  # its stores hold the longest prompt and the largest budget per row
+            max_len = max(map(len, ids)) + max(self._budget)
         slots = self.batch_size or auto_batch_size(self.model, max_len, self.device)
         slots = max(slots, n)
         out: list[list[str | None]] = [[None] * n for _ in prompts]

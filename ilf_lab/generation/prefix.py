@@ -22,12 +22,14 @@ from ilf_lab.generation.slots import SlotCache, zeroed_cpu
 class SharedPromptCache(SlotCache):
     """Own cache [layer, k|v, row slot, kv_head, new token, head_dim] (SlotCache's, `max_new` columns) plus a
     prompt store [layer, k|v, prompt slot, kv_head, position, head_dim]. Active prompts occupy prompt slots
-    0..m-1 (a prompt whose rows have all finished is freed and the last one moved into its place)."""
+    0..m-1: when prompts lose their last row, live prompts from slots past the new count move into the holes.
+    Rows move and leave only through `compact` (it keeps the row -> prompt map in step)."""
 
     def __init__(self, model: Any, slots: int, max_prompt: int, max_new: int, phases: Phases = OFF) -> None:
         super().__init__(model, slots, max(1, max_new), phases)
         cfg = model.config
-        # a prompt has at least one active row, so `slots` prompt slots always suffice; untouched ones cost nothing
+        # a prompt has at least one active row, so `slots` prompt slots always suffice (on CPU untouched pages
+        # cost nothing; on GPU the engine sizes the batch for prompt + new tokens per row, as for SlotCache)
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_prompt, self.head_dim)
         if self.device.type == "cpu":
             self.pkv = zeroed_cpu(shape, self.dtype)
@@ -35,8 +37,10 @@ class SharedPromptCache(SlotCache):
             self.pkv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.row_prompt: list[int] = []  # prompt slot of each active row
         self.row_sample: list[int] = []  # its column on the grid (the sample's index within its prompt)
+        self.row_own: list[int] = []  # generated tokens in each row's own cache (host-side: no device sync)
         self.prompt_len: list[int] = []  # tokens of each active prompt slot
         self.grid = 1  # samples per prompt (the grid's width)
+        self._first_prompt = 0  # the prompt slot the current prefill starts at
 
     def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
         if row0 != len(self.row_prompt):
@@ -46,6 +50,7 @@ class SharedPromptCache(SlotCache):
             self.prompt_len.append(len(ids))
             self.row_prompt.extend([self._first_prompt + p] * copies)
             self.row_sample.extend(range(copies))
+            self.row_own.extend([0] * copies)
         self.grid = max(self.grid, copies)
         return super().prefill(prompts, row0, copies)
 
@@ -55,12 +60,14 @@ class SharedPromptCache(SlotCache):
         self.pkv[i, 1, p0 : p0 + b, :, :t] = v
 
     def _step(self, lens: torch.Tensor, width: int):
+        """As SlotCache's, from the host-side row map (`width`, the copied cache's, does not apply here)."""
         a, dev = lens.shape[0], self.device
         prompt = torch.tensor(self.row_prompt[:a], device=dev)
         sample = torch.tensor(self.row_sample[:a], device=dev)
         plen = torch.tensor(self.prompt_len, device=dev)[prompt]
-        own = lens - plen  # the row's own column that takes this step's token
-        gw, pw = int(own.max()) + 1, max(self.prompt_len)
+        own = torch.tensor(self.row_own[:a], device=dev)  # the row's own column that takes this step's token
+        gw, pw = max(self.row_own[:a]) + 1, max(self.prompt_len)
+        self.row_own[:a] = [x + 1 for x in self.row_own[:a]]  # one decode step = one _step call
         heads = torch.arange(self.kv_heads, device=dev)
         rows = torch.arange(a, device=dev)
         flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * self.kv.shape[4] + own.unsqueeze(1)).view(-1)
@@ -94,16 +101,21 @@ class SharedPromptCache(SlotCache):
         pgrid = p.new_zeros(m, kvh, n, g, pw)
         pgrid[prompt, :, sample] = p[..., :pw]
         op = torch.bmm(pgrid.view(m * kvh, n * g, pw), vp).view(m, kvh, n, g, hd)[prompt, :, sample]
-        oo = torch.bmm(p[..., pw:].reshape(a * kvh, g, gw), vo).view(a, kvh, g, hd)
-        return (op + oo).view(a * kvh, g, hd)
+        # op + the own part, summed inside one matmul call (on GPU half precision: one rounding less)
+        return torch.baddbmm(op.reshape(a * kvh, g, hd), p[..., pw:].reshape(a * kvh, g, gw), vo)
+
+    def move(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int]) -> None:
+        raise NotImplementedError("SharedPromptCache moves rows only through compact (it keeps the row map)")
 
     def compact(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int], rows: int) -> None:
         """Move rows (own columns only), drop rows from `rows` on, free the prompts left without rows."""
         for d, s, n in zip(dst, src, lens, strict=True):
-            own = n - self.prompt_len[self.row_prompt[s]]
+            own = self.row_own[s]
+            if own != n - self.prompt_len[self.row_prompt[s]]:
+                raise RuntimeError(f"row {s}: {own} own columns, but the scheduler counts {n} in all")
             self.kv[:, :, d, :, :own].copy_(self.kv[:, :, s, :, :own])
-            self.row_prompt[d], self.row_sample[d] = self.row_prompt[s], self.row_sample[s]
-        del self.row_prompt[rows:], self.row_sample[rows:]
+            self.row_prompt[d], self.row_sample[d], self.row_own[d] = self.row_prompt[s], self.row_sample[s], own
+        del self.row_prompt[rows:], self.row_sample[rows:], self.row_own[rows:]
         live = set(self.row_prompt)
         keep = len(live)
         holes = [p for p in range(keep) if p not in live]
