@@ -14,8 +14,9 @@ common=(--grid policy.lr=2e-5,1e-4 --grid policy.epochs=2,5 --select data.max_te
 # Block 3b: the analyses at seed 0 with the cuts stated in README.md (session 7), each into $RUNS/analysis.
 analyses() {
   local out=$RUNS/analysis
-  # Figure 3: perplexity of the refinements and of MBPP's gold programs under the base model
-  python -m ilf_lab experiment=ilf eval.perplexity=true stop_after=perplexity "${scale[@]}" \
+  # Figure 3: perplexity of the refinements and of MBPP's gold programs under the base model (block 1's ILF
+  # seed 0 at its A.1 point: every stage but the perplexity one comes from the cache)
+  python -m ilf_lab experiment=ilf eval.perplexity=true seed=0 policy.lr=1e-4 policy.epochs=5 "${scale[@]}" \
     hydra.run.dir="$out/perplexity"
   # Table 3's πRefine row at the protocol's 30 refinements per task (block 1's ILF seed 0, from the cache)
   python -m ilf_lab experiment=refine_trained "${scale[@]}" hydra.run.dir="$out/refine/refine_trained"
