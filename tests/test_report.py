@@ -559,7 +559,25 @@ def test_rows_that_ran_the_same_seeds_are_paired_seed_by_seed():
     assert matched.seed_matched and matched.mean == pytest.approx(10.0) and matched.se == pytest.approx(0.0)
     apart = paired(ilf, rows("mbpp_gold", [3, 4, 5], 0))
     assert not apart.seed_matched and apart.mean == pytest.approx(10.0) and apart.lo < 0 < apart.hi
-    assert not paired(ilf, gold[:1]).seed_matched  # one seed on a side: nothing to pair by
+    one = paired(ilf, gold[:1])  # gold ran seed 2 only: ILF's seed-2 run alone meets it
+    assert one.seed_matched and (one.runs, one.reference_runs, one.left_out) == (1, 1, 2)
+    assert one.mean == pytest.approx(10.0) and one.se == pytest.approx(0.0)
+    assert not paired(ilf, rows("mbpp_gold", [2, 7], 0)).left_out  # seeds that only partly overlap: all kept
+
+
+def test_a_row_run_at_one_seed_meets_that_seed_of_the_reference():
+    """An LLM row trained on nothing is the base policy: at its seed its samples are the zero-shot run's, so
+    against three zero-shot seeds it must read "identical", not the other seeds' evaluation noise."""
+    from ilf_lab.report.compare import Comparison, comparison_records
+    from ilf_lab.report.stats import paired
+
+    zs = [make("zero_shot", seed=s, per_task={str(t): {"n": 10, "c": (t + s) % 5} for t in range(30)})
+          for s in (0, 1, 2)]
+    base = [make("instructgpt_2shot", seed=0, per_task=zs[0].per_task)]
+    d = paired(base, zs)
+    assert (d.mean, d.mde, d.left_out, d.seed_matched) == (0.0, None, 2, True)
+    c = Comparison("m", "s", "2-shot vs zero-shot", "instructgpt_2shot", "zero_shot", d)
+    assert c.reading == "identical on every task" and comparison_records([c])[0]["runs_left_out"] == 2
 
 
 def test_seed_pairing_needs_known_seeds_on_both_sides():

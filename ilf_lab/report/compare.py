@@ -67,7 +67,8 @@ def comparisons_markdown(comps: Sequence[Comparison]) -> str:
         "",
         "Δ pass@1 in points (first minus second) on the tasks both rows evaluated. SE: the spread over tasks of "
         "the paired per-task differences of the runs' means, plus the seed (training) variance: of the per-seed "
-        "differences where both rows ran the same seeds (runs paired seed by seed, \"seed-matched\"), else each "
+        "differences where both rows ran the same seeds (runs paired seed by seed, \"seed-matched\"; a row run at "
+        "fewer seeds meets only its own seeds' runs of the other), else each "
         "row's own over its runs; 95 % interval Δ ± t(0.975, df) × SE with Satterthwaite's df. MDE = the smallest |Δ| this design "
         "detects with power 0.8 at α = 0.05 (two-sided): (t(0.975, df) + t(0.8, df)) × SE.",
         "",
@@ -78,7 +79,7 @@ def comparisons_markdown(comps: Sequence[Comparison]) -> str:
         d = c.delta
         lines.append(md_row([
             c.name, f"{c.model}, {c.scale}", f"{d.mean:+.1f} [{d.lo:+.1f}, {d.hi:+.1f}]", f"{d.se:.1f}",
-            f"{d.df:.0f}", "—" if d.mde is None else f"{d.mde:.1f}", f"{d.tasks} × {d.runs} vs {d.reference_runs}" + (" seed-matched" if d.seed_matched else ""),
+            f"{d.df:.0f}", "—" if d.mde is None else f"{d.mde:.1f}", _runs_cell(d),
             c.reading,
         ]))  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -86,8 +87,13 @@ def comparisons_markdown(comps: Sequence[Comparison]) -> str:
 
 COMPARE_CSV_COLUMNS = (
     "model", "scale", "comparison", "a", "b", "delta_pass@1", "ci_low", "ci_high", "se", "df", "mde_power80",
-    "tasks", "runs_a", "runs_b", "seed_matched", "reading",
+    "tasks", "runs_a", "runs_b", "seed_matched", "runs_left_out", "reading",
 )  # fmt: skip
+
+
+def _runs_cell(d: Paired) -> str:
+    out = f"{d.tasks} × {d.runs} vs {d.reference_runs}" + (" seed-matched" if d.seed_matched else "")
+    return out + (f" ({d.left_out} runs of other seeds left out)" if d.left_out else "")
 
 
 def comparison_records(comps: Sequence[Comparison]) -> list[dict[str, Any]]:
@@ -97,6 +103,6 @@ def comparison_records(comps: Sequence[Comparison]) -> list[dict[str, Any]]:
          "se": round(c.delta.se, 4), "df": None if c.delta.df == float("inf") else round(c.delta.df, 2),
          "mde_power80": None if c.delta.mde is None else round(c.delta.mde, 4), "tasks": c.delta.tasks,
          "runs_a": c.delta.runs, "runs_b": c.delta.reference_runs, "seed_matched": c.delta.seed_matched,
-         "reading": c.reading}
+         "runs_left_out": c.delta.left_out, "reading": c.reading}
         for c in comps
     ]  # fmt: skip

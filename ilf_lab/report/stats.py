@@ -47,6 +47,7 @@ class Paired:
     runs: int
     reference_runs: int
     seed_matched: bool = False  # runs paired seed by seed (both sides ran the same seeds)
+    left_out: int = 0  # runs of the side with more seeds left out: no counterpart seed on the other side
 
 
 def t_ppf(p: float, df: float) -> float:
@@ -93,11 +94,28 @@ def _seed_variance(x: Any) -> float:
     return max(0.0, float(x.mean(1).var(ddof=1)) - ms_resid / t)
 
 
+def _known_distinct(seeds: list[int | None]) -> bool:
+    return None not in seeds and len(set(seeds)) == len(seeds)
+
+
+def _common_seeds(runs: Sequence[Results], reference: Sequence[Results]) -> tuple[list[Results], list[Results]]:
+    """Both sides cut to the seeds they share when one side ran a subset of the other's seeds (say one LLM
+    row at seed 0 against three zero-shot seeds): its runs then meet their own seed's counterparts, whose
+    evaluation samples share its sampling seeds, instead of other seeds' noise. Else both unchanged."""
+    a, b = [r.seed for r in runs], [r.seed for r in reference]
+    if not (_known_distinct(a) and _known_distinct(b)):
+        return list(runs), list(reference)
+    common = set(a) & set(b)
+    if not common or common not in (set(a), set(b)):
+        return list(runs), list(reference)
+    return [r for r in runs if r.seed in common], [r for r in reference if r.seed in common]
+
+
 def _seed_order(runs: Sequence[Results], reference: Sequence[Results]) -> list[int] | None:
     """Indices into `reference` that line its runs up with `runs` seed by seed, when both sides ran the same
-    seeds once each (two or more); else None."""
+    seeds once each; else None."""
     a, b = [r.seed for r in runs], [r.seed for r in reference]
-    if len(a) < 2 or None in a or None in b or len(set(a)) != len(a) or sorted(a) != sorted(b):
+    if not a or not (_known_distinct(a) and _known_distinct(b)) or sorted(a) != sorted(b):
         return None
     return [b.index(s) for s in a]
 
@@ -109,7 +127,9 @@ def paired(runs: Sequence[Results], reference: Sequence[Results], k: int = 1) ->
     ran the same seeds, the runs are paired seed by seed too and the seed variance is that of the per-seed
     differences: what a seed shifts on both sides cancels (the protocol's matched rows: seed s of ILF and of a
     baseline train on the same task IDs; against zero-shot only the sampling seed is shared, and pairing is
-    still valid). Otherwise (other or partly shared seeds) each side's own seed variance is added.
+    still valid). When one side ran a subset of the other's seeds, the other side is cut to those seeds first
+    (`left_out` says how many of its runs). Otherwise (other or partly shared seeds) each side's own seed
+    variance is added.
     Interval and MDE use t with Satterthwaite's df: with 3 seeds a seed effect is seen with few df.
     None when the sides share no task."""
     import numpy as np
@@ -118,6 +138,9 @@ def paired(runs: Sequence[Results], reference: Sequence[Results], k: int = 1) ->
         return [r for r in rs if any(nc["n"] >= k for nc in r.per_task.values())]
 
     runs, reference = scored(runs), scored(reference)
+    total = len(runs) + len(reference)
+    runs, reference = _common_seeds(runs, reference)
+    left_out = total - len(runs) - len(reference)
     ta, a = per_run_task_pass(runs, k)
     tb, b = per_run_task_pass(reference, k)
     tasks = sorted(set(ta) & set(tb))
@@ -136,12 +159,12 @@ def paired(runs: Sequence[Results], reference: Sequence[Results], k: int = 1) ->
         parts += [(_seed_variance(x) / len(x), len(x) - 1) for x in (A, B)]
     var = sum(v for v, _ in parts)
     if var <= 0 or n < 2:
-        return Paired(mean, mean, mean, 0.0, math.inf, None, n, len(A), len(B), order is not None)
+        return Paired(mean, mean, mean, 0.0, math.inf, None, n, len(A), len(B), order is not None, left_out)
     df = var**2 / sum(v**2 / f for v, f in parts if v > 0)
     se = math.sqrt(var)
     half = t_ppf(0.975, df) * se
     return Paired(mean, mean - half, mean + half, se, df, (t_ppf(0.975, df) + t_ppf(0.8, df)) * se,
-                  n, len(A), len(B), order is not None)
+                  n, len(A), len(B), order is not None, left_out)
 
 
 def paired_delta(
