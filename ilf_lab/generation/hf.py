@@ -7,9 +7,8 @@ Two backends share the scheduler's bookkeeping (seeds, sampling, stop strings, p
   column per step, so rows of different lengths decode together with a per-row length mask. A prompt is
   prefilled once and its KV copied into its n slots (`prompt_kv="shared"`: held once for all n, prefix.py); a
   finished row is replaced by the last active row (one row copy, the batch stays dense) and freed slots are
-  refilled with the next prompts' samples. Attention is
-  computed by this module (grouped-query heads folded into the query axis, so the KV cache is never expanded);
-  everything else calls the model's own modules.
+  refilled with the next prompts' samples. Attention is computed by this module (grouped-query heads folded into
+  the query axis, so the KV cache is never expanded); everything else calls the model's own modules.
 * `generic` (any causal LM): prompts grouped by length, left-padded, prefilled once with the model's own
   forward and a `DynamicCache`, cache expanded n times, finished rows dropped from the batch and the cache.
 
