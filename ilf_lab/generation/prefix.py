@@ -68,9 +68,7 @@ class SharedPromptCache(SlotCache):
         own = torch.tensor(self.row_own[:a], device=dev)  # the row's own column that takes this step's token
         gw, pw = max(self.row_own[:a]) + 1, max(self.prompt_len)
         self.row_own[:a] = [x + 1 for x in self.row_own[:a]]  # one decode step = one _step call
-        heads = torch.arange(self.kv_heads, device=dev)
-        rows = torch.arange(a, device=dev)
-        flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * self.kv.shape[4] + own.unsqueeze(1)).view(-1)
+        flat = self._write_index(own)
         cols_p, cols_o = torch.arange(pw, device=dev), torch.arange(gw, device=dev)
         hidden = torch.cat([cols_p.unsqueeze(0) >= plen.unsqueeze(1), cols_o.unsqueeze(0) > own.unsqueeze(1)], 1)
         mask = torch.zeros(a, 1, 1, pw + gw, dtype=self.dtype, device=dev)
@@ -80,9 +78,7 @@ class SharedPromptCache(SlotCache):
     def _attend_layer(self, i: int, q, k, v, step, scaling: float) -> torch.Tensor:
         flat, mask, prompt, sample, pw, gw = step
         a, m, n, kvh, g, hd = q.shape[0], len(self.prompt_len), self.grid, self.kv_heads, self.group, self.head_dim
-        kc, vc = self.kv[i, 0], self.kv[i, 1]
-        kc.view(-1, hd).index_copy_(0, flat, k.reshape(-1, hd).to(self.dtype))
-        vc.view(-1, hd).index_copy_(0, flat, v.reshape(-1, hd).to(self.dtype))
+        kc, vc = self._write(i, k, v, flat)
         qg = q.reshape(a, kvh, g, hd).to(self.dtype)
         # the prompt part: each prompt's rows on a grid [prompt, kv_head, sample x group], one matmul per prompt
         grid = qg.new_zeros(m, n, kvh, g, hd)

@@ -127,10 +127,8 @@ class SlotCache:
 
     def _step(self, lens: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """What every layer of one decode step shares: where each row's new KV goes, the length mask."""
-        a, max_len = lens.shape[0], self.kv.shape[4]
-        heads = torch.arange(self.kv_heads, device=self.device)
-        rows = torch.arange(a, device=self.device)
-        flat = ((rows.unsqueeze(1) * self.kv_heads + heads) * max_len + lens.unsqueeze(1)).view(-1)
+        a = lens.shape[0]
+        flat = self._write_index(lens)
         cols = torch.arange(width, device=self.device)
         mask = torch.zeros(a, 1, 1, width, dtype=self.dtype, device=self.device)
         mask.masked_fill_((cols.unsqueeze(0) > lens.unsqueeze(1)).view(a, 1, 1, width), float("-inf"))
@@ -139,10 +137,22 @@ class SlotCache:
     def _attend_layer(self, i: int, q, k, v, step, scaling: float) -> torch.Tensor:
         """Write the step's KV into layer i's cache and attend over it."""
         flat, mask, width = step
+        kc, vc = self._write(i, k, v, flat)
+        return self._attend(q, kc, vc, mask, q.shape[0], width, scaling)
+
+    def _write_index(self, cols: torch.Tensor) -> torch.Tensor:
+        """Flat row indices into a layer's K (or V) viewed as [slot x kv_head x column, head_dim] where row i's
+        step goes: slot i, column cols[i], every kv head."""
+        heads = torch.arange(self.kv_heads, device=self.device)
+        rows = torch.arange(cols.shape[0], device=self.device)
+        return ((rows.unsqueeze(1) * self.kv_heads + heads) * self.kv.shape[4] + cols.unsqueeze(1)).view(-1)
+
+    def _write(self, i: int, k: torch.Tensor, v: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's K and V into layer i's slots at `flat` (`_write_index`); return the layer's K, V."""
         kc, vc = self.kv[i, 0], self.kv[i, 1]
         kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim).to(self.dtype))
         vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim).to(self.dtype))
-        return self._attend(q, kc, vc, mask, q.shape[0], width, scaling)
+        return kc, vc
 
     def _attend(self, q, kc, vc, mask, a: int, width: int, scaling: float) -> torch.Tensor:
         """Each row's query heads against its own cache columns [0, width). Batched matmuls over (row, kv head)
