@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Session 9's measurements for issue 20, run alone on the host, from the repository root:
+#   bash results/sampling/session9.sh [numerics|default]...   (both when none is named)
+# numerics: zero-shot on all of MBPPTest x 10 with the prompt's KV shared (sampling.prompt_kv=shared), fp32, at
+#   seeds 0 and 1: the sample seeds of zero_shot_float32.json (seed 0, session 7) and zero_shot_seed1_float32.json
+#   (session8.sh), so pass@1 with shared KV is compared with the copying cache's on the same tasks and seeds;
+# default: the default `python -m ilf_lab` from a cold stage cache (model already converted) with shared KV, fp32
+#   and int8 (session8_default.txt has the copying cache's).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export ILF_LAB_DATA_DIR=${ILF_LAB_DATA_DIR:-../shared/data}
+cache=${ILF_LAB_CACHE_DIR:-/work/cache19}  # holds the converted SmolLM2
+out=results/sampling
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(numerics default)
+for part in "${parts[@]}"; do
+  case $part in
+    numerics)
+      for seed in 0 1; do
+        ILF_LAB_CACHE_DIR=$cache python -m ilf_lab experiment=zero_shot logger=none data.max_test_tasks=null \
+          sampling.n=10 model.dtype=float32 seed=$seed sampling.prompt_kv=shared hydra.run.dir=/tmp/s9_zero_shot_$seed
+        cp /tmp/s9_zero_shot_$seed/results.json $out/zero_shot_seed${seed}_float32_shared.json
+      done
+      ;;
+    default)
+      for q in null int8; do
+        cold=$(mktemp -d /tmp/s9_cold.XXXX); mkdir -p "$cold/models"
+        cp -r "$cache"/models/. "$cold/models/"
+        start=$(date +%s)
+        ILF_LAB_CACHE_DIR=$cold python -m ilf_lab logger=none sampling.quantize=$q sampling.prompt_kv=shared \
+          hydra.run.dir=/tmp/s9_default_$q > /tmp/s9_default_$q.log 2>&1
+        echo "default run, sampling.prompt_kv=shared sampling.quantize=$q: $(( $(date +%s) - start )) s wall" \
+          | tee -a $out/session9_default.txt
+        grep -E "stage .* ok .*ran" /tmp/s9_default_$q.log | sed 's/^.*stage/stage/' | cut -c1-120 >> $out/session9_default.txt
+        rm -rf "$cold"
+      done
+      ;;
+    *) echo "error: unknown part $part (numerics or default)" >&2; exit 2 ;;
+  esac
+done
