@@ -121,7 +121,7 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads():
     """prompt_kv=shared splits each step's attention into the prompt part (one matmul per prompt for all its
     rows) and the row's own part under one softmax: the same logits as the copied cache to float rounding, with
     grouped-query heads, prompts of different lengths, prompts admitted mid-run with another n, rows finishing,
-    and several prompts freed at once (live prompts moving into their slots)."""
+    several prompts freed at once (live prompts moving into their slots), and the grid narrowing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ilf_lab.generation.prefix import SharedPromptCache
@@ -154,6 +154,8 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads():
             lens[d], owner[d] = lens[s_], owner[s_]
         del lens[len(keep):], owner[len(keep):]
         assert sorted(shared.prompt_len) == sorted(map(len, set(owner)))  # exactly the prompts with rows
+        # the grid is as wide as the most live rows any prompt has (it narrows as prompts drain)
+        assert shared.grid == max(map(owner.count, set(owner)), default=1)
 
     with torch.inference_mode():
         admit(first, 3)  # rows 0-11: prompt p has rows 3p..3p+2
@@ -167,8 +169,9 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads():
                 finish([0, 1, 2, 4, 6, 7, 8])
             if step == 2:  # prompts admitted mid-run, with 2 samples each
                 admit(later, 2)
-            if step == 4:
-                finish([0, 3, len(lens) - 1])
+            if step == 4:  # prompt 1 ends, and a row of each other prompt: no prompt keeps 3 rows
+                finish([0, 1, 3, len(lens) - 1])
+                assert shared.grid == 2
     assert sorted(shared.prompt_len) == [2, 3, 9], shared.prompt_len  # prompt 1 (11 tokens) left at step 4
     with pytest.raises(NotImplementedError):
         shared.move([0], [1], [lens[1]])

@@ -123,3 +123,8 @@ class SharedPromptCache(SlotCache):
             self.prompt_len[d] = t
         del self.prompt_len[keep:]
         self.row_prompt = [remap.get(p, p) for p in self.row_prompt]
+        # each prompt's rows take grid columns 0..c-1 (c: its live rows), so the grid narrows as prompts drain
+        count = [0] * keep
+        for r, p in enumerate(self.row_prompt):
+            self.row_sample[r], count[p] = count[p], count[p] + 1
+        self.grid = max(count, default=1)
