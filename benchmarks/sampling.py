@@ -16,7 +16,7 @@ The last line is one JSON object (metric, value, baseline, ratio, unit, per-set 
     python benchmarks/sampling.py                              # 32 chat + 32 refine prompts x n=8, 128 new tokens
     python benchmarks/sampling.py --sets chat --prompts 8 --n 4 --max-new-tokens 64
     python benchmarks/sampling.py --quantize int8             # the engine in int8 (baseline, roofline: fp32)
-    python benchmarks/sampling.py --prompt-kv shared          # a prompt's KV held once for its n samples
+    python benchmarks/sampling.py --prompt-kv copy            # a prompt's KV copied into each sample's slot
 """
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         "engine_kept_tokens": kept,
         "engine_generated_tokens": gen_tokens,
         "slots": int(stats["batch_size"]),
+        "prompt_kv": engine.prompt_kv,
         "rows_mean_per_step": rows,
         "baseline_prompts": nb,
         "baseline_seconds": round(bdt, 1),
@@ -261,9 +262,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--prompt-kv",
-        default="copy",
+        default=None,
         choices=("copy", "shared"),
-        help="the engine copies a prompt's KV into each of its n slots, or holds it once (sampling.prompt_kv)",
+        help="the engine holds a prompt's KV once for its n samples (shared, the default) or copies it into each "
+        "sample's slot (copy, before session 9) (sampling.prompt_kv)",
     )
     ap.add_argument("--cache-dir", default=os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab"))
     ap.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/ and ilf/")
@@ -282,7 +284,7 @@ def main() -> None:
     sets = prompt_sets(args.sets.split(","), tok, args.data_dir, args.prompts)
     print(
         f"SmolLM2-135M-Instruct {args.dtype}{' engine ' + args.quantize if args.quantize else ''}, "
-        f"prompt KV {args.prompt_kv}, torch {torch.__version__}, {args.threads} threads, "
+        f"prompt KV {args.prompt_kv or 'default'}, torch {torch.__version__}, {args.threads} threads, "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     results = {name: bench_set(name, prompts, model, sampler, tok, args) for name, prompts in sets.items()}
@@ -301,7 +303,7 @@ def main() -> None:
                 "threads": args.threads,
                 "dtype": args.dtype,
                 "quantize": args.quantize,
-                "prompt_kv": args.prompt_kv,
+                "prompt_kv": worst["prompt_kv"],  # the engine's (--prompt-kv or its default)
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "sets": results,
             }

@@ -215,9 +215,10 @@ class SamplingConfig:
     dtype: str | None = choice(None, None, "float32", "bfloat16", "float16")
     # int8 weights in the sampling engine's linear layers (CPU, fp32 weights): faster, changed numerics, opt-in
     quantize: str | None = choice(None, None, "int8")
-    # shared: a prompt's KV is held once for its n samples instead of copied into each (hf engine, Llama-family
-    # models): faster on long prompts, logits equal to float rounding; opt-in (ilf_lab/generation/prefix.py)
-    prompt_kv: str | None = choice(None, None, "shared")
+    # null: the hf engine's default, shared on Llama-family models (a prompt's KV held once for its n samples,
+    # ilf_lab/generation/prefix.py), else copy; copy: the prompt's KV copied into each sample's slot, as before
+    # session 9 (logits equal to float rounding; the same pass@k: results/sampling/README.md). hf engine only.
+    prompt_kv: str | None = choice(None, None, "copy", "shared")
 
 
 @dataclass

@@ -32,7 +32,7 @@ def test_gpu_throughput_script_plumbing_on_cpu(tmp_path):
     assert json.loads((tmp_path / "gpu.json").read_text()) == last
 
 
-def test_sampling_benchmark_runs_both_prompt_sets_with_a_shared_prompt_kv(tmp_path):
+def test_sampling_benchmark_runs_both_prompt_sets_with_a_copied_prompt_kv(tmp_path):
     """The sampling benchmark end to end at toy sizes on SmolLM2 (its numbers mean nothing here): both prompt
     sets, the per-phase profile, the roofline share, and the option it measures reaching the engine."""
     import os
@@ -43,13 +43,13 @@ def test_sampling_benchmark_runs_both_prompt_sets_with_a_shared_prompt_kv(tmp_pa
     if not data_dir:
         pytest.skip("ILF_LAB_DATA_DIR is not set (the prompts come from MBPP and the ILF annotations)")
     args = ["--prompts", "2", "--n", "3", "--max-new-tokens", "8", "--baseline-prompts", "1", "--threads", "1",
-            "--prompt-kv", "shared", "--data-dir", data_dir,
+            "--prompt-kv", "copy", "--data-dir", data_dir,
             "--cache-dir", os.environ.get("ILF_LAB_CACHE_DIR", str(tmp_path / "cache"))]
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampling.py"), *args],
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     last = json.loads(p.stdout.strip().splitlines()[-1])
-    assert {"metric", "value", "baseline", "ratio", "unit"} <= set(last) and last["prompt_kv"] == "shared"
+    assert {"metric", "value", "baseline", "ratio", "unit"} <= set(last) and last["prompt_kv"] == "copy"
     assert set(last["sets"]) == {"chat", "refine"}
     for s in last["sets"].values():
         assert s["value"] > 0 and s["baseline"] > 0 and 0 < s["roofline_share"]

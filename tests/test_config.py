@@ -173,6 +173,7 @@ def test_nan_inf_and_impossible_sizes_fail_at_start(override, key, tmp_path):
         (["sampling.quantize=int8", "sampling.engine=vllm"], "sampling.quantize=int8 needs sampling.engine=hf"),
         (["sampling.quantize=int4"], "sampling.quantize='int4' is not one of"),
         (["sampling.prompt_kv=shared", "sampling.engine=vllm"], "sampling.prompt_kv=shared needs sampling.engine=hf"),
+        (["sampling.prompt_kv=copy", "sampling.engine=vllm"], "sampling.prompt_kv=copy needs sampling.engine=hf"),
         (["sampling.prompt_kv=paged"], "sampling.prompt_kv='paged' is not one of"),
     ],
 )

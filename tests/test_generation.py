@@ -320,8 +320,8 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
     eng8, _ = engine_for(path, dataclasses.replace(plain, quantize="int8"))
     assert eng8 is not eng32 and is_quantized(eng8.model.lm_head) and not is_quantized(eng32.model.lm_head)
     assert all(len(o) == 2 for o in eng8.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, seed=1)))
-    assert eng32.prompt_kv == "copy"  # and sampling.prompt_kv reaches it too
-    assert engine_for(path, dataclasses.replace(plain, prompt_kv="shared"))[0].prompt_kv == "shared"
+    assert eng32.prompt_kv == "shared"  # the slots backend's default; sampling.prompt_kv reaches the engine too
+    assert engine_for(path, dataclasses.replace(plain, prompt_kv="copy"))[0].prompt_kv == "copy"
 
 
 def test_the_cache_starts_zero_whatever_the_heap_held(tiny):

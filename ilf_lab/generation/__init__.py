@@ -23,12 +23,13 @@ def make_engine(
     batch_size: int | None = None,
     model: Any = None,
     tokenizer: Any = None,
-    prompt_kv: str = "copy",
+    prompt_kv: str | None = None,
 ) -> Engine:
     """An engine by name: "hf" (our batched loop, CPU or GPU) or "vllm" (GPU, needs the vllm extra).
     Pass an already-loaded `model`/`tokenizer` to reuse them (hf only; vLLM loads its own copy).
     int8 sampling (`sampling.quantize`): pass a model from `generation.quantize.quantize_linear`.
-    `prompt_kv="shared"` (hf, Llama-family): a prompt's KV held once for its n samples (generation/prefix.py)."""
+    `prompt_kv` (hf): "shared" holds a prompt's KV once for its n samples (generation/prefix.py; the default on
+    Llama-family models), "copy" copies it into each sample's slot; None = the engine's default."""
     if name == "hf":
         from ilf_lab.generation.hf import HFEngine
 
@@ -42,7 +43,7 @@ def make_engine(
                 tokenizer = load_tokenizer(model_path)
         return HFEngine(model, tokenizer, batch_size=batch_size, prompt_kv=prompt_kv)
     if name == "vllm":
-        if prompt_kv != "copy":
+        if prompt_kv is not None:
             raise ValueError("prompt_kv applies to the hf engine (vLLM pages its own KV cache)")
         from ilf_lab.generation.vllm_engine import VLLMEngine
 

@@ -1,11 +1,13 @@
-"""The slots backend with each prompt's KV held once and shared by its n samples (`sampling.prompt_kv=shared`).
+"""The slots backend's default cache: each prompt's KV held once and shared by its n samples.
 
 `SlotCache` copies a prompt's KV into each of its n slots, so every decode step reads the prompt n times; on
 refine prompts (hundreds of tokens, 128 new) that read is most of a step. Here a prompt's KV lives in a prompt
 slot and each row's own slot holds only its generated tokens. A step attends in two parts that share one
 softmax: the queries of a prompt's rows, stacked on a grid [prompt slot, sample], against the prompt's KV (read
 once for all its rows), and each row against its own columns. Same model, same positions; the sums are split
-differently, so logits agree with `SlotCache` to float rounding, not bitwise (hence opt-in until measured).
+differently, so logits agree with `SlotCache` to float rounding, not bitwise; zero-shot pass@k on MBPPTest was
+the same on every task at two seeds, and refine prompts sample 1.27 x faster (results/sampling/README.md).
+`sampling.prompt_kv=copy` selects `SlotCache` (the default before session 9).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ class EngineConfig:
     trust_remote_code: bool = at("model.trust_remote_code")
     sampling_dtype: str | None = at("sampling.dtype")  # overrides dtype for sampling only
     quantize: str | None = at("sampling.quantize")  # int8 linear layers (opt-in, CPU)
-    prompt_kv: str | None = at("sampling.prompt_kv")  # shared: one copy of a prompt's KV for its n samples
+    prompt_kv: str | None = at("sampling.prompt_kv")  # copy|shared; null: the engine's default (shared on slots)
 
     @property
     def weights_dtype(self) -> str:
@@ -71,7 +71,7 @@ def engine_for(path: str, cfg: EngineConfig) -> tuple[Any, Any]:
             model = quantize_linear(model, cfg.quantize, copy=False)
         engine = make_engine(
             cfg.engine, path, dtype=cfg.weights_dtype, batch_size=cfg.batch_size, model=model, tokenizer=tok,
-            prompt_kv=cfg.prompt_kv or "copy",
+            prompt_kv=cfg.prompt_kv,
         )
         _loaded.update(id=(path, cfg), engine=engine, tokenizer=tok)
     return _loaded["engine"], _loaded["tokenizer"]
