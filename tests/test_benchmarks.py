@@ -54,4 +54,4 @@ def test_sampling_benchmark_runs_both_prompt_sets_with_a_copied_prompt_kv(tmp_pa
     for s in last["sets"].values():
         assert s["value"] > 0 and s["baseline"] > 0 and 0 < s["roofline_share"]
         assert s["profile_s"]["decode: attention over the cache"] > 0 and s["profile_s"]["prefill"] > 0
-    assert "prompt KV shared" in p.stdout
+    assert "prompt KV copy" in p.stdout

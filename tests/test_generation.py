@@ -371,18 +371,19 @@ def test_int8_linear_layers_track_fp32_and_leave_the_model_alone(tiny, tmp_path)
         assert torch.equal(Int8Linear(lin)(torch.zeros(2, 64)), lin.bias.expand(2, 5))
 
 
-def test_int8_samples_depend_only_on_their_own_prompt(tiny):
+@pytest.mark.parametrize("prompt_kv", ["shared", "copy"])
+def test_int8_samples_depend_only_on_their_own_prompt(tiny, prompt_kv):
     """Inputs are quantised per row, and int8 products sum exactly, so a prompt's samples do not depend on what
-    is batched beside it or on the batch size; the seed still decides them."""
+    is batched beside it or on the batch size; the seed still decides them (with either prompt KV cache)."""
     from ilf_lab.generation.quantize import quantize_linear
 
     _, model, tok = tiny
     int8 = quantize_linear(model, "int8")
-    eng = HFEngine(int8, tok, batch_size=5)
+    eng = HFEngine(int8, tok, batch_size=5, prompt_kv=prompt_kv)
     p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
     together = eng.generate(PROMPTS, p)
     assert together[2] == eng.generate([PROMPTS[2]], p)[0]
-    assert together == HFEngine(int8, tok, batch_size=12).generate(PROMPTS, p)
+    assert together == HFEngine(int8, tok, batch_size=12, prompt_kv=prompt_kv).generate(PROMPTS, p)
     assert together != eng.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=4))
     greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)
     assert eng.generate(PROMPTS, greedy) == HFEngine(eng.model, tok, backend="generic").generate(PROMPTS, greedy)

@@ -72,11 +72,12 @@ def kv_bytes_per_token(model: Any) -> int:
     return 2 * cfg.num_hidden_layers * kvh * head_dim(cfg) * elem
 
 
-def auto_batch_size(model: Any, max_len: int, device: torch.device) -> int:
+def auto_batch_size(model: Any, max_len: int, device: torch.device, extra_per_row: int = 0) -> int:
     """Concurrent sequences: as many as half the free memory holds (KV cache of `max_len` tokens plus the
-    per-row logits), capped where bigger decode batches stop paying (compute-bound on CPU sooner than GPU)."""
+    per-row logits and `extra_per_row` bytes), capped where bigger decode batches stop paying (compute-bound on
+    CPU sooner than GPU)."""
     vocab = model.config.vocab_size
-    per_row = kv_bytes_per_token(model) * max_len + vocab * 4 * 4
+    per_row = kv_bytes_per_token(model) * max_len + vocab * 4 * 4 + extra_per_row
     budget = available_memory(device) * (0.6 if device.type == "cuda" else 0.5)
     if device.type != "cuda":  # the model itself is already resident; leave room for a trainer next door
         budget -= sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -229,7 +230,7 @@ class HFEngine:
         self.backend = ("slots" if supports_slots(model) else "generic") if backend == "auto" else backend
         if prompt_kv == "shared" and self.backend != "slots":
             raise ValueError(f"prompt_kv=shared needs the slots backend ({SLOT_MODEL_TYPES}), not {self.backend}")
-        # shared (the slots backend's default): a prompt's KV held once for its n samples (prefix.py); 1.27 x
+        # shared (the slots backend's default): a prompt's KV held once for its n samples (prefix.py); 1.26 x
         # the copying cache's kept tok/s on refine prompts, the same pass@k (results/sampling/README.md)
         self.prompt_kv = prompt_kv or ("shared" if self.backend == "slots" else "copy")
         # refill freed slots once this share of them is free (0: as soon as one prompt's n samples fit)
@@ -265,9 +266,14 @@ class HFEngine:
             )
         seeds = prompt_seeds(prompts, params.seed, n)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
+        extra = 0
         if self.prompt_kv == "shared":  # its stores hold the longest prompt and the largest budget per row
             max_len = max(map(len, ids)) + max(self._budget)
-        slots = self.batch_size or auto_batch_size(self.model, max_len, self.device)
+            # its grid scores and probabilities: up to n sample places per live row (one fresh prompt beside
+            # drained ones), each [heads, longest prompt]
+            elem = 4 if self.device.type == "cpu" else next(self.model.parameters()).element_size()
+            extra = 2 * n * self.model.config.num_attention_heads * max(map(len, ids)) * elem
+        slots = self.batch_size or auto_batch_size(self.model, max_len, self.device, extra)
         slots = max(slots, n)
         out: list[list[str | None]] = [[None] * n for _ in prompts]
         stopper = StopChecker(self.tokenizer, params.stop)

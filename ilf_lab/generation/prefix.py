@@ -6,7 +6,7 @@ slot and each row's own slot holds only its generated tokens. A step attends in 
 softmax: the queries of a prompt's rows, stacked on a grid [prompt slot, sample], against the prompt's KV (read
 once for all its rows), and each row against its own columns. Same model, same positions; the sums are split
 differently, so logits agree with `SlotCache` to float rounding, not bitwise; zero-shot pass@k on MBPPTest was
-the same on every task at two seeds, and refine prompts sample 1.27 x faster (results/sampling/README.md).
+the same on every task at two seeds, and refine prompts sample 1.26-1.27 x faster (results/sampling/README.md).
 `sampling.prompt_kv=copy` selects `SlotCache` (the default before session 9).
 """
 

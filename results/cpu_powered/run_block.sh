@@ -7,7 +7,9 @@ cd "$(dirname "$0")/../.."  # the repository root
 block=${1:?usage: run_block.sh 1|2|3a|3b}
 RUNS=${RUNS:-/work/runs19}
 export ILF_LAB_DATA_DIR=${ILF_LAB_DATA_DIR:-../shared/data} ILF_LAB_CACHE_DIR=${ILF_LAB_CACHE_DIR:-/work/cache19}
-scale=(scale=cpu sampling.dtype=bfloat16 logger=none)
+# sampling.prompt_kv=copy: the cache these runs sampled with (the default until session 9). Pinned since session 9,
+# so resuming an earlier block's folder stops (`use a new --out`) instead of mixing the two caches' samples.
+scale=(scale=cpu sampling.dtype=bfloat16 sampling.prompt_kv=copy logger=none)
 common=(--grid policy.lr=2e-5,1e-4 --grid policy.epochs=2,5 --select data.max_test_tasks=100 --select sampling.n=10
         "${scale[@]}")
 
@@ -15,10 +17,10 @@ common=(--grid policy.lr=2e-5,1e-4 --grid policy.epochs=2,5 --select data.max_te
 analyses() {
   local out=$RUNS/analysis
   # Figure 3: perplexity of the refinements and of MBPP's gold programs under the base model (block 1's ILF
-  # seed 0 at its A.1 point: every stage but the perplexity one comes from the cache)
+  # seed 0 at its A.1 point: in session 8 every stage but the perplexity one came from the cache)
   python -m ilf_lab experiment=ilf eval.perplexity=true seed=0 policy.lr=1e-4 policy.epochs=5 "${scale[@]}" \
     hydra.run.dir="$out/perplexity"
-  # Table 3's πRefine row at the protocol's 30 refinements per task (block 1's ILF seed 0, from the cache)
+  # Table 3's πRefine row at the protocol's 30 refinements per task (block 1's ILF seed 0; from the cache in session 8)
   python -m ilf_lab experiment=refine_trained "${scale[@]}" hydra.run.dir="$out/refine/refine_trained"
   # Tables 2-3's base-model rows (refine.n=10) and the base model's own programs on MBPPTrain (sampling.n=10)
   python -m ilf_lab -m --config-dir sweeps --config-name refine_analysis hydra.sweep.dir="$out/refine/base" \
