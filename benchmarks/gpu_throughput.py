@@ -179,7 +179,7 @@ def sampling_throughput(model_dir: Path, args) -> dict:
     out = {
         "engine_tokens_per_s": generated / dt,
         "engine_backend": engine.backend,
-        "engine_prompt_kv": getattr(engine, "prompt_kv", None),
+        "engine_prompt_kv": engine.prompt_kv,
         "engine_batch": engine.last_stats["batch_size"],
     }
 

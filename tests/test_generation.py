@@ -324,6 +324,17 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
     assert engine_for(path, dataclasses.replace(plain, prompt_kv="copy"))[0].prompt_kv == "copy"
 
 
+def test_batch_sizing_counts_the_shared_caches_grid(tiny):
+    """The shared cache's grid scores can hold n sample places per live row: the automatic batch size counts
+    them (a per-row term), so it is smaller than without them."""
+    from ilf_lab.generation.hf import auto_batch_size
+
+    _, model, _ = tiny
+    cpu = torch.device("cpu")
+    plain = auto_batch_size(model, 64, cpu)
+    assert auto_batch_size(model, 64, cpu, extra_per_row=2**30) < plain
+
+
 def test_the_cache_starts_zero_whatever_the_heap_held(tiny):
     """Attention reads columns no row wrote in its slot (masked, but 0 x V), so they must be finite. A previous
     batch may have left NaN where the next cache is allocated: free a NaN tensor of the cache's size first."""

@@ -268,11 +268,12 @@ class HFEngine:
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
         extra = 0
         if self.prompt_kv == "shared":  # its stores hold the longest prompt and the largest budget per row
-            max_len = max(map(len, ids)) + max(self._budget)
+            longest = max(map(len, ids))
+            max_len = longest + max(self._budget)
             # its grid scores and probabilities: up to n sample places per live row (one fresh prompt beside
             # drained ones), each [heads, longest prompt]
             elem = 4 if self.device.type == "cpu" else next(self.model.parameters()).element_size()
-            extra = 2 * n * self.model.config.num_attention_heads * max(map(len, ids)) * elem
+            extra = 2 * n * self.model.config.num_attention_heads * longest * elem
         slots = self.batch_size or auto_batch_size(self.model, max_len, self.device, extra)
         slots = max(slots, n)
         out: list[list[str | None]] = [[None] * n for _ in prompts]

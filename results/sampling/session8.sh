@@ -25,14 +25,7 @@ for part in "${parts[@]}"; do
       ;;
     default)
       for q in null int8; do
-        cold=$(mktemp -d /tmp/s8_cold.XXXX); mkdir -p "$cold/models"
-        cp -r "$cache"/models/. "$cold/models/"
-        start=$(date +%s)
-        ILF_LAB_CACHE_DIR=$cold python -m ilf_lab logger=none sampling.quantize=$q hydra.run.dir=/tmp/s8_default_$q \
-          > /tmp/s8_default_$q.log 2>&1
-        echo "default run, sampling.quantize=$q: $(( $(date +%s) - start )) s wall" | tee -a $out/session8_default.txt
-        grep -E "stage .* ok .*ran" /tmp/s8_default_$q.log | sed 's/^.*stage/stage/' | cut -c1-120 >> $out/session8_default.txt
-        rm -rf "$cold"
+        bash $out/cold_default_run.sh "$cache" $out/session8_default.txt sampling.quantize=$q
       done
       ;;
     *) echo "error: unknown part $part (bench, numerics or default)" >&2; exit 2 ;;

@@ -25,15 +25,7 @@ for part in "${parts[@]}"; do
       ;;
     default)
       for q in null int8; do
-        cold=$(mktemp -d /tmp/s9_cold.XXXX); mkdir -p "$cold/models"
-        cp -r "$cache"/models/. "$cold/models/"
-        start=$(date +%s)
-        ILF_LAB_CACHE_DIR=$cold python -m ilf_lab logger=none sampling.quantize=$q sampling.prompt_kv=shared \
-          hydra.run.dir=/tmp/s9_default_$q > /tmp/s9_default_$q.log 2>&1
-        echo "default run, sampling.prompt_kv=shared sampling.quantize=$q: $(( $(date +%s) - start )) s wall" \
-          | tee -a $out/session9_default.txt
-        grep -E "stage .* ok .*ran" /tmp/s9_default_$q.log | sed 's/^.*stage/stage/' | cut -c1-120 >> $out/session9_default.txt
-        rm -rf "$cold"
+        bash $out/cold_default_run.sh "$cache" $out/session9_default.txt sampling.quantize=$q sampling.prompt_kv=shared
       done
       ;;
     bench)
