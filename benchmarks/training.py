@@ -29,9 +29,9 @@ from ilf_lab.config import OptimConfig, TrainerConfig
 from ilf_lab.data import load_mbpp
 from ilf_lab.models.loading import load_model, load_tokenizer, model_config, resolve_model_dir
 from ilf_lab.training import PolicyDataModule, PolicyRecord, finetune
-from ilf_lab.training.data import ExampleDataset
+from ilf_lab.training.data import IGNORE_INDEX, ExampleDataset
 from ilf_lab.training.finetune import accumulation
-from ilf_lab.training.module import lr_factor, param_groups
+from ilf_lab.training.module import lr_factor, next_token_labels, param_groups, scored_loss_sum
 
 
 def records(data_dir: str, n: int, first_task: int) -> list[PolicyRecord]:
@@ -62,14 +62,11 @@ def plain_loop(model_dir: str, dm: PolicyDataModule, opt: OptimConfig, determini
         for mb in mbs:
             t0 = t0 or time.perf_counter()
             batch = dataset.__getitems__(mb)
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                labels=batch["labels"],
-                use_cache=False,
-            )
-            (out.loss / len(mbs)).backward()
-            loss_sum += out.loss.item() / len(mbs)
+            # the module's loss (logits at scored positions only), as a mean over the micro-batch's targets
+            targets = (next_token_labels(batch["labels"]) != IGNORE_INDEX).sum().clamp(min=1)
+            loss = scored_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"]) / targets
+            (loss / len(mbs)).backward()
+            loss_sum += loss.item() / len(mbs)
             tokens += batch["input_ids"].numel()
         torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
         optimizer.step()

@@ -27,7 +27,7 @@ from ilf_lab.training import (
     finetune,
 )
 from ilf_lab.training.data import IGNORE_INDEX, ExampleDataset
-from ilf_lab.training.module import lr_factor, token_loss_sum
+from ilf_lab.training.module import keeps_logits, lr_factor, scored_loss_sum, token_loss_sum
 
 CPU = TrainerConfig(enable_progress_bar=False)
 
@@ -214,6 +214,39 @@ def test_loss_ignores_prompt_and_padding_positions(tiny, tok):
     assert not torch.allclose(token_loss_sum(noisy, labels)[0], loss)
     # the label ids at prompt positions are never read: a prompt-only labels tensor scores nothing
     assert token_loss_sum(logits, torch.full_like(labels, IGNORE_INDEX))[1] == 0
+
+
+def test_logits_at_scored_positions_only_give_the_full_logits_loss_and_gradients(tiny, tok):
+    """The training step's loss (logits only where a target is scored) is the full-logits loss, gradients too."""
+    dm = RefinerDataModule(refiner_records(4), tok, "docstring", max_length=512, micro_batch_size=4, bucket=False)
+    batch = one_batch(dm)
+    module = CausalLMModule(tiny, OptimConfig())
+    module.configure_model()
+    model = module.model
+    assert module.keep_logits and keeps_logits(model)
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    grads = []
+    for keep in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss = scored_loss_sum(model, *args, keep_logits=keep)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (kept, kept_grads), (full, full_grads) = grads
+    assert torch.allclose(kept, full, rtol=1e-5)
+    assert torch.allclose(full, token_loss_sum(module(batch["input_ids"], batch["attention_mask"]), batch["labels"])[0])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(kept_grads, full_grads, strict=True))
+
+    class NoKeep(torch.nn.Module):  # a model whose forward has no `logits_to_keep`: full logits
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    assert not keeps_logits(NoKeep(model))
+    with torch.no_grad():
+        assert torch.allclose(scored_loss_sum(NoKeep(model), *args, keep_logits=False), full, rtol=1e-5)
 
 
 def test_lr_schedules():

@@ -4,11 +4,17 @@ The model is built in `configure_model` (once per process, after Lightning has s
 weights travel between processes and FSDP can wrap it. The loss is the summed next-token cross-entropy over
 target tokens divided by the target tokens of the whole optimizer step (see `data.MicroBatch`): every target
 token of a step weighs the same, however the step is split over micro-batches and ranks.
+
+Logits are computed at scored positions only (transformers' `logits_to_keep` with a boolean mask): the vocab
+projection and its (tokens × vocab) tensor are most of a step's memory traffic, and a refiner's targets are about
+a sixth of its tokens. 1.66 × per micro-batch on SmolLM2 (benchmarks/training_step.py). Models without it get
+full logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from typing import Any
@@ -26,12 +32,16 @@ def as_optim_config(opt: Any) -> OptimConfig:
     return structured(OptimConfig, opt)
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token cross-entropy, number of scored tokens); positions labelled -100 are ignored.
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels shifted left by one: position t is scored on token t + 1 (as transformers does, but shifting the
+    labels rather than the logits, so the big logits tensor is not copied)."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
 
-    Labels are shifted rather than logits (as transformers does), so the big logits tensor is not copied.
-    """
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token cross-entropy, number of scored tokens) from full (batch, seq, vocab) logits; positions
+    labelled -100 are ignored."""
+    shifted = next_token_labels(labels)
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)),
         shifted.reshape(-1),
@@ -39,6 +49,35 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         reduction="sum",
     )
     return loss, (shifted != IGNORE_INDEX).sum()
+
+
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes a boolean `logits_to_keep` mask (transformers' causal LMs since
+    `slice_logits_to_keep`; a PEFT model forwards it to its base model)."""
+    import transformers.modeling_utils as mu
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hasattr(mu, "slice_logits_to_keep") and "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def scored_loss_sum(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    keep_logits: bool = True,
+) -> torch.Tensor:
+    """Summed next-token cross-entropy over the scored positions, computing logits only there when
+    `keep_logits` (the same loss as `token_loss_sum` on full logits, up to float rounding)."""
+    if not keep_logits:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return token_loss_sum(logits, labels)[0]
+    shifted = next_token_labels(labels)
+    scored = shifted != IGNORE_INDEX
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=scored
+    ).logits  # (scored tokens, vocab)
+    return F.cross_entropy(logits.float(), shifted[scored], reduction="sum")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, scheduler: str) -> float:
@@ -77,6 +116,7 @@ class CausalLMModule(pl.LightningModule):
         self.save_hyperparameters({"model_path": model_path, "opt": dataclasses.asdict(opt), "dtype": dtype})
         self.model_path, self.opt, self.dtype_name = model_path, opt, dtype
         self.model: torch.nn.Module | None = None
+        self.keep_logits = False
         self._reset_stats()
 
     # ---------------------------------------------------------------------------------------- model
@@ -103,6 +143,7 @@ class CausalLMModule(pl.LightningModule):
             )
         model.train()
         self.model = model
+        self.keep_logits = keeps_logits(model)
 
     def hf_model(self) -> torch.nn.Module:
         """The plain transformers model to save: LoRA adapters merged into the base weights (in place)."""
@@ -128,8 +169,9 @@ class CausalLMModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self._step_t0 is None:
             self._step_t0 = time.perf_counter()
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss_sum, _ = token_loss_sum(logits, batch["labels"])
+        loss_sum = scored_loss_sum(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["labels"], self.keep_logits
+        )
         step_tokens = batch["step_target_tokens"].clamp(min=1)
         self._step_loss += (loss_sum.detach() / step_tokens).to(self._step_loss)
         self._step_counts += torch.stack(

@@ -25,6 +25,7 @@ class _Train(Stage):
     """Shared by both trainings: the slice's optimiser and trainer settings, the model of input `model`."""
 
     kind: ClassVar[str]
+    version = 2  # 2: logits only at scored positions (the same loss up to float rounding)
     scratch: Path | None = None  # set by the runner: survives a killed run of this key
     logger: Any = None  # a Lightning logger for the curves (observes; never changes the artifact)
 
