@@ -254,6 +254,9 @@ class TrainerConfig:
     # recompute each decoder block's activations in the backward pass: ~1/3 more compute, activations of one
     # block instead of all (what lets CodeGen-6B train on one 141 GB GPU: benchmarks/paper_plan.py)
     gradient_checkpointing: bool = False
+    # `last.ckpt` (weights + AdamW state) is written after every epoch but the last, to resume a killed training;
+    # true: after the last one too (to continue a finished run with more epochs). SmolLM2: 1.6 GB, ~20 s a write
+    checkpoint_last_epoch: bool = neutral(False)
 
 
 @dataclass

@@ -134,8 +134,8 @@ def test_codegen_fine_tunes_and_its_checkpoint_reloads_identically(codegen, tmp_
 
     tasks = [make_task(i) for i in range(4)]
     opt = OptimConfig(lr=1e-2, scheduler="constant", batch_size=4, micro_batch_size=2, epochs=12, max_length=256)
-    r = finetune("policy", [PolicyRecord(t, t.code) for t in tasks], codegen, tmp_path, opt, CPU,
-                 prompt_format="docstring")
+    r = finetune("policy", [PolicyRecord(t, t.code) for t in tasks], codegen, tmp_path, opt,
+                 TrainerConfig(enable_progress_bar=False, checkpoint_last_epoch=True), prompt_format="docstring")
     assert r.steps == 12 and r.losses[-1] < 0.5 * r.losses[0], r.losses
     hf, tok = load_model(str(tmp_path))
     ckpt = torch.load(tmp_path / "lightning" / "last.ckpt", weights_only=False)

@@ -30,6 +30,7 @@ from ilf_lab.training.data import IGNORE_INDEX, ExampleDataset
 from ilf_lab.training.module import keeps_logits, lr_factor, scored_loss_sum, token_loss_sum
 
 CPU = TrainerConfig(enable_progress_bar=False)
+CPU_LAST = TrainerConfig(enable_progress_bar=False, checkpoint_last_epoch=True)  # last.ckpt of the trained state
 
 
 def make_task(i: int, body_lines: int = 0) -> Task:
@@ -277,7 +278,7 @@ def overfit(tiny, tmp_path_factory):
         lr=1e-2, scheduler="constant", batch_size=4, micro_batch_size=2, epochs=60, max_length=256
     )
     records = [PolicyRecord(make_task(i), make_task(i).code) for i in range(4)]
-    return finetune("policy", records, tiny, out, opt, CPU, prompt_format="docstring", seed=0)
+    return finetune("policy", records, tiny, out, opt, CPU_LAST, prompt_format="docstring", seed=0)
 
 
 def test_small_set_is_overfitted(overfit):
@@ -315,7 +316,7 @@ def test_lora_trains_only_the_adapters(tiny, tok, tmp_path):
         max_length=256,
         lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
     )
-    r = finetune("refiner", refiner_records(2), tiny, tmp_path, opt, CPU, prompt_format="chat")
+    r = finetune("refiner", refiner_records(2), tiny, tmp_path, opt, CPU_LAST, prompt_format="chat")
     assert r.steps == 3 and r.losses[-1] < r.losses[0]
     state = torch.load(tmp_path / "lightning" / "last.ckpt", weights_only=False)["state_dict"]
     base, _ = load_model(tiny)
@@ -356,6 +357,9 @@ def test_an_unfinished_run_resumes_from_last_ckpt(tiny, tmp_path):
     records = policy_records(4)
     opt = OptimConfig(lr=1e-3, batch_size=4, micro_batch_size=2, epochs=2, max_length=512)
     finetune("policy", records, tiny, tmp_path, opt, CPU, prompt_format="chat")
+    # by default no last.ckpt after the last epoch (nothing left to resume): the one of epoch 1 is there
+    assert torch.load(tmp_path / "lightning" / "last.ckpt", weights_only=False)["epoch"] == 0
+    finetune("policy", records, tiny, tmp_path, opt, CPU_LAST, prompt_format="chat")
     (tmp_path / "train_result.json").unlink()  # as if it had been killed after saving last.ckpt
     opt.epochs = 3
     r = finetune("policy", records, tiny, tmp_path, opt, CPU, prompt_format="chat")
@@ -415,7 +419,8 @@ def job(cfg: DictConfig) -> None:
     r = finetune("policy", [PolicyRecord(t, t.code) for t in tasks], os.environ["TINY"],
                  os.path.join(os.environ["OUT"], f"lr{cfg.lr}"),
                  OptimConfig(lr=cfg.lr, batch_size=4, micro_batch_size=2, epochs=1, max_length=256),
-                 TrainerConfig(devices=2, strategy="ddp_spawn", enable_progress_bar=False), prompt_format="chat")
+                 TrainerConfig(devices=2, strategy="ddp_spawn", enable_progress_bar=False, checkpoint_last_epoch=True),
+                 prompt_format="chat")
     print("RESULT", r.steps, r.examples)
 
 if __name__ == "__main__":
