@@ -117,11 +117,13 @@ def test_backends_agree_on_samples(tiny):
         assert _engine(tiny, "slots-shared", batch_size).generate(PROMPTS, p) == slots
 
 
-def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads():
-    """prompt_kv=shared splits each step's attention into the prompt part (one matmul per prompt for all its
-    rows) and the row's own part under one softmax: the same logits as the copied cache to float rounding, with
-    grouped-query heads, prompts of different lengths, prompts admitted mid-run with another n, rows finishing,
-    several prompts freed at once (live prompts moving into their slots), and the grid narrowing."""
+@pytest.mark.parametrize("run_cost", [1024, 0])  # 1024: one run of prompt slots here; 0: a run per width
+def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(run_cost):
+    """prompt_kv=shared splits each step's attention into the prompt part (one matmul per run of prompts for
+    all their rows) and the row's own part, merged as one softmax: the same logits as the copied cache to float
+    rounding, with grouped-query heads, prompts of different lengths, prompts admitted mid-run with another n,
+    rows finishing, several prompts freed at once (live prompts moving into their slots), and the grid
+    narrowing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ilf_lab.generation.prefix import SharedPromptCache
@@ -135,6 +137,7 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads():
     new = 10
     copied = SlotCache(model, 16, 12 + new)
     shared = SharedPromptCache(model, 16, 12, new)
+    shared.RUN_COST = run_cost
     lens: list[int] = []
     owner: list[tuple[int, ...]] = []  # each row's prompt
 
@@ -173,8 +176,29 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads():
                 finish([0, 1, 3, len(lens) - 1])
                 assert shared.grid == 2
     assert sorted(shared.prompt_len) == [2, 3, 9], shared.prompt_len  # prompt 1 (11 tokens) left at step 4
+    runs = shared._runs()
+    assert [r for run in runs for r in range(*run)] == [0, 1, 2]  # contiguous, every prompt slot once
+    assert len(runs) == (1 if run_cost else 3)
     with pytest.raises(NotImplementedError):
         shared.move([0], [1], [lens[1]])
+
+
+def test_prompt_runs_set_a_long_prompt_apart():
+    """One long prompt among short ones gets a run of its own, so the others are not attended at its width;
+    equal neighbours share one; the runs are recomputed when the prompts change."""
+    from ilf_lab.generation.prefix import SharedPromptCache
+
+    c = SharedPromptCache.__new__(SharedPromptCache)
+    c._runs_of = ((), [])
+    c.prompt_len = [500, 480, 4300, 510, 490, 505]
+    assert c._runs() == [(0, 2), (2, 3), (3, 6)]
+    c.prompt_len = [500] * 6
+    assert c._runs() == [(0, 6)]
+    c.prompt_len = [5, 9, 7]  # short prompts: the per-run cost outweighs the padding
+    assert c._runs() == [(0, 3)]
+    c.RUN_COST = 0
+    c._runs_of = ((), [])
+    assert c._runs() == [(0, 1), (1, 2), (2, 3)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -333,6 +357,25 @@ def test_batch_sizing_counts_the_shared_caches_grid(tiny):
     cpu = torch.device("cpu")
     plain = auto_batch_size(model, 64, cpu)
     assert auto_batch_size(model, 64, cpu, extra_per_row=2**30) < plain
+
+
+def test_one_long_prompt_does_not_size_every_row_of_the_shared_cache(tiny, monkeypatch):
+    """On CPU the shared cache's prompt store holds each prompt once (only touched pages count), so a long
+    prompt among short ones costs its own tokens, not `longest` per row as in the copied cache: on a host with
+    little free memory the shared engine still gets a wide batch, and its samples are those of a wide batch."""
+    import ilf_lab.generation.hf as hf
+
+    _, model, tok = tiny
+    prompts = ["def f(x):\n", "x = 1\n", "def g(y):\n", "# " + "word " * 600 + "\n"]  # within its 4,096 positions
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=8, seed=2)
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    longest = max(len(ids) for ids in hf.encode_prompts(tok, prompts))
+    rows_of_longest = 6 * hf.kv_bytes_per_token(model) * (longest + 8)
+    monkeypatch.setattr(hf, "available_memory", lambda device: 2 * (weights + rows_of_longest))
+    wide = HFEngine(model, tok, batch_size=8).generate(prompts, params)
+    copy, shared = HFEngine(model, tok, prompt_kv="copy"), HFEngine(model, tok, prompt_kv="shared")
+    assert copy.generate(prompts, params) and copy.last_stats["batch_size"] <= 6
+    assert shared.generate(prompts, params) == wide and shared.last_stats["batch_size"] >= 8  # all rows at once
 
 
 def test_the_cache_starts_zero_whatever_the_heap_held(tiny):

@@ -72,13 +72,15 @@ def kv_bytes_per_token(model: Any) -> int:
     return 2 * cfg.num_hidden_layers * kvh * head_dim(cfg) * elem
 
 
-def auto_batch_size(model: Any, max_len: int, device: torch.device, extra_per_row: int = 0) -> int:
+def auto_batch_size(
+    model: Any, max_len: int, device: torch.device, extra_per_row: int = 0, fixed: int = 0
+) -> int:
     """Concurrent sequences: as many as half the free memory holds (KV cache of `max_len` tokens plus the
-    per-row logits and `extra_per_row` bytes), capped where bigger decode batches stop paying (compute-bound on
-    CPU sooner than GPU)."""
+    per-row logits and `extra_per_row` bytes, after `fixed` bytes), capped where bigger decode batches stop
+    paying (compute-bound on CPU sooner than GPU)."""
     vocab = model.config.vocab_size
     per_row = kv_bytes_per_token(model) * max_len + vocab * 4 * 4 + extra_per_row
-    budget = available_memory(device) * (0.6 if device.type == "cuda" else 0.5)
+    budget = available_memory(device) * (0.6 if device.type == "cuda" else 0.5) - fixed
     if device.type != "cuda":  # the model itself is already resident; leave room for a trainer next door
         budget -= sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     rows = max(1, int(budget // per_row))
@@ -266,7 +268,7 @@ class HFEngine:
             )
         seeds = prompt_seeds(prompts, params.seed, n)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
-        extra = 0
+        extra = fixed = 0
         if self.prompt_kv == "shared":  # its stores hold the longest prompt and the largest budget per row
             longest = max(map(len, ids))
             max_len = longest + max(self._budget)
@@ -274,7 +276,13 @@ class HFEngine:
             # drained ones), each [heads, longest prompt]
             elem = 4 if self.device.type == "cpu" else next(self.model.parameters()).element_size()
             extra = 2 * n * self.model.config.num_attention_heads * longest * elem
-        slots = self.batch_size or auto_batch_size(self.model, max_len, self.device, extra)
+            if self.device.type == "cpu":  # only touched pages count (zeroed_cpu): a row's own columns, and
+                # prompts held once each, at most the longest CPU_MAX_ROWS of them (one long prompt no longer
+                # sizes every row: MBPPTrain refine prompts, mean ~490 tokens with one of ~4,300)
+                max_len = max(self._budget)
+                held = sorted(map(len, ids), reverse=True)[:CPU_MAX_ROWS]
+                fixed = kv_bytes_per_token(self.model) * sum(held)
+        slots = self.batch_size or auto_batch_size(self.model, max_len, self.device, extra, fixed)
         slots = max(slots, n)
         out: list[list[str | None]] = [[None] * n for _ in prompts]
         stopper = StopChecker(self.tokenizer, params.stop)

@@ -2,12 +2,13 @@
 
 `SlotCache` copies a prompt's KV into each of its n slots, so every decode step reads the prompt n times; on
 refine prompts (hundreds of tokens, 128 new) that read is most of a step. Here a prompt's KV lives in a prompt
-slot and each row's own slot holds only its generated tokens. A step attends in two parts that share one
-softmax: the queries of a prompt's rows, stacked on a grid [prompt slot, sample], against the prompt's KV (read
-once for all its rows), and each row against its own columns. Same model, same positions; the sums are split
-differently, so logits agree with `SlotCache` to float rounding, not bitwise; zero-shot pass@k on MBPPTest was
-the same on every task at two seeds, and refine prompts sample 1.26-1.27 x faster (results/sampling/README.md).
-`sampling.prompt_kv=copy` selects `SlotCache` (the default before session 9).
+slot and each row's own slot holds only its generated tokens. A step attends in two parts: the queries of a
+prompt's rows, stacked on a grid [prompt slot, sample], against the prompt's KV (read once for all its rows),
+and each row against its own columns; the two are merged into one softmax as flash-decoding does (each part's
+max score and sum of exponentials). Prompt slots are attended in contiguous runs, each at its own longest
+prompt's width, so one long prompt does not widen every prompt's scores (`_runs`). Same model, same positions;
+the sums are split differently, so logits agree with `SlotCache` to float rounding, not bitwise
+(results/sampling/README.md: pass@k and speed). `sampling.prompt_kv=copy` selects `SlotCache`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class SharedPromptCache(SlotCache):
     0..m-1: when prompts lose their last row, live prompts from slots past the new count move into the holes.
     Rows move and leave only through `compact` (it keeps the row -> prompt map in step)."""
 
+    # a run's fixed cost in prompt slots x columns (its per-layer calls), against the columns a wider run computes
+    RUN_COST = 1024
+
     def __init__(self, model: Any, slots: int, max_prompt: int, max_new: int, phases: Phases = OFF) -> None:
         super().__init__(model, slots, max(1, max_new), phases)
         cfg = model.config
@@ -42,6 +46,7 @@ class SharedPromptCache(SlotCache):
         self.row_own: list[int] = []  # generated tokens in each row's own cache (host-side: no device sync)
         self.prompt_len: list[int] = []  # tokens of each active prompt slot
         self.grid = 1  # samples per prompt (the grid's width)
+        self._runs_of: tuple[tuple[int, ...], list[tuple[int, int]]] = ((), [])  # prompt lengths -> runs
         self._first_prompt = 0  # the prompt slot the current prefill starts at
 
     def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
@@ -62,45 +67,92 @@ class SharedPromptCache(SlotCache):
         self.pkv[i, 1, p0 : p0 + b, :, :t] = v
 
     def _step(self, lens: torch.Tensor, width: int):
-        """As SlotCache's, from the host-side row map (`width`, the copied cache's, does not apply here)."""
-        a, dev = lens.shape[0], self.device
+        """What every layer of the step shares, from the host-side row map (`width`, the copied cache's, does not
+        apply here): where each row's KV goes, each (row, kv head)'s place on the grid, the runs of prompt slots
+        with their widths and length masks, the own columns' mask, and the grid's output buffers."""
+        a, dev, dt = lens.shape[0], self.device, self.dtype
+        m, n, kvh, g, hd = len(self.prompt_len), self.grid, self.kv_heads, self.group, self.head_dim
         prompt = torch.tensor(self.row_prompt[:a], device=dev)
         sample = torch.tensor(self.row_sample[:a], device=dev)
-        plen = torch.tensor(self.prompt_len, device=dev)[prompt]
         own = torch.tensor(self.row_own[:a], device=dev)  # the row's own column that takes this step's token
-        gw, pw = max(self.row_own[:a]) + 1, max(self.prompt_len)
+        gw = max(self.row_own[:a]) + 1
         self.row_own[:a] = [x + 1 for x in self.row_own[:a]]  # one decode step = one _step call
         flat = self._write_index(own)
-        cols_p, cols_o = torch.arange(pw, device=dev), torch.arange(gw, device=dev)
-        hidden = torch.cat([cols_p.unsqueeze(0) >= plen.unsqueeze(1), cols_o.unsqueeze(0) > own.unsqueeze(1)], 1)
-        mask = torch.zeros(a, 1, 1, pw + gw, dtype=self.dtype, device=dev)
-        mask.masked_fill_(hidden.view(a, 1, 1, pw + gw), float("-inf"))
-        return flat, mask, prompt, sample, pw, gw
+        own_mask = torch.zeros(a, 1, 1, gw, dtype=torch.float32, device=dev)
+        own_mask.masked_fill_((torch.arange(gw, device=dev) > own.unsqueeze(1)).view(a, 1, 1, gw), float("-inf"))
+        runs = []
+        for p0, p1 in self._runs():
+            plen = torch.tensor(self.prompt_len[p0:p1], device=dev)
+            w = max(self.prompt_len[p0:p1])
+            mask = torch.zeros(p1 - p0, 1, 1, w, dtype=torch.float32, device=dev)
+            mask.masked_fill_((torch.arange(w, device=dev) >= plen.unsqueeze(1)).view(-1, 1, 1, w), float("-inf"))
+            runs.append((p0, p1, w, mask))
+        # the grid [prompt, kv_head, sample] as rows: (row r, head h) sits at (prompt_r * kvh + h) * n + sample_r
+        place = ((prompt.unsqueeze(1) * kvh + torch.arange(kvh, device=dev)) * n + sample.unsqueeze(1)).view(-1)
+        # zeroed once per step, not per layer: a place no row holds keeps a finite value from an earlier layer,
+        # and only its own grid row of each matmul (read by no row) sees it
+        qbuf = torch.zeros(m * kvh * n, g * hd, dtype=dt, device=dev)
+        obuf = torch.zeros(m * kvh, n * g, hd, dtype=torch.float32, device=dev)  # unnormalised prompt part
+        stats = torch.zeros(2, m * kvh, n * g, dtype=torch.float32, device=dev)  # its max score, sum of exp
+        return flat, own_mask, runs, place, qbuf, obuf, stats, gw
+
+    def _runs(self) -> list[tuple[int, int]]:
+        """Prompt slots in contiguous runs, each attended at its own longest prompt's width: one long prompt
+        among short ones (MBPPTrain task 493's x0 is ~4k tokens, its neighbours ~500) no longer makes every
+        prompt's scores that wide. Minimum of sum(RUN_COST + slots x width) by dynamic programming, kept until
+        the prompts change (prefill, compaction)."""
+        lens = tuple(self.prompt_len)
+        if self._runs_of[0] != lens:
+            best, cut = [0.0] * (len(lens) + 1), [0] * (len(lens) + 1)
+            for j in range(1, len(lens) + 1):
+                best[j], w = float("inf"), 0
+                for i in range(j - 1, -1, -1):
+                    w = max(w, lens[i])
+                    c = best[i] + self.RUN_COST + (j - i) * w
+                    if c < best[j]:
+                        best[j], cut[j] = c, i
+            runs, j = [], len(lens)
+            while j:
+                runs.append((cut[j], j))
+                j = cut[j]
+            self._runs_of = (lens, runs[::-1])
+        return self._runs_of[1]
 
     def _attend_layer(self, i: int, q, k, v, step, scaling: float) -> torch.Tensor:
-        flat, mask, prompt, sample, pw, gw = step
-        a, m, n, kvh, g, hd = q.shape[0], len(self.prompt_len), self.grid, self.kv_heads, self.group, self.head_dim
+        """Attention in two parts merged as flash-decoding does: the prompt part per run on the grid, the own
+        part per row, each with its max score and sum of exponentials; the parts are rescaled to the larger max."""
+        flat, own_mask, runs, place, qbuf, obuf, stats, gw = step
+        a, kvh, g, hd, n = q.shape[0], self.kv_heads, self.group, self.head_dim, self.grid
         kc, vc = self._write(i, k, v, flat)
-        qg = q.reshape(a, kvh, g, hd).to(self.dtype)
-        # the prompt part: each prompt's rows on a grid [prompt, kv_head, sample x group], one matmul per prompt
-        grid = qg.new_zeros(m, n, kvh, g, hd)
-        grid[prompt, sample] = qg
-        kp = self.pkv[i, 0, :m, :, :pw].reshape(m * kvh, pw, hd)  # views: slot and head strides merge
-        vp = self.pkv[i, 1, :m, :, :pw].reshape(m * kvh, pw, hd)
-        sp = torch.bmm(grid.transpose(1, 2).reshape(m * kvh, n * g, hd), kp.transpose(1, 2))
-        sp = sp.view(m, kvh, n, g, pw)[prompt, :, sample]  # [row, kv_head, group, pw]
+        qg = q.reshape(a * kvh, g * hd).to(self.dtype)
+        qbuf.index_copy_(0, place, qg)
+        for p0, p1, w, mask in runs:  # the prompt part: each prompt's rows on the grid, one matmul per run
+            b0, b1 = p0 * kvh, p1 * kvh
+            kp = self.pkv[i, 0, p0:p1, :, :w].reshape(b1 - b0, w, hd)  # views: slot and head strides merge
+            vp = self.pkv[i, 1, p0:p1, :, :w].reshape(b1 - b0, w, hd)
+            s = torch.bmm(qbuf.view(-1, n * g, hd)[b0:b1], kp.transpose(1, 2)).float()
+            s = s.view(p1 - p0, kvh, n * g, w).mul_(scaling).add_(mask).view(b1 - b0, n * g, w)
+            top = s.amax(-1, keepdim=True)
+            e = s.sub_(top).exp_()
+            stats[0, b0:b1] = top.squeeze(-1)
+            torch.sum(e, -1, out=stats[1, b0:b1])
+            obuf[b0:b1] = torch.bmm(e.to(self.dtype), vp)
+        rows = place.view(a * kvh)
+        op = obuf.view(-1, g * hd).index_select(0, rows).view(a * kvh, g, hd)
+        mp, zp = stats.view(2, -1, g).index_select(1, rows).view(2, a * kvh, g, 1).unbind(0)
         # the own part: each row against its generated tokens
         ko = kc[:a, :, :gw].reshape(a * kvh, gw, hd)
         vo = vc[:a, :, :gw].reshape(a * kvh, gw, hd)
-        so = torch.bmm(qg.view(a * kvh, g, hd), ko.transpose(1, 2)).view(a, kvh, g, gw)
-        scores = torch.cat([sp, so], dim=-1)
-        scores.mul_(scaling).add_(mask)
-        p = torch.softmax(scores.float(), dim=-1).to(qg.dtype)
-        pgrid = p.new_zeros(m, kvh, n, g, pw)
-        pgrid[prompt, :, sample] = p[..., :pw]
-        op = torch.bmm(pgrid.view(m * kvh, n * g, pw), vp).view(m, kvh, n, g, hd)[prompt, :, sample]
-        # op + the own part, summed inside one matmul call (on GPU half precision: one rounding less)
-        return torch.baddbmm(op.reshape(a * kvh, g, hd), p[..., pw:].reshape(a * kvh, g, gw), vo)
+        so = torch.bmm(qg.view(a * kvh, g, hd), ko.transpose(1, 2)).float()
+        so = so.view(a, kvh, g, gw).mul_(scaling).add_(own_mask).view(a * kvh, g, gw)
+        mo = so.amax(-1, keepdim=True)
+        eo = so.sub_(mo).exp_()
+        zo = eo.sum(-1, keepdim=True)
+        oo = torch.bmm(eo.to(self.dtype), vo).float()
+        top = torch.maximum(mp, mo)
+        ap, ao = (mp - top).exp_(), (mo - top).exp_()
+        out = op.mul_(ap).add_(oo.mul_(ao)).div_(zp.mul(ap).add_(zo.mul_(ao)))
+        return out.to(self.dtype)
 
     def move(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int]) -> None:
         raise NotImplementedError("SharedPromptCache moves rows only through compact (it keeps the row map)")

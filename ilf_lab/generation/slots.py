@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -178,10 +179,17 @@ class SlotCache:
             self.kv[:, :, d, :, :n].copy_(self.kv[:, :, s, :, :n])
 
 
+# Linux's MAP_NORESERVE (not in Python's mmap module): no swap reserved up front, so a large mostly-untouched
+# store (the shared prompt KV: every prompt slot as long as the longest prompt) is not refused by the overcommit
+# heuristic; the engine's batch sizing bounds what is touched
+MAP_NORESERVE = 0x4000 if sys.platform.startswith("linux") else 0
+
+
 def zeroed_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor in anonymous mmap memory: the kernel guarantees zero pages and maps them on first touch."""
     count = math.prod(shape)
-    buf = mmap.mmap(-1, count * dtype.itemsize)
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0) | MAP_NORESERVE
+    buf = mmap.mmap(-1, count * dtype.itemsize, flags=flags) if flags else mmap.mmap(-1, count * dtype.itemsize)
     return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)  # the tensor keeps `buf` alive
 
 

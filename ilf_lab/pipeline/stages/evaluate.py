@@ -42,7 +42,7 @@ class Evaluate(Stage):
     """πθ* (input `model`) on MBPP: the first `max_tasks` of MBPPTest (or of MBPPRefine, eval.split=refine).
     `for_split` picks the implementation for `eval.split`."""
 
-    version = 2  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend (float rounding)
+    version = 3  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: in runs of prompts (float rounding)
     name = "evaluate"
     Config = EvaluateConfig
     inputs = ("tasks", "model")
@@ -98,7 +98,7 @@ class EvaluateHumanEvalConfig:
 class EvaluateHumanEval(Stage):
     """Transfer: the same sampler and sandbox on HumanEval's problems (its own `check` tests, exact)."""
 
-    version = 2  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend (float rounding)
+    version = 3  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: in runs of prompts (float rounding)
     name = "evaluate_humaneval"
     Config = EvaluateHumanEvalConfig
     inputs = ("model",)

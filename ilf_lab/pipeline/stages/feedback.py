@@ -100,7 +100,7 @@ class LLMFeedback(FeedbackStage):
     `model` is the model that writes (the base model unless `feedback.model` names another); an endpoint
     backend ignores it."""
 
-    version = 2  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend (float rounding)
+    version = 3  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: in runs of prompts (float rounding)
     Config = LLMFeedbackConfig
     inputs = ("tasks", "x0", "model")
     writes_refinements = True

@@ -72,7 +72,7 @@ class SampledRefinementsConfig:
 class SampledRefinements(_Refine):
     """n refinements per MBPPTrain task sampled from the refiner (input `model`) given (t, x0, f)."""
 
-    version = 2  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend (float rounding)
+    version = 3  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: in runs of prompts (float rounding)
     Config = SampledRefinementsConfig
     inputs = ("tasks", "feedback", "model")
 

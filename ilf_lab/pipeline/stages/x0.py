@@ -72,7 +72,7 @@ class PolicyX0(X0Stage):
     """The policy's own failing samples on MBPPTrain: the shortest failing one per task (the paper's annotators
     picked an easy-to-fix sample). Round r samples with seed + 1000 r."""
 
-    version = 2  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend (float rounding)
+    version = 3  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: in runs of prompts (float rounding)
     Config = PolicyX0Config
     inputs = ("tasks", "policy")
     source = "policy"
