@@ -183,6 +183,29 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(run_cos
         shared.move([0], [1], [lens[1]])
 
 
+def test_freed_prompt_slots_give_their_pages_back():
+    """On CPU the batch sizing counts the shared store's live prompts only: a prompt slot freed at compaction (or
+    vacated by a prompt moving down) returns its pages, and a hole keeps nothing of its last prompt past the
+    new one's length; the moved prompt's KV is intact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ilf_lab.generation.prefix import SharedPromptCache
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval()
+    cache = SharedPromptCache(model, 4, 128, 4)  # a slot's block per layer: 2 heads x 128 x 64 fp32 = 16 pages
+    with torch.inference_mode():
+        cache.prefill([[3] * 120, [5] * 10, [7] * 30], 0, 1)
+        kept = cache.pkv[:, :, 2, :, :30].clone()
+        cache.compact([0], [2], [30], 2)  # prompt 0 (row 0) ends: prompt 2 moves into slot 0, slot 2 is freed
+    assert cache.prompt_len == [30, 10]
+    assert torch.equal(cache.pkv[:, :, 0, :, :30], kept)
+    assert cache.pkv[:, :, 0, :, 30:].abs().sum() == 0  # nothing left of the 120-token prompt
+    assert cache.pkv[:, :, 2].abs().sum() == 0 and cache.pkv[:, :, 1, :, :10].abs().sum() > 0
+
+
 def test_prompt_runs_set_a_long_prompt_apart():
     """One long prompt among short ones gets a run of its own, so the others are not attended at its width;
     equal neighbours share one; the runs are recomputed when the prompts change."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -356,6 +357,9 @@ def test_bucketed_training_wastes_little_on_padding(tiny, tok, tmp_path):
 def test_an_unfinished_run_resumes_from_last_ckpt(tiny, tmp_path):
     records = policy_records(4)
     opt = OptimConfig(lr=1e-3, batch_size=4, micro_batch_size=2, epochs=2, max_length=512)
+    one = dataclasses.replace(opt, epochs=1)
+    finetune("policy", records, tiny, tmp_path / "one", one, CPU, prompt_format="chat")
+    assert not list((tmp_path / "one").rglob("*.ckpt"))  # one epoch: nothing to resume, nothing written
     finetune("policy", records, tiny, tmp_path, opt, CPU, prompt_format="chat")
     # by default no last.ckpt after the last epoch (nothing left to resume): the one of epoch 1 is there
     assert torch.load(tmp_path / "lightning" / "last.ckpt", weights_only=False)["epoch"] == 0

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ilf_lab.generation.phases import OFF, Phases
-from ilf_lab.generation.slots import SlotCache, zeroed_cpu
+from ilf_lab.generation.slots import SlotCache, release_cpu, zeroed_cpu
 
 
 class SharedPromptCache(SlotCache):
@@ -108,6 +108,8 @@ class SharedPromptCache(SlotCache):
                 best[j], w = float("inf"), 0
                 for i in range(j - 1, -1, -1):
                     w = max(w, lens[i])
+                    if self.RUN_COST + (j - i) * w >= best[j]:
+                        break  # a longer run only costs more (best[i] >= 0, w grows)
                     c = best[i] + self.RUN_COST + (j - i) * w
                     if c < best[j]:
                         best[j], cut[j] = c, i
@@ -154,6 +156,13 @@ class SharedPromptCache(SlotCache):
         out = op.mul_(ap).add_(oo.mul_(ao)).div_(zp.mul(ap).add_(zo.mul_(ao)))
         return out.to(self.dtype)
 
+    def _release(self, p: int) -> None:
+        """Free prompt slot p's pages on CPU (each [kv_head, position, head_dim] block per layer, K and V)."""
+        if self.device.type == "cpu":
+            for i in range(self.pkv.shape[0]):
+                for kv in (0, 1):
+                    release_cpu(self.pkv[i, kv, p])
+
     def move(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int]) -> None:
         raise NotImplementedError("SharedPromptCache moves rows only through compact (it keeps the row map)")
 
@@ -173,8 +182,11 @@ class SharedPromptCache(SlotCache):
         remap = dict(zip(movers, holes, strict=True))
         for s, d in remap.items():
             t = self.prompt_len[s]
+            self._release(d)  # what the hole's last prompt touched past this one's length
             self.pkv[:, :, d, :, :t].copy_(self.pkv[:, :, s, :, :t])
             self.prompt_len[d] = t
+        for p in range(keep, len(self.prompt_len)):
+            self._release(p)  # so the store holds only live prompts (the batch sizing counts those)
         del self.prompt_len[keep:]
         self.row_prompt = [remap.get(p, p) for p in self.row_prompt]
         # each prompt's rows take grid columns 0..c-1 (c: its live rows), so the grid narrows as prompts drain

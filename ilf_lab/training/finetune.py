@@ -263,7 +263,9 @@ class _Job:
 class ResumeCheckpoint(pl.callbacks.ModelCheckpoint):
     """`last.ckpt` after each epoch but the last (unless `last_epoch`): it is there to resume a killed training,
     and after the last epoch the HF checkpoint is written instead. The skipped write was 20 s of each of the
-    default run's two trainings (SmolLM2: weights and AdamW state, 1.6 GB)."""
+    default run's two trainings (SmolLM2: weights and AdamW state, 1.6 GB). ModelCheckpoint also writes
+    `last.ckpt` at the end of training when it has linked none (a 1-epoch run, a resume into the last epoch):
+    skipped too."""
 
     def __init__(self, last_epoch: bool, **kw: Any) -> None:
         super().__init__(**kw)
@@ -273,6 +275,10 @@ class ResumeCheckpoint(pl.callbacks.ModelCheckpoint):
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 == trainer.max_epochs
         if self.last_epoch or not last:
             super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.last_epoch:
+            super().on_train_end(trainer, pl_module)
 
 
 def build_trainer(job: _Job, logger: Any = None) -> pl.Trainer:
