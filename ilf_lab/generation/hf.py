@@ -269,9 +269,8 @@ class HFEngine:
         seeds = prompt_seeds(prompts, params.seed, n)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
         extra = fixed = 0
-        if self.prompt_kv == "shared":  # its stores hold the longest prompt and the largest budget per row
+        if self.prompt_kv == "shared":
             longest = max(map(len, ids))
-            max_len = longest + max(self._budget)
             # its grid scores and probabilities: up to n sample places per live row (one fresh prompt beside
             # drained ones), each [heads, longest prompt]
             elem = 4 if self.device.type == "cpu" else next(self.model.parameters()).element_size()
@@ -282,6 +281,8 @@ class HFEngine:
                 max_len = max(self._budget)
                 held = sorted(map(len, ids), reverse=True)[:CPU_MAX_ROWS]
                 fixed = kv_bytes_per_token(self.model) * sum(held)
+            else:  # allocated in full: every row's slot as long as the longest prompt plus the largest budget
+                max_len = longest + max(self._budget)
         slots = self.batch_size or auto_batch_size(self.model, max_len, self.device, extra, fixed)
         slots = max(slots, n)
         out: list[list[str | None]] = [[None] * n for _ in prompts]

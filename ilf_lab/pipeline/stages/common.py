@@ -16,6 +16,12 @@ from ilf_lab.pipeline.stage import at
 
 log = logging.getLogger(__name__)
 
+# version of every stage whose artifact is sampled by the engine (x0 from the policy, sampled refinements, LLM
+# feedback, both evaluations): bumped when the engine's samples change, so no cached artifact of the old engine
+# is served. 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: the shared KV in runs of
+# prompts, merged as flash-decoding does (float rounding).
+SAMPLING_VERSION = 3
+
 
 @dataclass(frozen=True)
 class EngineConfig:

@@ -14,6 +14,7 @@ from typing import Any
 from ilf_lab.io import write_jsonl
 from ilf_lab.pipeline.stage import Artifact, Stage, at, nested
 from ilf_lab.pipeline.stages.common import (
+    SAMPLING_VERSION,
     EngineConfig,
     ExecConfig,
     SampleConfig,
@@ -42,7 +43,7 @@ class Evaluate(Stage):
     """πθ* (input `model`) on MBPP: the first `max_tasks` of MBPPTest (or of MBPPRefine, eval.split=refine).
     `for_split` picks the implementation for `eval.split`."""
 
-    version = 3  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: in runs of prompts (float rounding)
+    version = SAMPLING_VERSION
     name = "evaluate"
     Config = EvaluateConfig
     inputs = ("tasks", "model")
@@ -98,7 +99,7 @@ class EvaluateHumanEvalConfig:
 class EvaluateHumanEval(Stage):
     """Transfer: the same sampler and sandbox on HumanEval's problems (its own `check` tests, exact)."""
 
-    version = 3  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: in runs of prompts (float rounding)
+    version = SAMPLING_VERSION
     name = "evaluate_humaneval"
     Config = EvaluateHumanEvalConfig
     inputs = ("model",)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from ilf_lab.io import read_jsonl, write_jsonl
 from ilf_lab.pipeline.stage import Artifact, Stage, at, nested
-from ilf_lab.pipeline.stages.common import EngineConfig, engine_for
+from ilf_lab.pipeline.stages.common import SAMPLING_VERSION, EngineConfig, engine_for
 from ilf_lab.pipeline.stages.tasks import TaskSet
 
 
@@ -100,7 +100,7 @@ class LLMFeedback(FeedbackStage):
     `model` is the model that writes (the base model unless `feedback.model` names another); an endpoint
     backend ignores it."""
 
-    version = 3  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: in runs of prompts (float rounding)
+    version = SAMPLING_VERSION
     Config = LLMFeedbackConfig
     inputs = ("tasks", "x0", "model")
     writes_refinements = True

@@ -16,6 +16,7 @@ from ilf_lab.data.prompts import Task, refine_prompt
 from ilf_lab.io import read_jsonl, write_jsonl
 from ilf_lab.pipeline.stage import Artifact, Stage, at, nested
 from ilf_lab.pipeline.stages.common import (
+    SAMPLING_VERSION,
     EngineConfig,
     ExecConfig,
     SampleConfig,
@@ -72,7 +73,7 @@ class SampledRefinementsConfig:
 class SampledRefinements(_Refine):
     """n refinements per MBPPTrain task sampled from the refiner (input `model`) given (t, x0, f)."""
 
-    version = 3  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: in runs of prompts (float rounding)
+    version = SAMPLING_VERSION
     Config = SampledRefinementsConfig
     inputs = ("tasks", "feedback", "model")
 

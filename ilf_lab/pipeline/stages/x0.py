@@ -13,6 +13,7 @@ from typing import Any
 from ilf_lab.io import write_jsonl
 from ilf_lab.pipeline.stage import Artifact, Stage, at, nested
 from ilf_lab.pipeline.stages.common import (
+    SAMPLING_VERSION,
     EngineConfig,
     ExecConfig,
     SampleConfig,
@@ -72,7 +73,7 @@ class PolicyX0(X0Stage):
     """The policy's own failing samples on MBPPTrain: the shortest failing one per task (the paper's annotators
     picked an easy-to-fix sample). Round r samples with seed + 1000 r."""
 
-    version = 3  # 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: in runs of prompts (float rounding)
+    version = SAMPLING_VERSION
     Config = PolicyX0Config
     inputs = ("tasks", "policy")
     source = "policy"
