@@ -28,16 +28,23 @@ import time
 
 import torch
 
+from ilf_lab.generation.packed import onednn_available
 from ilf_lab.generation.phases import Phases
 
 
-def mm_gflops(m: int, k: int, n: int, seconds: float = 0.3, trials: int = 5, int8: bool = False) -> float:
-    """fp32 throughput of x[m,k] @ W[n,k]^T (F.linear, as the model calls it), or with `int8` the engine's int8
-    layer's (its FLOPs counted as fp32's); best of a few short trials, so a moment of contention from another
-    process does not define the roofline."""
+def mm_gflops(m: int, k: int, n: int, seconds: float = 0.3, trials: int = 5, kind: str = "aten") -> float:
+    """fp32 throughput of x[m,k] @ W[n,k]^T: `aten` = F.linear (MKL, as the model calls it), `onednn` = oneDNN with
+    the weight packed once (the engine's default on CPU, generation/packed.py), `int8` = the engine's int8 layer
+    (its FLOPs counted as fp32's); best of a few short trials, so a moment of contention from another process
+    does not define the roofline."""
     x, w = torch.randn(m, k), torch.randn(n, k)
     f = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
-    if int8:
+    if kind == "onednn":
+        from ilf_lab.generation.packed import PACK_ROWS
+
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+        f = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+    if kind == "int8":
         from ilf_lab.generation.quantize import Int8Linear
 
         lin = torch.nn.Linear(k, n, bias=False)
@@ -71,12 +78,12 @@ def decode_shapes(model) -> list[tuple[int, int, int]]:
     ]
 
 
-def roofline(model, rows: int, int8: bool = False) -> tuple[float, float]:
-    """(GFLOP/s over the decode step's linear layers at `rows` rows, weighted by their FLOPs; GFLOP per token of
-    those layers = 2 x their parameters)."""
+def roofline(model, rows: int, kinds: tuple[str, ...] = ("aten",)) -> tuple[float, float]:
+    """(GFLOP/s over the decode step's linear layers at `rows` rows, weighted by their FLOPs, each shape at the
+    fastest of `kinds`; GFLOP per token of those layers = 2 x their parameters)."""
     flops = secs = 0.0
     for k, n, count in decode_shapes(model):
-        g = mm_gflops(rows, k, n, int8=int8)
+        g = max(mm_gflops(rows, k, n, kind=kind) for kind in kinds)
         f = 2 * k * n * count
         flops += f
         secs += f / (g * 1e9)
@@ -164,7 +171,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         f"(min {min(plen)}, max {max(plen)}), T={args.temperature}, top_p={args.top_p}, "
         f"{args.max_new_tokens} new tokens"
     )
-    engine = HFEngine(sampler, tok, batch_size=args.batch_size, prompt_kv=args.prompt_kv)
+    engine = HFEngine(sampler, tok, batch_size=args.batch_size, prompt_kv=args.prompt_kv, cpu_linear=args.cpu_linear)
     engine.phases = Phases()
     t0 = time.perf_counter()
     out = engine.generate(prompts, params)
@@ -174,22 +181,30 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     kept = kept_tokens(tok, out)
     value, gen_rate = kept / dt, gen_tokens / dt
     rows = max(1, round(stats.get("rows_mean", stats["batch_size"])))  # mean active rows per decode step
-    mm, lin_gflop = roofline(model, rows)
+    # the roofline is the host's fastest fp32 matmul at each decode shape: F.linear's (MKL), or oneDNN's with the
+    # weight packed (what the engine calls by default) where this torch has it; before session 11 F.linear's only
+    mm_aten, lin_gflop = roofline(model, rows)
+    mm_onednn = roofline(model, rows, ("onednn",))[0] if onednn_available() else None
+    mm = max(mm_aten, mm_onednn or 0.0)
     mean_gen = gen_tokens / (len(prompts) * args.n)
     context = sum(plen) / len(plen) + mean_gen / 2
     gflop = lin_gflop + attention_gflop_per_token(model, context)
     share = gen_rate * gflop / mm
     print(
-        f"roofline: fp32 F.linear at the decode shapes ({rows} rows = the mean per decode step), FLOP-weighted: {mm:.1f} GFLOP/s; "
+        f"roofline: the fastest fp32 matmul at the decode shapes ({rows} rows = the mean per decode step), "
+        f"FLOP-weighted: {mm:.1f} GFLOP/s (F.linear {mm_aten:.1f}, oneDNN packed "
+        f"{'n/a' if mm_onednn is None else f'{mm_onednn:.1f}'}); "
         f"{gflop:.3f} GFLOP per generated token ({lin_gflop:.3f} linear + attention at mean context {context:.0f})"
     )
     print(
-        f"engine ({engine.backend}, prompt KV {engine.prompt_kv}, {stats['batch_size']} slots): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
-        f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline"
+        f"engine ({engine.backend}, prompt KV {engine.prompt_kv}, linear {engine.cpu_linear}, "
+        f"{stats['batch_size']} slots): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
+        f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline "
+        f"({100 * gen_rate * gflop / mm_aten:.0f}% of F.linear's)"
     )
     share8 = None
     if args.quantize:  # the same FLOPs at the int8 layer's own rate: how far the int8 engine is from its limit
-        mm8, _ = roofline(model, rows, int8=True)
+        mm8, _ = roofline(model, rows, ("int8",))
         share8 = gen_rate * gflop / mm8
         print(f"int8 roofline: the engine's Int8Linear at the same shapes {mm8:.1f} GFLOP/s (fp32-equivalent); "
               f"generated tok/s = {100 * share8:.0f}% of it")
@@ -223,11 +238,14 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         "engine_generated_tokens": gen_tokens,
         "slots": int(stats["batch_size"]),
         "prompt_kv": engine.prompt_kv,
+        "cpu_linear": engine.cpu_linear,
         "rows_mean_per_step": rows,
         "baseline_prompts": nb,
         "baseline_seconds": round(bdt, 1),
         "baseline_kept_tokens": bkept,
         "roofline_gflops": round(mm, 1),
+        "roofline_gflops_aten": round(mm_aten, 1),
+        "roofline_gflops_onednn": None if mm_onednn is None else round(mm_onednn, 1),
         "gflop_per_generated_token": round(gflop, 4),
         "roofline_share": round(share, 3),
         "int8_roofline_share": None if share8 is None else round(share8, 3),
@@ -267,6 +285,13 @@ def main() -> None:
         help="the engine holds a prompt's KV once for its n samples (shared, the default) or copies it into each "
         "sample's slot (copy, before session 9) (sampling.prompt_kv)",
     )
+    ap.add_argument(
+        "--cpu-linear",
+        default=None,
+        choices=("aten", "onednn"),
+        help="the engine's fp32 linear layers: oneDNN with packed weights (onednn, the default on CPU from session 11) "
+        "or F.linear (aten) (sampling.cpu_linear)",
+    )
     ap.add_argument("--cache-dir", default=os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab"))
     ap.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/ and ilf/")
     args = ap.parse_args()
@@ -284,7 +309,7 @@ def main() -> None:
     sets = prompt_sets(args.sets.split(","), tok, args.data_dir, args.prompts)
     print(
         f"SmolLM2-135M-Instruct {args.dtype}{' engine ' + args.quantize if args.quantize else ''}, "
-        f"prompt KV {args.prompt_kv or 'default'}, torch {torch.__version__}, {args.threads} threads, "
+        f"prompt KV {args.prompt_kv or 'default'}, linear {args.cpu_linear or 'default'}, torch {torch.__version__}, {args.threads} threads, "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     results = {name: bench_set(name, prompts, model, sampler, tok, args) for name, prompts in sets.items()}
@@ -304,6 +329,7 @@ def main() -> None:
                 "dtype": args.dtype,
                 "quantize": args.quantize,
                 "prompt_kv": worst["prompt_kv"],  # the engine's (--prompt-kv or its default)
+                "cpu_linear": worst["cpu_linear"],  # the engine's (--cpu-linear or its default)
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "sets": results,
             }

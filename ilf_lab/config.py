@@ -219,6 +219,9 @@ class SamplingConfig:
     # ilf_lab/generation/prefix.py), else copy; copy: the prompt's KV copied into each sample's slot, as before
     # session 9 (logits equal to float rounding; the same pass@k: results/sampling/README.md). hf engine only.
     prompt_kv: str | None = choice(None, None, "copy", "shared")
+    # the hf engine's fp32 linear layers on CPU (slots backend): null = onednn where this torch has it (weights
+    # packed once for oneDNN, ilf_lab/generation/packed.py; logits equal to float rounding), aten = F.linear
+    cpu_linear: str | None = choice(None, None, "aten", "onednn")
 
 
 @dataclass
@@ -448,6 +451,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("feedback.base_url is required for feedback.backend=openai")
     if cfg.sampling.prompt_kv and cfg.sampling.engine != "hf":
         raise ConfigError(f"sampling.prompt_kv={cfg.sampling.prompt_kv} needs sampling.engine=hf (vLLM pages its own cache)")
+    if cfg.sampling.cpu_linear and cfg.sampling.engine != "hf":
+        raise ConfigError(f"sampling.cpu_linear={cfg.sampling.cpu_linear} needs sampling.engine=hf (vLLM runs on GPU)")
     if cfg.sampling.quantize and (cfg.sampling.engine != "hf" or (cfg.sampling.dtype or cfg.model.dtype) != "float32"):
         raise ConfigError(f"sampling.quantize={cfg.sampling.quantize} needs sampling.engine=hf and fp32 sampling "
                           "weights (sampling.dtype=float32, or null with model.dtype=float32)")

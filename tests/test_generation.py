@@ -346,7 +346,7 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
         path,
         EngineConfig(
             engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype="bfloat16",
-            quantize=None, prompt_kv=None,
+            quantize=None, prompt_kv=None, cpu_linear=None,
         ),
     )
     assert next(eng16.model.parameters()).dtype == torch.bfloat16
@@ -356,19 +356,21 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
         path,
         EngineConfig(
             engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None,
-            quantize=None, prompt_kv=None,
+            quantize=None, prompt_kv=None, cpu_linear=None,
         ),
     )
     assert next(eng32.model.parameters()).dtype == torch.float32
     from ilf_lab.generation.quantize import is_quantized  # sampling.quantize reaches the engine a stage gets
 
     plain = EngineConfig(engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None,
-                         quantize=None, prompt_kv=None)
+                         quantize=None, prompt_kv=None, cpu_linear=None)
     eng8, _ = engine_for(path, dataclasses.replace(plain, quantize="int8"))
     assert eng8 is not eng32 and is_quantized(eng8.model.lm_head) and not is_quantized(eng32.model.lm_head)
     assert all(len(o) == 2 for o in eng8.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, seed=1)))
     assert eng32.prompt_kv == "shared"  # the slots backend's default; sampling.prompt_kv reaches the engine too
     assert engine_for(path, dataclasses.replace(plain, prompt_kv="copy"))[0].prompt_kv == "copy"
+    assert eng32.cpu_linear == "onednn" and eng16.cpu_linear == "aten"  # fp32 on CPU: packed; bf16: F.linear
+    assert engine_for(path, dataclasses.replace(plain, cpu_linear="aten"))[0].cpu_linear == "aten"
 
 
 def test_batch_sizing_counts_the_shared_caches_grid(tiny):
@@ -464,6 +466,22 @@ def test_int8_samples_depend_only_on_their_own_prompt(tiny, prompt_kv):
     assert together != eng.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=4))
     greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)
     assert eng.generate(PROMPTS, greedy) == HFEngine(eng.model, tok, backend="generic").generate(PROMPTS, greedy)
+
+
+def test_int8_warns_where_the_host_int8_gemm_is_slower_than_fp32(tiny, caplog):
+    """int8 exists only to be faster; where this CPU's int8 GEMM is slower than fp32 (AVX2 without VNNI: 0.05 x)
+    the conversion says so, naming the measured ratio, and is quiet where int8 pays."""
+    import logging
+
+    from ilf_lab.generation.quantize import int8_speed_note, int8_speedup, quantize_linear
+
+    speedup = int8_speedup()
+    assert 0 < speedup < float("inf") and int8_speedup() == speedup  # measured once per process
+    with caplog.at_level(logging.WARNING, logger="ilf_lab.generation.quantize"):
+        quantize_linear(tiny[1], "int8")
+    warned = [r.getMessage() for r in caplog.records if "GEMM" in r.getMessage()]
+    assert warned == ([int8_speed_note(speedup)] if speedup < 1 else [])
+    assert "0.05 x fp32" in int8_speed_note(0.05) and "slower than fp32" in int8_speed_note(0.05)
 
 
 def test_int8_needs_fp32_weights_on_cpu(tiny):

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ilf_lab.generation.packed import PackedLinears, resolve_cpu_linear
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
 from ilf_lab.generation.prefix import SharedPromptCache
@@ -219,6 +220,7 @@ class HFEngine:
         backend: str = "auto",
         refill_fraction: float = 0.0,
         prompt_kv: str | None = None,
+        cpu_linear: str | None = None,
     ) -> None:
         if backend not in ("auto", "slots", "generic"):
             raise ValueError(f"backend must be auto, slots or generic, got {backend!r}")
@@ -235,6 +237,10 @@ class HFEngine:
         # shared (the slots backend's default): a prompt's KV held once for its n samples (prefix.py); 1.26 x
         # the copying cache's kept tok/s on refine prompts, the same pass@k (results/sampling/README.md)
         self.prompt_kv = prompt_kv or ("shared" if self.backend == "slots" else "copy")
+        # onednn (the default for fp32 on CPU in the slots backend): linear layers with weights packed once for
+        # oneDNN, 1.1-1.6 x F.linear's GFLOP/s at the decode shapes (packed.py); aten: F.linear as the model calls it
+        self.cpu_linear = resolve_cpu_linear(cpu_linear, model, self.backend)
+        self._linears = PackedLinears() if self.cpu_linear == "onednn" else None
         # refill freed slots once this share of them is free (0: as soon as one prompt's n samples fit)
         self.refill_fraction = refill_fraction
         self.eos = eos_token_ids(model, tokenizer)
@@ -267,6 +273,8 @@ class HFEngine:
                 cut,
             )
         seeds = prompt_seeds(prompts, params.seed, n)
+        if self._linears is not None and self.backend == "slots":
+            self._linears.pack(self.model)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
         extra = fixed = 0
         if self.prompt_kv == "shared":
@@ -353,9 +361,11 @@ class HFEngine:
 
     def _run_slots(self, ids, seeds, n, params, slots, max_len, stopper, out, bar) -> None:
         if self.prompt_kv == "shared":
-            cache = SharedPromptCache(self.model, slots, max(map(len, ids)), max(self._budget), self.phases)
+            cache = SharedPromptCache(
+                self.model, slots, max(map(len, ids)), max(self._budget), self.phases, self._linears
+            )
         else:
-            cache = SlotCache(self.model, slots, max_len, self.phases)
+            cache = SlotCache(self.model, slots, max_len, self.phases, self._linears)
         queue = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         budget = PREFILL_TOKENS_GPU if self.device.type == "cuda" else PREFILL_TOKENS_CPU
         refill_at = max(n, int(math.ceil(self.refill_fraction * slots)))

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ilf_lab.generation.packed import PackedLinears
 from ilf_lab.generation.phases import OFF, Phases
 from ilf_lab.generation.slots import SlotCache, release_cpu, zeroed_cpu
 
@@ -31,8 +32,11 @@ class SharedPromptCache(SlotCache):
     # a run's fixed cost in prompt slots x columns (its per-layer calls), against the columns a wider run computes
     RUN_COST = 1024
 
-    def __init__(self, model: Any, slots: int, max_prompt: int, max_new: int, phases: Phases = OFF) -> None:
-        super().__init__(model, slots, max(1, max_new), phases)
+    def __init__(
+        self, model: Any, slots: int, max_prompt: int, max_new: int, phases: Phases = OFF,
+        linears: PackedLinears | None = None,
+    ) -> None:
+        super().__init__(model, slots, max(1, max_new), phases, linears)
         cfg = model.config
         # a prompt has at least one active row, so `slots` prompt slots always suffice (on CPU untouched pages
         # cost nothing; on GPU the engine sizes the batch for prompt + new tokens per row, as for SlotCache)

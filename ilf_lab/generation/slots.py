@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ilf_lab.generation.packed import PackedLinears
 from ilf_lab.generation.phases import OFF, Phases
 from ilf_lab.generation.quantize import is_quantized
 
@@ -52,7 +53,9 @@ class SlotCache:
     On CPU the cache is anonymous mmap memory, zero by definition and touched only as far as sequences grow
     (`torch.zeros` would write a refine batch's gigabytes up front: seconds)."""
 
-    def __init__(self, model: Any, slots: int, max_len: int, phases: Phases = OFF) -> None:
+    def __init__(
+        self, model: Any, slots: int, max_len: int, phases: Phases = OFF, linears: PackedLinears | None = None
+    ) -> None:
         cfg = model.config
         self.model = model
         self.inner = model.model
@@ -61,13 +64,15 @@ class SlotCache:
         self.group = self.heads // self.kv_heads
         self.head_dim = head_dim(cfg)
         self.phases = phases
+        self.linears = linears  # oneDNN-packed fp32 linear layers (packed.py), or None: each layer as it is
         p = next(model.parameters())
         self.device, self.weights_dtype = p.device, p.dtype
         # the cache and attention stay fp32 on CPU under bf16/fp16 weights: CPU half-precision batched matmuls
         # over long contexts run several times slower than fp32 (refine prompts: 87 s vs 39 s of attention)
         self.dtype = torch.float32 if p.device.type == "cpu" else p.dtype
         head = model.lm_head  # in vocabulary chunks on CPU, unless int8 (sampling.quantize): then as it is
-        plain = self.device.type == "cpu" and not is_quantized(head) and getattr(head, "bias", None) is None
+        plain = (self.device.type == "cpu" and linears is None and not is_quantized(head)
+                 and getattr(head, "bias", None) is None)
         self.head_chunks = head.weight.split(LM_HEAD_CHUNK) if plain else ()
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
         if self.device.type == "cpu":
@@ -77,9 +82,10 @@ class SlotCache:
 
     def _qkv(self, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, t, _ = h.shape
-        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        lin = self._linear
+        q = lin(attn.q_proj, h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = lin(attn.k_proj, h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = lin(attn.v_proj, h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -101,12 +107,20 @@ class SlotCache:
             q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
             self._store_prompt(i, k, v, row0, copies)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._linear(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1))
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self.lm_head(self.inner.norm(x[torch.arange(b, device=self.device), last]))
 
+    def _linear(self, m: Any, x: torch.Tensor) -> torch.Tensor:
+        return m(x) if self.linears is None else self.linears.linear(m, x)
+
+    def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        return mlp(x) if self.linears is None else self.linears.mlp(mlp, x)
+
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.linears is not None:  # packed: one call is faster than MKL's chunks
+            return self.linears.linear(self.model.lm_head, h).float()
         if len(self.head_chunks) <= 1:
             return self.model.lm_head(h).float()
         return torch.cat([F.linear(h, w) for w in self.head_chunks], dim=-1).float()
@@ -128,12 +142,12 @@ class SlotCache:
             with ph("decode: attention over the cache"):
                 o = self._attend_layer(i, q, k, v, step, attn.scaling)
             with ph("decode: q/k/v/o projections, rope"):
-                o = attn.o_proj(o.reshape(a, 1, -1).to(self.weights_dtype))
+                o = self._linear(attn.o_proj, o.reshape(a, 1, -1).to(self.weights_dtype))
             with ph("decode: norms, residual"):
                 x = x + o
                 h = layer.post_attention_layernorm(x)
             with ph("decode: MLP"):
-                h = layer.mlp(h)
+                h = self._mlp(layer.mlp, h)
             with ph("decode: norms, residual"):
                 x = x + h
         with ph("decode: norms, residual"):

@@ -1,0 +1,118 @@
+"""oneDNN-packed fp32 linear layers (generation/packed.py, `sampling.cpu_linear`): the same products as F.linear to
+float rounding, row-independent, never stale, and the engine's default only where it applies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ilf_lab.generation import SamplingParams, make_engine
+from ilf_lab.generation.hf import HFEngine
+from ilf_lab.generation.packed import PackedLinears, onednn_available, resolve_cpu_linear
+from ilf_lab.models.loading import build_tiny_random, load_model
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN packed linear")
+
+PROMPTS = ["def add(a, b):\n", "Hi", "x = [1, 2, 3]\nfor i in x:\n    print(i)\n" * 3, "import os\n"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama with a wide weight spread (peaked logits: float rounding does not flip greedy paths)."""
+    model, tok = load_model(str(build_tiny_random(tmp_path_factory.mktemp("tiny"))))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model, tok
+
+
+def test_packed_linear_is_f_linear_to_rounding_and_row_independent():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200, bias=True)
+    packed = PackedLinears()
+    x = torch.randn(300, 96)
+    with torch.no_grad():
+        got, ref = packed.linear(lin, x), lin(x)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5) and got.shape == ref.shape
+        for rows in (1, 3, 17, 64, 299):  # a row's output does not depend on the rows beside it
+            assert torch.equal(packed.linear(lin, x[:rows].contiguous()), got[:rows])
+        assert torch.equal(packed.linear(lin, x.view(3, 100, 96)).view(300, 200), got)  # any leading dims
+        swish = packed.linear(lin, x, "swish")
+        assert torch.allclose(swish, torch.nn.functional.silu(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_a_changed_or_replaced_weight_is_repacked():
+    """A trainer may update the weights between two sampling calls: an in-place change bumps the weight's version
+    counter, a replaced weight has a new data pointer; either way the product follows the new weight."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(32, 8, bias=False)
+    packed, x = PackedLinears(), torch.randn(4, 32)
+    with torch.no_grad():
+        before = packed.linear(lin, x)
+        lin.weight.mul_(2)  # in place
+        assert torch.allclose(packed.linear(lin, x), 2 * before, rtol=1e-5, atol=1e-5)
+        lin.weight = torch.nn.Parameter(torch.randn(8, 32))  # replaced
+        assert torch.allclose(packed.linear(lin, x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_other_layers_run_as_they_are():
+    """An int8 layer, a Linear subclass, a bf16 layer or an MLP of another shape is called as it is."""
+    from ilf_lab.generation.quantize import Int8Linear
+
+    class Sub(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    torch.manual_seed(2)
+    packed, x = PackedLinears(), torch.randn(3, 16)
+    q = Int8Linear(torch.nn.Linear(16, 4))
+    sub, half = Sub(16, 4), torch.nn.Linear(16, 4).to(torch.bfloat16)
+    gelu_mlp = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.GELU())
+    with torch.no_grad():
+        assert torch.equal(packed.linear(q, x), q(x)) and torch.equal(packed.linear(sub, x), sub(x))
+        assert torch.equal(packed.linear(half, x.bfloat16()), half(x.bfloat16()))
+        assert torch.equal(packed.mlp(gelu_mlp, x), gelu_mlp(x))
+
+
+def test_llama_mlp_with_fused_silu_matches_the_model(tiny):
+    model, _ = tiny
+    mlp, x = model.model.layers[0].mlp, torch.randn(5, 1, model.config.hidden_size)
+    with torch.no_grad():
+        assert torch.allclose(PackedLinears().mlp(mlp, x), mlp(x), rtol=1e-4, atol=1e-4)
+
+
+def test_engine_default_and_its_checks(tiny):
+    model, tok = tiny
+    assert HFEngine(model, tok).cpu_linear == "onednn"  # fp32 on CPU, slots backend
+    assert HFEngine(model, tok, backend="generic").cpu_linear == "aten"
+    assert HFEngine(model, tok, cpu_linear="aten").cpu_linear == "aten"
+    with pytest.raises(ValueError, match="cpu_linear must be aten, onednn or None"):
+        resolve_cpu_linear("mkl", model, "slots")
+    with pytest.raises(ValueError, match="needs fp32 weights on CPU and the slots backend"):
+        HFEngine(model, tok, backend="generic", cpu_linear="onednn")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert HFEngine(half, tok).cpu_linear == "aten"
+    with pytest.raises(ValueError, match=r"got torch.bfloat16 on cpu"):
+        HFEngine(half, tok, cpu_linear="onednn")
+    with pytest.raises(ValueError, match="cpu_linear applies to the hf engine"):
+        make_engine("vllm", "unused", cpu_linear="aten")
+
+
+@pytest.mark.parametrize("prompt_kv", ["shared", "copy"])
+def test_onednn_engine_samples_like_aten_and_independently_of_the_batch(tiny, prompt_kv):
+    """Greedy paths equal F.linear's (the tiny model's logits are peaked); sampled paths depend only on the seed
+    and their own prompt, not on the batch size or on which prompts share the call."""
+    model, tok = tiny
+    one = HFEngine(model, tok, batch_size=5, prompt_kv=prompt_kv, cpu_linear="onednn")
+    aten = HFEngine(model, tok, batch_size=5, prompt_kv=prompt_kv, cpu_linear="aten")
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)
+    assert one.generate(PROMPTS, greedy) == aten.generate(PROMPTS, greedy)
+    p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
+    together = one.generate(PROMPTS, p)
+    assert together[2] == one.generate([PROMPTS[2]], p)[0]
+    big = HFEngine(model, tok, batch_size=12, prompt_kv=prompt_kv, cpu_linear="onednn")
+    assert together == big.generate(PROMPTS, p)
