@@ -37,6 +37,8 @@ def mm_gflops(m: int, k: int, n: int, seconds: float = 0.3, trials: int = 5, kin
     the weight packed once (the engine's default on CPU, generation/packed.py), `int8` = the engine's int8 layer
     (its FLOPs counted as fp32's); best of a few short trials, so a moment of contention from another process
     does not define the roofline."""
+    if kind not in ("aten", "onednn", "int8"):
+        raise ValueError(f"unknown matmul kind {kind!r}")
     x, w = torch.randn(m, k), torch.randn(n, k)
     f = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
     if kind == "onednn":
@@ -44,7 +46,7 @@ def mm_gflops(m: int, k: int, n: int, seconds: float = 0.3, trials: int = 5, kin
 
         packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
         f = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
-    if kind == "int8":
+    elif kind == "int8":
         from ilf_lab.generation.quantize import Int8Linear
 
         lin = torch.nn.Linear(k, n, bias=False)
@@ -78,16 +80,19 @@ def decode_shapes(model) -> list[tuple[int, int, int]]:
     ]
 
 
-def roofline(model, rows: int, kinds: tuple[str, ...] = ("aten",)) -> tuple[float, float]:
-    """(GFLOP/s over the decode step's linear layers at `rows` rows, weighted by their FLOPs, each shape at the
-    fastest of `kinds`; GFLOP per token of those layers = 2 x their parameters)."""
-    flops = secs = 0.0
+def roofline(model, rows: int, kinds: tuple[str, ...] = ("aten",)) -> tuple[dict[str, float], float]:
+    """({kind: GFLOP/s over the decode step's linear layers at `rows` rows, weighted by their FLOPs; "best": each
+    shape at the fastest kind}, GFLOP per token of those layers = 2 x their parameters). Each shape and kind is
+    measured once."""
+    total, secs = 0.0, {kind: 0.0 for kind in (*kinds, "best")}
     for k, n, count in decode_shapes(model):
-        g = max(mm_gflops(rows, k, n, kind=kind) for kind in kinds)
         f = 2 * k * n * count
-        flops += f
-        secs += f / (g * 1e9)
-    return flops / secs / 1e9, flops / 1e9
+        rates = {kind: mm_gflops(rows, k, n, kind=kind) for kind in kinds}
+        rates["best"] = max(rates.values())
+        total += f
+        for kind, g in rates.items():
+            secs[kind] += f / (g * 1e9)
+    return {kind: total / s / 1e9 for kind, s in secs.items()}, total / 1e9
 
 
 def attention_gflop_per_token(model, context: float) -> float:
@@ -183,9 +188,8 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     rows = max(1, round(stats.get("rows_mean", stats["batch_size"])))  # mean active rows per decode step
     # the roofline is the host's fastest fp32 matmul at each decode shape: F.linear's (MKL), or oneDNN's with the
     # weight packed (what the engine calls by default) where this torch has it; before session 11 F.linear's only
-    mm_aten, lin_gflop = roofline(model, rows)
-    mm_onednn = roofline(model, rows, ("onednn",))[0] if onednn_available() else None
-    mm = max(mm_aten, mm_onednn or 0.0)
+    rates, lin_gflop = roofline(model, rows, ("aten", "onednn") if onednn_available() else ("aten",))
+    mm, mm_aten, mm_onednn = rates["best"], rates["aten"], rates.get("onednn")  # best: per shape, the faster
     mean_gen = gen_tokens / (len(prompts) * args.n)
     context = sum(plen) / len(plen) + mean_gen / 2
     gflop = lin_gflop + attention_gflop_per_token(model, context)
@@ -204,7 +208,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     )
     share8 = None
     if args.quantize:  # the same FLOPs at the int8 layer's own rate: how far the int8 engine is from its limit
-        mm8, _ = roofline(model, rows, ("int8",))
+        mm8 = roofline(model, rows, ("int8",))[0]["int8"]
         share8 = gen_rate * gflop / mm8
         print(f"int8 roofline: the engine's Int8Linear at the same shapes {mm8:.1f} GFLOP/s (fp32-equivalent); "
               f"generated tok/s = {100 * share8:.0f}% of it")

@@ -453,6 +453,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"sampling.prompt_kv={cfg.sampling.prompt_kv} needs sampling.engine=hf (vLLM pages its own cache)")
     if cfg.sampling.cpu_linear and cfg.sampling.engine != "hf":
         raise ConfigError(f"sampling.cpu_linear={cfg.sampling.cpu_linear} needs sampling.engine=hf (vLLM runs on GPU)")
+    if cfg.sampling.cpu_linear == "onednn" and (
+        cfg.sampling.quantize or (cfg.sampling.dtype or cfg.model.dtype) != "float32"
+    ):
+        raise ConfigError("sampling.cpu_linear=onednn packs fp32 linear layers: it needs fp32 sampling weights "
+                          "(sampling.dtype=float32, or null with model.dtype=float32) and sampling.quantize=null")
     if cfg.sampling.quantize and (cfg.sampling.engine != "hf" or (cfg.sampling.dtype or cfg.model.dtype) != "float32"):
         raise ConfigError(f"sampling.quantize={cfg.sampling.quantize} needs sampling.engine=hf and fp32 sampling "
                           "weights (sampling.dtype=float32, or null with model.dtype=float32)")

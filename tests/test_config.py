@@ -177,6 +177,8 @@ def test_nan_inf_and_impossible_sizes_fail_at_start(override, key, tmp_path):
         (["sampling.prompt_kv=paged"], "sampling.prompt_kv='paged' is not one of"),
         (["sampling.cpu_linear=onednn", "sampling.engine=vllm"], "sampling.cpu_linear=onednn needs sampling.engine=hf"),
         (["sampling.cpu_linear=mkl"], "sampling.cpu_linear='mkl' is not one of"),
+        (["sampling.cpu_linear=onednn", "sampling.dtype=bfloat16"], "sampling.cpu_linear=onednn packs fp32 linear"),
+        (["sampling.cpu_linear=onednn", "sampling.quantize=int8"], "sampling.cpu_linear=onednn packs fp32 linear"),
     ],
 )
 def test_values_that_used_to_fail_mid_run_fail_at_start(overrides, message):

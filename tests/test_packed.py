@@ -40,23 +40,29 @@ def test_packed_linear_is_f_linear_to_rounding_and_row_independent():
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5) and got.shape == ref.shape
         for rows in (1, 3, 17, 64, 299):  # a row's output does not depend on the rows beside it
             assert torch.equal(packed.linear(lin, x[:rows].contiguous()), got[:rows])
-        assert torch.equal(packed.linear(lin, x.view(3, 100, 96)).view(300, 200), got)  # any leading dims
+        three = packed.linear(lin, x.view(3, 100, 96))  # any leading dims
+        assert three.shape == (3, 100, 200) and torch.equal(three.reshape(300, 200), got)
+        strided = x.t().contiguous().t()  # not contiguous
+        assert not strided.is_contiguous() and torch.allclose(packed.linear(lin, strided), ref, rtol=1e-5, atol=1e-5)
         swish = packed.linear(lin, x, "swish")
         assert torch.allclose(swish, torch.nn.functional.silu(ref), rtol=1e-5, atol=1e-5)
 
 
-def test_a_changed_or_replaced_weight_is_repacked():
-    """A trainer may update the weights between two sampling calls: an in-place change bumps the weight's version
-    counter, a replaced weight has a new data pointer; either way the product follows the new weight."""
-    torch.manual_seed(1)
-    lin = torch.nn.Linear(32, 8, bias=False)
-    packed, x = PackedLinears(), torch.randn(4, 32)
+def test_weights_changed_between_calls_are_sampled_with(tiny):
+    """A trainer may update the weights between two sampling calls, in place and even through `.data` (no version
+    bump): the engine packs afresh each call, so the second call samples the new weights, and drops the copies."""
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    one = HFEngine(model, tok, batch_size=5, cpu_linear="onednn")
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=8)
+    before = one.generate(PROMPTS, greedy)
+    assert one.last_stats["packed_linears"] > 0 and one._linears is None
     with torch.no_grad():
-        before = packed.linear(lin, x)
-        lin.weight.mul_(2)  # in place
-        assert torch.allclose(packed.linear(lin, x), 2 * before, rtol=1e-5, atol=1e-5)
-        lin.weight = torch.nn.Parameter(torch.randn(8, 32))  # replaced
-        assert torch.allclose(packed.linear(lin, x), lin(x), rtol=1e-5, atol=1e-5)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.data.mul_(-3.0)
+        model.lm_head.weight.data.copy_(model.lm_head.weight.data.flip(0))  # tied to the embedding
+    after = one.generate(PROMPTS, greedy)
+    assert after != before and after == HFEngine(model, tok, batch_size=5, cpu_linear="aten").generate(PROMPTS, greedy)
 
 
 def test_other_layers_run_as_they_are():
@@ -71,11 +77,27 @@ def test_other_layers_run_as_they_are():
     packed, x = PackedLinears(), torch.randn(3, 16)
     q = Int8Linear(torch.nn.Linear(16, 4))
     sub, half = Sub(16, 4), torch.nn.Linear(16, 4).to(torch.bfloat16)
+    hooked = torch.nn.Linear(16, 4)
+    hooked.register_forward_hook(lambda mod, inp, out: out * 0)
     gelu_mlp = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.GELU())
+
+    class GeluGated(torch.nn.Module):  # a gate/up/down MLP whose activation is not SiLU
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(16, 8), torch.nn.Linear(16, 8),
+                                                            torch.nn.Linear(8, 16))
+            self.act_fn = torch.nn.GELU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    gated = GeluGated()
     with torch.no_grad():
         assert torch.equal(packed.linear(q, x), q(x)) and torch.equal(packed.linear(sub, x), sub(x))
         assert torch.equal(packed.linear(half, x.bfloat16()), half(x.bfloat16()))
-        assert torch.equal(packed.mlp(gelu_mlp, x), gelu_mlp(x))
+        assert torch.equal(packed.linear(hooked, x), torch.zeros(3, 4))  # its hook still runs
+        assert torch.equal(packed.mlp(gelu_mlp, x), gelu_mlp(x)) and torch.equal(packed.mlp(gated, x), gated(x))
+    assert len(packed) == 0  # none of them was packed
 
 
 def test_llama_mlp_with_fused_silu_matches_the_model(tiny):
@@ -100,6 +122,12 @@ def test_engine_default_and_its_checks(tiny):
         HFEngine(half, tok, cpu_linear="onednn")
     with pytest.raises(ValueError, match="cpu_linear applies to the hf engine"):
         make_engine("vllm", "unused", cpu_linear="aten")
+    from ilf_lab.generation.quantize import quantize_linear
+
+    int8 = quantize_linear(model, "int8")  # nothing left to pack: the default is aten, onednn is refused
+    assert HFEngine(int8, tok).cpu_linear == "aten"
+    with pytest.raises(ValueError, match="no plain fp32 nn.Linear layer to pack"):
+        HFEngine(int8, tok, cpu_linear="onednn")
 
 
 @pytest.mark.parametrize("prompt_kv", ["shared", "copy"])
@@ -111,6 +139,7 @@ def test_onednn_engine_samples_like_aten_and_independently_of_the_batch(tiny, pr
     aten = HFEngine(model, tok, batch_size=5, prompt_kv=prompt_kv, cpu_linear="aten")
     greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)
     assert one.generate(PROMPTS, greedy) == aten.generate(PROMPTS, greedy)
+    assert one.last_stats["packed_linears"] > 0 and aten.last_stats["packed_linears"] == 0
     p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
     together = one.generate(PROMPTS, p)
     assert together[2] == one.generate([PROMPTS[2]], p)[0]

@@ -240,7 +240,7 @@ class HFEngine:
         # onednn (the default for fp32 on CPU in the slots backend): linear layers with weights packed once for
         # oneDNN, 1.1-1.6 x F.linear's GFLOP/s at the decode shapes (packed.py); aten: F.linear as the model calls it
         self.cpu_linear = resolve_cpu_linear(cpu_linear, model, self.backend)
-        self._linears = PackedLinears() if self.cpu_linear == "onednn" else None
+        self._linears: PackedLinears | None = None  # one per generate() call (packed.py)
         # refill freed slots once this share of them is free (0: as soon as one prompt's n samples fit)
         self.refill_fraction = refill_fraction
         self.eos = eos_token_ids(model, tokenizer)
@@ -273,7 +273,8 @@ class HFEngine:
                 cut,
             )
         seeds = prompt_seeds(prompts, params.seed, n)
-        if self._linears is not None and self.backend == "slots":
+        if self.cpu_linear == "onednn":  # packed now, before the batch is sized from free memory; dropped after
+            self._linears = PackedLinears()
             self._linears.pack(self.model)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
         extra = fixed = 0
@@ -310,7 +311,9 @@ class HFEngine:
         finally:
             torch.use_deterministic_algorithms(was_deterministic)
             bar.close()
+            packed, self._linears = len(self._linears or ()), None
         self.last_stats = {
+            "packed_linears": packed,  # linear layers this call ran through oneDNN-packed weights (packed.py)
             "seconds": time.perf_counter() - t0,
             "generated_tokens": bar.tokens,
             "batch_size": slots,

@@ -4,9 +4,11 @@
 decode step's shapes (~100 rows against a 576 x 1536 weight) that is a real share of the work. oneDNN can take
 the weight already in its blocked layout (`_reorder_linear_weight`, done once per weight here) and fuse the MLP's
 SiLU into the gate projection. On this project's AVX2 host that is 1.1-1.6 x `F.linear`'s GFLOP/s at the decode
-shapes and 2.4 x for the LM head at 32 rows (results/sampling/README.md, session 11). It is also row-independent:
-a row's output is bitwise the same whatever other rows share the call, which `F.linear` is not for 1-3 rows.
-Sums are blocked differently from MKL's, so logits agree with `F.linear` to float rounding, not bitwise.
+shapes and 2.4 x for the LM head at 32 rows (results/sampling/README.md, session 11). There it was also
+row-independent (a row's output bitwise the same at 1 to 2,048 rows, which `F.linear`'s is not at 1-3 rows;
+tests/test_packed.py checks it on the host that runs them). Sums are blocked differently from MKL's, so logits
+agree with `F.linear` to float rounding, not bitwise. The engine packs at the start of each sampling call and
+drops the copies at its end: they never outlive, or go stale against, the weights they copy.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 CPU_LINEARS = ("aten", "onednn")
-PACK_ROWS = 64  # the row count oneDNN's packing is tuned for; any row count works with the packed weight
+PACK_ROWS = 64  # the row count hinted to oneDNN's packing (a decode step's order); any row count works with it
 
 
 def onednn_available() -> bool:
@@ -38,41 +40,42 @@ def resolve_cpu_linear(choice: str | None, model: Any, backend: str) -> str:
         if not fits:
             raise ValueError(f"cpu_linear=onednn needs fp32 weights on CPU and the slots backend (got {p.dtype} on "
                              f"{p.device.type}, backend {backend})")
+        if not any(_plain(m) for m in model.modules()):
+            raise ValueError("cpu_linear=onednn: the model has no plain fp32 nn.Linear layer to pack (int8?)")
         if not onednn_available():
             raise ValueError("cpu_linear=onednn: this torch build has no oneDNN packed linear (use aten)")
+    fits = fits and any(_plain(m) for m in model.modules())  # an int8 model keeps no fp32 linear layer
     return choice or ("onednn" if fits and onednn_available() else "aten")
 
 
 class PackedLinears:
-    """Calls a model's plain fp32 `nn.Linear` layers with oneDNN-packed weights; anything else (int8 layers, a
-    Linear subclass, another dtype) is called as it is. A packed weight is rebuilt when its layer's weight is
-    replaced or changed in place (its data pointer or version counter moves), so it never serves stale weights."""
+    """Calls a model's plain fp32 `nn.Linear` layers with oneDNN-packed weights, packed on first use; anything
+    else (int8 layers, a Linear subclass, a layer with hooks, another dtype) is called as it is. Meant to live for
+    one sampling call, while the weights cannot change (`HFEngine.generate` makes one per call)."""
 
     def __init__(self) -> None:
-        self._packed: dict[int, tuple[torch.nn.Module, tuple[int, int], torch.Tensor]] = {}
+        self._packed: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # id(layer) -> (layer, packed weight)
+
+    def __len__(self) -> int:
+        return len(self._packed)
 
     def _weight(self, m: torch.nn.Linear) -> torch.Tensor:
-        w = m.weight
-        try:
-            key = (w.data_ptr(), w._version)
-        except RuntimeError:  # an inference tensor has no version counter; it cannot change in place either
-            key = (w.data_ptr(), -1)
         hit = self._packed.get(id(m))
-        if hit is None or hit[0] is not m or hit[1] != key:
-            hit = (m, key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS))
+        if hit is None or hit[0] is not m:  # the layer is held, so its id is not reused while the entry lives
+            hit = (m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_ROWS))
             self._packed[id(m)] = hit
-        return hit[2]
+        return hit[1]
 
     def pack(self, model: Any) -> None:
         """Pack every plain fp32 linear layer now (before the engine sizes its batch from free memory: the packed
         copies take as much as the weights)."""
         for m in model.modules():
-            if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32:
+            if _plain(m):
                 self._weight(m)
 
     def linear(self, m: Any, x: torch.Tensor, act: str = "none") -> torch.Tensor:
         """m(x), with `act` ("none" or "swish" = SiLU) applied after it."""
-        if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and x.dtype == torch.float32:
+        if _plain(m) and x.dtype == torch.float32:
             return torch.ops.mkldnn._linear_pointwise(x, self._weight(m), m.bias, act, [], "")
         y = m(x)
         return torch.nn.functional.silu(y) if act == "swish" else y
@@ -86,6 +89,12 @@ class PackedLinears:
             return mlp(x)
         gate = self.linear(mlp.gate_proj, x, "swish")
         return self.linear(mlp.down_proj, gate.mul_(self.linear(mlp.up_proj, x)))
+
+
+def _plain(m: Any) -> bool:
+    """An fp32 `nn.Linear` whose call is exactly F.linear: not a subclass, no hooks, no patched forward."""
+    return (type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and not m._forward_hooks
+            and not m._forward_pre_hooks and "forward" not in m.__dict__)
 
 
 def _is_silu(fn: Any) -> bool:

@@ -91,10 +91,12 @@ def quantize_linear(model: Any, mode: str, copy: bool = True) -> Any:
 
 @functools.cache
 def int8_speedup(rows: int = 64, k: int = 1024, n: int = 1024) -> float:
-    """int8 GEMM time over fp32's on this CPU at a decode-like shape (best of a few calls each; once per process).
+    """How many times faster int8 GEMM is than fp32's on this CPU at a decode-like shape (fp32's best time over
+    int8's, a few calls each; measured once per process, on fixed inputs: the global RNG is left alone).
     Without int8 dot-product instructions (AVX512-VNNI, AMX) torch's CPU `_int_mm` falls back to a slow path:
     0.05 x fp32 on an AVX2-only EPYC (results/sampling/README.md, session 11)."""
-    x, w = torch.randn(rows, k), torch.randn(n, k)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
     xq, wq = x.to(torch.int8), w.t().contiguous().to(torch.int8)
 
     def best(f) -> float:

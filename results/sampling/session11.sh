@@ -2,7 +2,8 @@
 # Session 11's measurements for issue 20 on a 2-core AVX2-only EPYC (no AVX-512, no VNNI), run alone on the host,
 # from the repository root:   bash results/sampling/session11.sh [bench|default|numerics|int8probe]...
 # bench: the benchmark with F.linear (aten, the engine before this session) and with the new default (oneDNN
-#   packed weights);
+#   packed weights); session11_fp32_aten.txt itself was made by session 10's benchmark at ba9000a (no
+#   --cpu-linear flag yet, F.linear roofline only), before the change, with `python benchmarks/sampling.py`;
 # default: the default `python -m ilf_lab` from a cold stage cache (model already converted) with this checkout
 #   (the run before, at ba9000a, is session11_default.txt's first line: same host, same session);
 # numerics: zero-shot on all of MBPPTest x 10, fp32, default engine, seed 0: the sample seeds of session 10's
