@@ -121,3 +121,27 @@ def run_dag(cfg):
     except StopAfter:
         pass
     return run
+
+
+# prompts the sampling-engine tests share (short, long, repeated lines)
+PROMPTS = ["def add(a, b):\n", "Hi", "x = [1, 2, 3]\nfor i in x:\n    print(i)\n" * 3, "import os\n"]
+
+
+@pytest.fixture(scope="session")
+def peaked_llama(tmp_path_factory):
+    """A tiny random Llama whose weights are re-drawn with a large spread so greedy paths vary (the default
+    init makes it repeat one token)."""
+    import torch
+
+    from ilf_lab.models.loading import build_tiny_random, load_model
+
+    path = build_tiny_random(tmp_path_factory.mktemp("tiny"))
+    model, tok = load_model(str(path))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * 1.0
+                )  # peaked logits: no near-ties for fp32 noise to flip
+    return str(path), model, tok

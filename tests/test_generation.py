@@ -4,7 +4,6 @@ invariance, and (slow) a real SmolLM2 chat completion that parses as Python."""
 from __future__ import annotations
 
 import ast
-import copy
 import dataclasses
 import os
 
@@ -14,30 +13,13 @@ import torch
 from ilf_lab.generation import SamplingParams, make_engine, vllm_available
 from ilf_lab.generation.hf import HFEngine
 from ilf_lab.generation.sampling import StopChecker, choose_tokens, cut_at_stop
-from ilf_lab.models.loading import build_tiny_random, load_model
+from tests.conftest import PROMPTS
 
-PROMPTS = ["def add(a, b):\n", "Hi", "x = [1, 2, 3]\nfor i in x:\n    print(i)\n" * 3, "import os\n"]
 BACKENDS = ["slots", "slots-shared", "generic"]  # slots-shared: sampling.prompt_kv=shared (prefix.py)
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """A tiny random Llama whose weights are re-drawn with a large spread so greedy paths vary (the default
-    init makes it repeat one token)."""
-    path = build_tiny_random(tmp_path_factory.mktemp("tiny"))
-    model, tok = load_model(str(path))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(
-                    torch.randn(p.shape, generator=g) * 1.0
-                )  # peaked logits: no near-ties for fp32 noise to flip
-    return str(path), model, tok
-
-
-def _engine(tiny, backend, batch_size=8):
-    _, model, tok = tiny
+def _engine(peaked_llama, backend, batch_size=8):
+    _, model, tok = peaked_llama
     backend, _, shared = backend.partition("-")
     return HFEngine(model, tok, batch_size=batch_size, backend=backend, prompt_kv="shared" if shared else "copy")
 
@@ -50,16 +32,16 @@ def _hf_greedy(model, tok, prompt, max_new):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_n_completions_in_prompt_order(tiny, backend):
-    out = _engine(tiny, backend).generate(PROMPTS, SamplingParams(n=3, max_new_tokens=6, seed=1))
+def test_n_completions_in_prompt_order(peaked_llama, backend):
+    out = _engine(peaked_llama, backend).generate(PROMPTS, SamplingParams(n=3, max_new_tokens=6, seed=1))
     assert len(out) == len(PROMPTS) and all(len(o) == 3 for o in out)
     assert all(isinstance(c, str) for o in out for c in o)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_greedy_matches_model_generate(tiny, backend):
-    _, model, tok = tiny
-    out = _engine(tiny, backend).generate(PROMPTS, SamplingParams(n=2, temperature=0, max_new_tokens=24))
+def test_greedy_matches_model_generate(peaked_llama, backend):
+    _, model, tok = peaked_llama
+    out = _engine(peaked_llama, backend).generate(PROMPTS, SamplingParams(n=2, temperature=0, max_new_tokens=24))
     for prompt, (a, b) in zip(PROMPTS, out, strict=True):
         assert a == b  # greedy: n identical samples
         assert a == _hf_greedy(model, tok, prompt, 24)
@@ -67,9 +49,9 @@ def test_greedy_matches_model_generate(tiny, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic_algorithms_mode_does_not_break_sampling(tiny, backend):
+def test_deterministic_algorithms_mode_does_not_break_sampling(peaked_llama, backend):
     """Lightning's deterministic=True leaves this global flag set after a training stage in the same process."""
-    eng = _engine(tiny, backend)
+    eng = _engine(peaked_llama, backend)
     params = SamplingParams(n=2, temperature=0.8, max_new_tokens=16, seed=3)
     free = eng.generate(PROMPTS, params)
     torch.use_deterministic_algorithms(True)
@@ -81,8 +63,8 @@ def test_deterministic_algorithms_mode_does_not_break_sampling(tiny, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_batching_does_not_change_greedy(tiny, backend):
-    eng = _engine(tiny, backend, batch_size=3)  # forces refills / several groups
+def test_batching_does_not_change_greedy(peaked_llama, backend):
+    eng = _engine(peaked_llama, backend, batch_size=3)  # forces refills / several groups
     params = SamplingParams(temperature=0, max_new_tokens=16)
     together = eng.generate(PROMPTS, params)
     alone = [eng.generate([p], params)[0] for p in PROMPTS]
@@ -90,8 +72,8 @@ def test_batching_does_not_change_greedy(tiny, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_same_seed_same_samples_different_seed_differs(tiny, backend):
-    eng = _engine(tiny, backend)
+def test_same_seed_same_samples_different_seed_differs(peaked_llama, backend):
+    eng = _engine(peaked_llama, backend)
     p = SamplingParams(n=4, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7)
     a, b = eng.generate(PROMPTS, p), eng.generate(PROMPTS, p)
     assert a == b
@@ -101,20 +83,20 @@ def test_same_seed_same_samples_different_seed_differs(tiny, backend):
 
 
 @pytest.mark.parametrize("backend", ["slots", "slots-shared"])
-def test_samples_do_not_depend_on_the_other_prompts(tiny, backend):
-    eng = _engine(tiny, backend, batch_size=5)
+def test_samples_do_not_depend_on_the_other_prompts(peaked_llama, backend):
+    eng = _engine(peaked_llama, backend, batch_size=5)
     p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
     together = eng.generate(PROMPTS, p)
     assert together[2] == eng.generate([PROMPTS[2]], p)[0]
     assert together[0] == eng.generate(PROMPTS[:1], p)[0]
 
 
-def test_backends_agree_on_samples(tiny):
+def test_backends_agree_on_samples(peaked_llama):
     p = SamplingParams(n=3, temperature=0.8, max_new_tokens=10, seed=5)
-    slots = _engine(tiny, "slots").generate(PROMPTS, p)
-    assert slots == _engine(tiny, "generic").generate(PROMPTS, p)
+    slots = _engine(peaked_llama, "slots").generate(PROMPTS, p)
+    assert slots == _engine(peaked_llama, "generic").generate(PROMPTS, p)
     for batch_size in (3, 4, 7, 64):  # 3: one prompt at a time; 4, 7: prompts come and go mid-batch
-        assert _engine(tiny, "slots-shared", batch_size).generate(PROMPTS, p) == slots
+        assert _engine(peaked_llama, "slots-shared", batch_size).generate(PROMPTS, p) == slots
 
 
 @pytest.mark.parametrize("run_cost", [1024, 0])  # 1024: one run of prompt slots here; 0: a run per width
@@ -225,9 +207,9 @@ def test_prompt_runs_set_a_long_prompt_apart():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stop_strings_cut_and_stop(tiny, backend):
-    _, _, tok = tiny
-    eng = _engine(tiny, backend)
+def test_stop_strings_cut_and_stop(peaked_llama, backend):
+    _, _, tok = peaked_llama
+    eng = _engine(peaked_llama, backend)
     free = eng.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_new_tokens=40, seed=2))
     # stop at a character the unconstrained samples actually produce
     text = "".join(c for o in free for c in o)
@@ -245,8 +227,8 @@ def test_stop_strings_cut_and_stop(tiny, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_max_new_tokens_respected(tiny, backend):
-    eng = _engine(tiny, backend)
+def test_max_new_tokens_respected(peaked_llama, backend):
+    eng = _engine(peaked_llama, backend)
     out = eng.generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
     # byte-level tokenizer: a token is one byte (<= 1 character) or a special token
     assert all(len(c) <= 5 * len("<|endoftext|>") for o in out for c in o)
@@ -279,8 +261,8 @@ def test_top_p_keeps_only_the_nucleus():
     assert choose_tokens(logits, 0.0, 0.75, None).tolist() == [0] * 400
 
 
-def test_make_engine_reuses_loaded_model(tiny):
-    path, model, tok = tiny
+def test_make_engine_reuses_loaded_model(peaked_llama):
+    path, model, tok = peaked_llama
     eng = make_engine("hf", path, model=model, tokenizer=tok, batch_size=4)
     assert eng.model is model
     out = eng.generate(["abc"], SamplingParams(n=2, max_new_tokens=3))
@@ -291,8 +273,8 @@ def test_make_engine_reuses_loaded_model(tiny):
 
 @pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (optional GPU extra)")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="vllm needs a CUDA GPU")
-def test_vllm_engine_contract(tiny):
-    path, model, tok = tiny
+def test_vllm_engine_contract(peaked_llama):
+    path, model, tok = peaked_llama
     eng = make_engine("vllm", path)
     out = eng.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=8, stop=("e",)))
     assert [len(o) for o in out] == [3] * len(PROMPTS)
@@ -336,12 +318,12 @@ def test_smollm2_greedy_chat_completion_parses(tmp_path_factory):
     assert "def " in program
 
 
-def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
+def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(peaked_llama):
     """`sampling.dtype=bfloat16` loads the sampling engine in bf16 while `model.dtype` (training) stays fp32; null
     keeps the model's dtype. The engine still samples (bf16 matmuls, softmax in fp32)."""
     from ilf_lab.pipeline.stages.common import EngineConfig, engine_for
 
-    path = tiny[0]
+    path = peaked_llama[0]
     eng16, _ = engine_for(
         path,
         EngineConfig(
@@ -375,24 +357,24 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(tiny):
     assert engine_for(path, dataclasses.replace(plain, cpu_linear="aten"))[0].cpu_linear == "aten"
 
 
-def test_batch_sizing_counts_the_shared_caches_grid(tiny):
+def test_batch_sizing_counts_the_shared_caches_grid(peaked_llama):
     """The shared cache's grid scores can hold n sample places per live row: the automatic batch size counts
     them (a per-row term), so it is smaller than without them."""
     from ilf_lab.generation.hf import auto_batch_size
 
-    _, model, _ = tiny
+    _, model, _ = peaked_llama
     cpu = torch.device("cpu")
     plain = auto_batch_size(model, 64, cpu)
     assert auto_batch_size(model, 64, cpu, extra_per_row=2**30) < plain
 
 
-def test_one_long_prompt_does_not_size_every_row_of_the_shared_cache(tiny, monkeypatch):
+def test_one_long_prompt_does_not_size_every_row_of_the_shared_cache(peaked_llama, monkeypatch):
     """On CPU the shared cache's prompt store holds each prompt once (only touched pages count), so a long
     prompt among short ones costs its own tokens, not `longest` per row as in the copied cache: on a host with
     little free memory the shared engine still gets a wide batch, and its samples are those of a wide batch."""
     import ilf_lab.generation.hf as hf
 
-    _, model, tok = tiny
+    _, model, tok = peaked_llama
     prompts = ["def f(x):\n", "x = 1\n", "def g(y):\n", "# " + "word " * 600 + "\n"]  # within its 4,096 positions
     params = SamplingParams(n=2, temperature=0.8, max_new_tokens=8, seed=2)
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -405,14 +387,14 @@ def test_one_long_prompt_does_not_size_every_row_of_the_shared_cache(tiny, monke
     assert shared.generate(prompts, params) == wide and shared.last_stats["batch_size"] >= 8  # all rows at once
 
 
-def test_the_cache_starts_zero_whatever_the_heap_held(tiny):
+def test_the_cache_starts_zero_whatever_the_heap_held(peaked_llama):
     """Attention reads columns no row wrote in its slot (masked, but 0 x V), so they must be finite. A previous
     batch may have left NaN where the next cache is allocated: free a NaN tensor of the cache's size first."""
     import gc
 
     from ilf_lab.generation.slots import SlotCache
 
-    _, model, tok = tiny
+    _, model, tok = peaked_llama
     shape = SlotCache(model, 8, 64).kv.shape
     junk = torch.full(shape, float("nan"))
     del junk
@@ -427,87 +409,3 @@ def test_the_cache_starts_zero_whatever_the_heap_held(tiny):
     assert HFEngine(model, tok, batch_size=3).generate(PROMPTS, p) == [
         [_hf_greedy(model, tok, x, 16)] * 2 for x in PROMPTS
     ]
-
-
-def test_int8_linear_layers_track_fp32_and_leave_the_model_alone(tiny, tmp_path):
-    """`sampling.quantize=int8`: every linear layer (the LM head too) of a copy becomes int8; its logits stay
-    within int8's rounding of fp32's (a bug in scales or layout would be off by O(1)); the input model is
-    untouched, since a trainer may hold it."""
-    from ilf_lab.generation.quantize import Int8Linear, quantize_linear
-
-    model, tok = load_model(str(build_tiny_random(tmp_path)))  # default init: no blown-up activations
-    q = quantize_linear(model, "int8")
-    assert isinstance(q.lm_head, Int8Linear) and isinstance(q.model.layers[0].mlp.down_proj, Int8Linear)
-    assert not any(isinstance(m, Int8Linear) for m in model.modules())
-    ids = tok(PROMPTS[2], return_tensors="pt").input_ids
-    with torch.inference_mode():
-        ref, got = model(ids).logits, q(ids).logits
-    err = float((got - ref).norm() / ref.norm())
-    assert 0 < err < 0.05, err
-    lin = torch.nn.Linear(64, 5, bias=True)
-    x = torch.randn(3, 7, 64)
-    with torch.no_grad():
-        err = float((Int8Linear(lin)(x) - lin(x)).norm() / lin(x).norm())
-        assert 0 < err < 0.02, err
-        assert torch.equal(Int8Linear(lin)(torch.zeros(2, 64)), lin.bias.expand(2, 5))
-
-
-@pytest.mark.parametrize("prompt_kv", ["shared", "copy"])
-def test_int8_samples_depend_only_on_their_own_prompt(tiny, prompt_kv):
-    """Inputs are quantised per row, and int8 products sum exactly, so a prompt's samples do not depend on what
-    is batched beside it or on the batch size; the seed still decides them (with either prompt KV cache)."""
-    from ilf_lab.generation.quantize import quantize_linear
-
-    _, model, tok = tiny
-    int8 = quantize_linear(model, "int8")
-    eng = HFEngine(int8, tok, batch_size=5, prompt_kv=prompt_kv)
-    p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
-    together = eng.generate(PROMPTS, p)
-    assert together[2] == eng.generate([PROMPTS[2]], p)[0]
-    assert together == HFEngine(int8, tok, batch_size=12, prompt_kv=prompt_kv).generate(PROMPTS, p)
-    assert together != eng.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=4))
-    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)
-    assert eng.generate(PROMPTS, greedy) == HFEngine(eng.model, tok, backend="generic").generate(PROMPTS, greedy)
-
-
-def test_int8_warns_where_the_host_int8_gemm_is_slower_than_fp32(tiny, caplog):
-    """int8 exists only to be faster; where this CPU's int8 GEMM is slower than fp32 (AVX2 without VNNI: 0.05 x)
-    the conversion says so, naming the measured ratio, and is quiet where int8 pays."""
-    import logging
-
-    from ilf_lab.generation.quantize import int8_speed_note, int8_speedup, quantize_linear
-
-    speedup = int8_speedup()
-    assert 0 < speedup < float("inf")
-    with caplog.at_level(logging.WARNING, logger="ilf_lab.generation.quantize"):
-        quantize_linear(tiny[1], "int8")
-    warned = [r.getMessage() for r in caplog.records if "GEMM" in r.getMessage()]
-    assert warned == ([int8_speed_note(speedup)] if speedup < 1 else [])
-    assert "0.05 x fp32" in int8_speed_note(0.05) and "slower than fp32" in int8_speed_note(0.05)
-
-
-def test_int8_needs_fp32_weights_on_cpu(tiny):
-    from ilf_lab.errors import ConfigError
-    from ilf_lab.generation.quantize import quantize_linear
-
-    with pytest.raises(ConfigError, match="needs fp32 weights on CPU"):
-        quantize_linear(copy.deepcopy(tiny[1]).to(torch.bfloat16), "int8")
-
-
-def test_int8_refuses_models_it_would_only_partly_convert():
-    """A weight matrix int8 cannot take (GPT-2/CodeGen-style Conv1D, a Linear subclass) would leave an "int8" run
-    mostly fp32: refused, as is a model with no linear layer at all."""
-    from transformers.pytorch_utils import Conv1D
-
-    from ilf_lab.errors import ConfigError
-    from ilf_lab.generation.quantize import is_quantized, quantize_linear
-
-    class Sub(torch.nn.Linear):
-        pass
-
-    for model in (torch.nn.Sequential(torch.nn.Linear(8, 8), Conv1D(8, 8)), torch.nn.Sequential(Sub(8, 8)),
-                  torch.nn.Sequential(torch.nn.Embedding(4, 8))):
-        with pytest.raises(ConfigError, match="plain nn.Linear layers only"):
-            quantize_linear(model, "int8")
-    inplace = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    assert quantize_linear(inplace, "int8", copy=False) is inplace and is_quantized(inplace[0])

@@ -11,24 +11,9 @@ import torch
 from ilf_lab.generation import SamplingParams, make_engine
 from ilf_lab.generation.hf import HFEngine
 from ilf_lab.generation.packed import PackedLinears, onednn_available, resolve_cpu_linear
-from ilf_lab.models.loading import build_tiny_random, load_model
+from tests.conftest import PROMPTS
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN packed linear")
-
-PROMPTS = ["def add(a, b):\n", "Hi", "x = [1, 2, 3]\nfor i in x:\n    print(i)\n" * 3, "import os\n"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random Llama with a wide weight spread (peaked logits: float rounding does not flip greedy paths)."""
-    model, tok = load_model(str(build_tiny_random(tmp_path_factory.mktemp("tiny"))))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model, tok
-
 
 def test_packed_linear_is_f_linear_to_rounding_and_row_independent():
     torch.manual_seed(0)
@@ -48,10 +33,10 @@ def test_packed_linear_is_f_linear_to_rounding_and_row_independent():
         assert torch.allclose(swish, torch.nn.functional.silu(ref), rtol=1e-5, atol=1e-5)
 
 
-def test_weights_changed_between_calls_are_sampled_with(tiny):
+def test_weights_changed_between_calls_are_sampled_with(peaked_llama):
     """A trainer may update the weights between two sampling calls, in place and even through `.data` (no version
     bump): the engine packs afresh each call, so the second call samples the new weights, and drops the copies."""
-    model, tok = tiny
+    _, model, tok = peaked_llama
     model = copy.deepcopy(model)
     one = HFEngine(model, tok, batch_size=5, cpu_linear="onednn")
     greedy = SamplingParams(n=1, temperature=0, max_new_tokens=8)
@@ -100,15 +85,15 @@ def test_other_layers_run_as_they_are():
     assert len(packed) == 0  # none of them was packed
 
 
-def test_llama_mlp_with_fused_silu_matches_the_model(tiny):
-    model, _ = tiny
+def test_llama_mlp_with_fused_silu_matches_the_model(peaked_llama):
+    _, model, _ = peaked_llama
     mlp, x = model.model.layers[0].mlp, torch.randn(5, 1, model.config.hidden_size)
     with torch.no_grad():
         assert torch.allclose(PackedLinears().mlp(mlp, x), mlp(x), rtol=1e-4, atol=1e-4)
 
 
-def test_engine_default_and_its_checks(tiny):
-    model, tok = tiny
+def test_engine_default_and_its_checks(peaked_llama):
+    _, model, tok = peaked_llama
     assert HFEngine(model, tok).cpu_linear == "onednn"  # fp32 on CPU, slots backend
     assert HFEngine(model, tok, backend="generic").cpu_linear == "aten"
     assert HFEngine(model, tok, cpu_linear="aten").cpu_linear == "aten"
@@ -131,10 +116,10 @@ def test_engine_default_and_its_checks(tiny):
 
 
 @pytest.mark.parametrize("prompt_kv", ["shared", "copy"])
-def test_onednn_engine_samples_like_aten_and_independently_of_the_batch(tiny, prompt_kv):
+def test_onednn_engine_samples_like_aten_and_independently_of_the_batch(peaked_llama, prompt_kv):
     """Greedy paths equal F.linear's (the tiny model's logits are peaked); sampled paths depend only on the seed
     and their own prompt, not on the batch size or on which prompts share the call."""
-    model, tok = tiny
+    _, model, tok = peaked_llama
     one = HFEngine(model, tok, batch_size=5, prompt_kv=prompt_kv, cpu_linear="onednn")
     aten = HFEngine(model, tok, batch_size=5, prompt_kv=prompt_kv, cpu_linear="aten")
     greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)

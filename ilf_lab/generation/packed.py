@@ -36,16 +36,16 @@ def resolve_cpu_linear(choice: str | None, model: Any, backend: str) -> str:
         raise ValueError(f"cpu_linear must be aten, onednn or None (the default), got {choice!r}")
     p = next(model.parameters())
     fits = backend == "slots" and p.device.type == "cpu" and p.dtype == torch.float32
+    packable = any(_plain(m) for m in model.modules())  # an int8 model keeps no fp32 linear layer
     if choice == "onednn":
         if not fits:
             raise ValueError(f"cpu_linear=onednn needs fp32 weights on CPU and the slots backend (got {p.dtype} on "
                              f"{p.device.type}, backend {backend})")
-        if not any(_plain(m) for m in model.modules()):
+        if not packable:
             raise ValueError("cpu_linear=onednn: the model has no plain fp32 nn.Linear layer to pack (int8?)")
         if not onednn_available():
             raise ValueError("cpu_linear=onednn: this torch build has no oneDNN packed linear (use aten)")
-    fits = fits and any(_plain(m) for m in model.modules())  # an int8 model keeps no fp32 linear layer
-    return choice or ("onednn" if fits and onednn_available() else "aten")
+    return choice or ("onednn" if fits and packable and onednn_available() else "aten")
 
 
 class PackedLinears:
