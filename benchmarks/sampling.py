@@ -9,7 +9,9 @@ Two prompt sets, both as the pipeline builds them: MBPP chat prompts (evaluation
 * the engine's kept and generated tokens/s and the generated rate as a share of that roofline;
 * the per-phase profile of the engine's call (prefill, the decode step's parts, token choice, stop checks);
 * the baseline, `model.generate` at 16 sequences per call on the first `--baseline-prompts` prompts, and the
-  ratio in kept tokens/s (kept = tokens of the returned completions after the stop cut, counted the same way).
+  ratio in kept tokens/s (kept = tokens of the returned completions after the stop cut, counted the same way);
+* the ceiling: the share and ratio an ideal engine would reach with every matmul at the roofline, prefill
+  included (the share does not count prefill's FLOPs, so on long prompts its cap is well under 100 %).
 
 The last line is one JSON object (metric, value, baseline, ratio, unit, per-set details).
 
@@ -101,6 +103,25 @@ def attention_gflop_per_token(model, context: float) -> float:
     return 2 * 2 * c.num_hidden_layers * c.num_attention_heads * hd * context / 1e9  # q.K and p.V
 
 
+def prefill_gflop(model, prompt_lens: list[int]) -> float:
+    """FLOPs of prefilling each prompt once, unpadded: every position through the layers' linear layers and causal
+    attention, the LM head at the last position only (as the engine computes it)."""
+    c = model.config
+    head = 2 * c.hidden_size * c.vocab_size / 1e9
+    layers = sum(2 * k * n * count for k, n, count in decode_shapes(model)) / 1e9 - head
+    attn = sum(attention_gflop_per_token(model, t / 2) * t for t in prompt_lens)  # mean causal context t/2
+    return sum(prompt_lens) * layers + len(prompt_lens) * head + attn
+
+
+def ceiling(gen_tokens: int, kept: int, gflop: float, prefill: float, rate: float, baseline: float) -> dict:
+    """The best any engine could do on this host at these FLOPs: every matmul (decode and prefill) at the roofline
+    `rate`, attention's memory traffic, sampling and Python free. Its seconds, the roofline share and the ratio
+    to `baseline` kept tok/s it would reach: the share's cap is below 100 % because prefill is work the share
+    does not count (long refine prompts: ~30 % of the ideal call)."""
+    decode, pre = gen_tokens * gflop / rate, prefill / rate
+    return {"seconds": decode + pre, "share": decode / (decode + pre), "ratio": kept / (decode + pre) / baseline}
+
+
 def kept_tokens(tok, completions: list[list[str]]) -> int:
     return sum(len(tok(c, add_special_tokens=False)["input_ids"]) for o in completions for c in o)
 
@@ -176,7 +197,8 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         f"(min {min(plen)}, max {max(plen)}), T={args.temperature}, top_p={args.top_p}, "
         f"{args.max_new_tokens} new tokens"
     )
-    engine = HFEngine(sampler, tok, batch_size=args.batch_size, prompt_kv=args.prompt_kv, cpu_linear=args.cpu_linear)
+    engine = HFEngine(sampler, tok, batch_size=args.batch_size, prompt_kv=args.prompt_kv, cpu_linear=args.cpu_linear,
+                      attention=args.attention)
     engine.phases = Phases()
     t0 = time.perf_counter()
     out = engine.generate(prompts, params)
@@ -202,6 +224,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     )
     print(
         f"engine ({engine.backend}, prompt KV {engine.prompt_kv}, linear {engine.cpu_linear}, "
+        f"attention {engine.attention}, "
         f"{stats['batch_size']} slots): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
         f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline "
         f"({100 * gen_rate * gflop / mm_aten:.0f}% of F.linear's)"
@@ -229,6 +252,12 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         f"baseline model.generate (16 sequences/call), first {nb} prompts: {bkept} kept tokens in {bdt:.1f} s "
         f"= {baseline:.1f} tok/s; ratio {value / baseline:.2f}x"
     )
+    cap = ceiling(gen_tokens, kept, gflop, prefill_gflop(model, plen), mm, baseline)
+    print(
+        f"ceiling (every matmul at the roofline, prefill included; attention's memory traffic, sampling and Python "
+        f"free): {cap['seconds']:.1f} s = at most {100 * cap['share']:.0f}% of the roofline and "
+        f"{cap['ratio']:.2f}x model.generate; this engine reaches {cap['seconds'] / dt:.0%} of it"
+    )
     return {
         "prompts": len(prompts),
         "prompt_tokens_mean": round(sum(plen) / len(plen), 1),
@@ -243,6 +272,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         "slots": int(stats["batch_size"]),
         "prompt_kv": engine.prompt_kv,
         "cpu_linear": engine.cpu_linear,
+        "attention": engine.attention,
         "rows_mean_per_step": rows,
         "baseline_prompts": nb,
         "baseline_seconds": round(bdt, 1),
@@ -253,6 +283,9 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         "gflop_per_generated_token": round(gflop, 4),
         "roofline_share": round(share, 3),
         "int8_roofline_share": None if share8 is None else round(share8, 3),
+        "ceiling_seconds": round(cap["seconds"], 1),
+        "ceiling_share": round(cap["share"], 3),
+        "ceiling_ratio": round(cap["ratio"], 2),
         "profile_s": profile,
     }
 
@@ -296,6 +329,13 @@ def main() -> None:
         help="the engine's fp32 linear layers: oneDNN with packed weights (onednn, the default on CPU from session 11) "
         "or F.linear (aten) (sampling.cpu_linear)",
     )
+    ap.add_argument(
+        "--attention",
+        default=None,
+        choices=("matmul", "kernel"),
+        help="the engine's attention over the shared prompt KV on CPU: the C++ kernel (kernel, the default from "
+        "session 12 where it builds) or torch's batched matmuls (matmul) (sampling.attention)",
+    )
     ap.add_argument("--cache-dir", default=os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab"))
     ap.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/ and ilf/")
     args = ap.parse_args()
@@ -313,7 +353,8 @@ def main() -> None:
     sets = prompt_sets(args.sets.split(","), tok, args.data_dir, args.prompts)
     print(
         f"SmolLM2-135M-Instruct {args.dtype}{' engine ' + args.quantize if args.quantize else ''}, "
-        f"prompt KV {args.prompt_kv or 'default'}, linear {args.cpu_linear or 'default'}, torch {torch.__version__}, {args.threads} threads, "
+        f"prompt KV {args.prompt_kv or 'default'}, linear {args.cpu_linear or 'default'}, "
+        f"attention {args.attention or 'default'}, torch {torch.__version__}, {args.threads} threads, "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     results = {name: bench_set(name, prompts, model, sampler, tok, args) for name, prompts in sets.items()}
@@ -334,6 +375,7 @@ def main() -> None:
                 "quantize": args.quantize,
                 "prompt_kv": worst["prompt_kv"],  # the engine's (--prompt-kv or its default)
                 "cpu_linear": worst["cpu_linear"],  # the engine's (--cpu-linear or its default)
+                "attention": worst["attention"],  # the engine's (--attention or its default)
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "sets": results,
             }

@@ -222,6 +222,10 @@ class SamplingConfig:
     # the hf engine's fp32 linear layers on CPU (slots backend): null = onednn where this torch has it (weights
     # packed once for oneDNN, ilf_lab/generation/packed.py; logits equal to float rounding), aten = F.linear
     cpu_linear: str | None = choice(None, None, "aten", "onednn")
+    # the hf engine's attention over the shared prompt KV on CPU: null = kernel where it builds here (a C++ kernel
+    # compiled on first use, ilf_lab/generation/attention.py; logits equal to float rounding), matmul = torch's
+    # batched matmuls (before session 12)
+    attention: str | None = choice(None, None, "matmul", "kernel")
 
 
 @dataclass
@@ -451,6 +455,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("feedback.base_url is required for feedback.backend=openai")
     if cfg.sampling.prompt_kv and cfg.sampling.engine != "hf":
         raise ConfigError(f"sampling.prompt_kv={cfg.sampling.prompt_kv} needs sampling.engine=hf (vLLM pages its own cache)")
+    if cfg.sampling.attention and cfg.sampling.engine != "hf":
+        raise ConfigError(f"sampling.attention={cfg.sampling.attention} needs sampling.engine=hf (vLLM has its own)")
+    if cfg.sampling.attention == "kernel" and cfg.sampling.prompt_kv == "copy":
+        raise ConfigError("sampling.attention=kernel reads the shared prompt KV: it needs sampling.prompt_kv=null "
+                          "or shared")
     if cfg.sampling.cpu_linear and cfg.sampling.engine != "hf":
         raise ConfigError(f"sampling.cpu_linear={cfg.sampling.cpu_linear} needs sampling.engine=hf (vLLM runs on GPU)")
     if cfg.sampling.cpu_linear == "onednn" and (

@@ -54,4 +54,25 @@ def test_sampling_benchmark_runs_both_prompt_sets_with_a_copied_prompt_kv(tmp_pa
     for s in last["sets"].values():
         assert s["value"] > 0 and s["baseline"] > 0 and 0 < s["roofline_share"]
         assert s["profile_s"]["decode: attention over the cache"] > 0 and s["profile_s"]["prefill"] > 0
+        assert 0 < s["ceiling_share"] < 1 and s["ceiling_ratio"] > 0 and s["ceiling_seconds"] > 0
     assert "prompt KV copy" in p.stdout
+
+
+def test_sampling_ceiling_counts_prefill_at_the_roofline():
+    """The ceiling's arithmetic on a config small enough to count by hand: prefill is every prompt position through
+    the layers (LM head at the last position only) plus causal attention; the share's cap is decode over all."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from sampling import ceiling, prefill_gflop
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    cfg = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=2, vocab_size=10)
+    layer = 2 * (4 * 4 * 2 + 4 * 2 * 2 + 4 * 8 * 2 + 8 * 4)  # q, o; k, v; gate, up; down
+    attn = lambda t: 2 * 2 * 1 * 2 * 2 * (t / 2) * t  # noqa: E731  (q.K and p.V, heads x head_dim, mean context t/2)
+    want = (3 + 5) * layer + 2 * (2 * 4 * 10) + attn(3) + attn(5)
+    assert abs(prefill_gflop(SimpleNamespace(config=cfg), [3, 5]) * 1e9 - want) < 1e-6
+    cap = ceiling(gen_tokens=100, kept=90, gflop=2.0, prefill=100.0, rate=10.0, baseline=1.5)
+    assert cap == {"seconds": 30.0, "share": 20.0 / 30.0, "ratio": 90 / 30.0 / 1.5}

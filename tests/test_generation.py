@@ -328,7 +328,7 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(peaked_llama
         path,
         EngineConfig(
             engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype="bfloat16",
-            quantize=None, prompt_kv=None, cpu_linear=None,
+            quantize=None, prompt_kv=None, cpu_linear=None, attention=None,
         ),
     )
     assert next(eng16.model.parameters()).dtype == torch.bfloat16
@@ -338,14 +338,14 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(peaked_llama
         path,
         EngineConfig(
             engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None,
-            quantize=None, prompt_kv=None, cpu_linear=None,
+            quantize=None, prompt_kv=None, cpu_linear=None, attention=None,
         ),
     )
     assert next(eng32.model.parameters()).dtype == torch.float32
     from ilf_lab.generation.quantize import is_quantized  # sampling.quantize reaches the engine a stage gets
 
     plain = EngineConfig(engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None,
-                         quantize=None, prompt_kv=None, cpu_linear=None)
+                         quantize=None, prompt_kv=None, cpu_linear=None, attention=None)
     eng8, _ = engine_for(path, dataclasses.replace(plain, quantize="int8"))
     assert eng8 is not eng32 and is_quantized(eng8.model.lm_head) and not is_quantized(eng32.model.lm_head)
     assert all(len(o) == 2 for o in eng8.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, seed=1)))
@@ -355,6 +355,10 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(peaked_llama
 
     assert eng16.cpu_linear == "aten" and eng32.cpu_linear == ("onednn" if onednn_available() else "aten")
     assert engine_for(path, dataclasses.replace(plain, cpu_linear="aten"))[0].cpu_linear == "aten"
+    from ilf_lab.generation.attention import kernel_error
+
+    assert eng32.attention == ("kernel" if kernel_error() is None else "matmul")  # bf16 weights: the cache is fp32
+    assert engine_for(path, dataclasses.replace(plain, attention="matmul"))[0].attention == "matmul"
 
 
 def test_batch_sizing_counts_the_shared_caches_grid(peaked_llama):

@@ -30,6 +30,7 @@ def test_wheel_ships_conf_and_runs_outside_the_repo(tmp_path):
     (wheel,) = wheel_dir.glob("ilf_lab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "ilf_lab/conf/config.yaml" in names and "ilf_lab/conf/experiment/ilf.yaml" in names
+    assert "ilf_lab/generation/csrc/decode_attention.cpp" in names  # compiled on first use (attention.py)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
         check=True, capture_output=True, timeout=300,

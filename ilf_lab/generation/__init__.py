@@ -25,6 +25,7 @@ def make_engine(
     tokenizer: Any = None,
     prompt_kv: str | None = None,
     cpu_linear: str | None = None,
+    attention: str | None = None,
 ) -> Engine:
     """An engine by name: "hf" (our batched loop, CPU or GPU) or "vllm" (GPU, needs the vllm extra).
     Pass an already-loaded `model`/`tokenizer` to reuse them (hf only; vLLM loads its own copy).
@@ -32,7 +33,8 @@ def make_engine(
     `prompt_kv` (hf): "shared" holds a prompt's KV once for its n samples (generation/prefix.py; the default on
     Llama-family models), "copy" copies it into each sample's slot; None = the engine's default. `cpu_linear` (hf):
     "onednn" runs fp32 linear layers on CPU with oneDNN-packed weights (generation/packed.py; the default where
-    available), "aten" with F.linear."""
+    available), "aten" with F.linear. `attention` (hf): "kernel" attends over the shared prompt KV on CPU with a
+    C++ kernel (generation/attention.py; the default where it builds), "matmul" with torch's batched matmuls."""
     if name == "hf":
         from ilf_lab.generation.hf import HFEngine
 
@@ -44,12 +46,16 @@ def make_engine(
                 tokenizer = tokenizer or tok
             else:
                 tokenizer = load_tokenizer(model_path)
-        return HFEngine(model, tokenizer, batch_size=batch_size, prompt_kv=prompt_kv, cpu_linear=cpu_linear)
+        return HFEngine(
+            model, tokenizer, batch_size=batch_size, prompt_kv=prompt_kv, cpu_linear=cpu_linear, attention=attention
+        )
     if name == "vllm":
         if prompt_kv is not None:
             raise ValueError("prompt_kv applies to the hf engine (vLLM pages its own KV cache)")
         if cpu_linear is not None:
             raise ValueError("cpu_linear applies to the hf engine (vLLM runs on GPU)")
+        if attention is not None:
+            raise ValueError("attention applies to the hf engine (vLLM has its own)")
         from ilf_lab.generation.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_path, dtype=dtype, batch_size=batch_size)

@@ -7,8 +7,9 @@ Two backends share the scheduler's bookkeeping (seeds, sampling, stop strings, p
   column per step, so rows of different lengths decode together with a per-row length mask. A prompt is
   prefilled once and its KV held once for its n samples (prefix.py; `prompt_kv="copy"`: copied into n slots); a
   finished row is replaced by the last active row (one row copy, the batch stays dense) and freed slots are
-  refilled with the next prompts' samples. Attention is computed by this module (grouped-query heads folded into
-  the query axis, so the KV cache is never expanded); everything else calls the model's own modules.
+  refilled with the next prompts' samples. Attention is computed by slots.py and prefix.py (grouped-query heads
+  folded into the query axis, so the KV cache is never expanded; on CPU by a C++ kernel, attention.py);
+  everything else calls the model's own modules.
 * `generic` (any causal LM): prompts grouped by length, left-padded, prefilled once with the model's own
   forward and a `DynamicCache`, cache expanded n times, finished rows dropped from the batch and the cache.
 
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ilf_lab.generation.attention import resolve_attention
 from ilf_lab.generation.packed import PackedLinears, resolve_cpu_linear
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
@@ -221,6 +223,7 @@ class HFEngine:
         refill_fraction: float = 0.0,
         prompt_kv: str | None = None,
         cpu_linear: str | None = None,
+        attention: str | None = None,
     ) -> None:
         if backend not in ("auto", "slots", "generic"):
             raise ValueError(f"backend must be auto, slots or generic, got {backend!r}")
@@ -241,6 +244,9 @@ class HFEngine:
         # oneDNN, 1.1-1.6 x F.linear's GFLOP/s at the decode shapes (packed.py); aten: F.linear as the model calls it
         self.cpu_linear = resolve_cpu_linear(cpu_linear, model, self.backend)
         self._linears: PackedLinears | None = None  # one per generate() call (packed.py)
+        # kernel (the default on CPU where it builds): the shared prompt KV attended by a C++ kernel, 1.3-1.6 x
+        # the batched matmuls at the decode shapes (attention.py); matmul: torch's batched matmuls
+        self.attention = resolve_attention(attention, model, self.backend, self.prompt_kv)
         # refill freed slots once this share of them is free (0: as soon as one prompt's n samples fit)
         self.refill_fraction = refill_fraction
         self.eos = eos_token_ids(model, tokenizer)
@@ -365,7 +371,7 @@ class HFEngine:
     def _run_slots(self, ids, seeds, n, params, slots, max_len, stopper, out, bar) -> None:
         if self.prompt_kv == "shared":
             cache = SharedPromptCache(
-                self.model, slots, max(map(len, ids)), max(self._budget), self.phases, self._linears
+                self.model, slots, max(map(len, ids)), max(self._budget), self.phases, self._linears, self.attention
             )
         else:
             cache = SlotCache(self.model, slots, max_len, self.phases, self._linears)

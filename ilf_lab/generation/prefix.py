@@ -8,7 +8,8 @@ and each row against its own columns; the two are merged into one softmax as fla
 max score and sum of exponentials). Prompt slots are attended in contiguous runs, each at its own longest
 prompt's width, so one long prompt does not widen every prompt's scores (`_runs`). Same model, same positions;
 the sums are split differently, so logits agree with `SlotCache` to float rounding, not bitwise
-(results/sampling/README.md: pass@k and speed). `sampling.prompt_kv=copy` selects `SlotCache`.
+(results/sampling/README.md: pass@k and speed). `sampling.prompt_kv=copy` selects `SlotCache`. On CPU the two
+parts run by default in one pass of a C++ kernel per (prompt, kv head) (attention.py, `sampling.attention`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ilf_lab.generation.attention import DecodeAttention
 from ilf_lab.generation.packed import PackedLinears
 from ilf_lab.generation.phases import OFF, Phases
 from ilf_lab.generation.slots import SlotCache, release_cpu, zeroed_cpu
@@ -34,7 +36,7 @@ class SharedPromptCache(SlotCache):
 
     def __init__(
         self, model: Any, slots: int, max_prompt: int, max_new: int, phases: Phases = OFF,
-        linears: PackedLinears | None = None,
+        linears: PackedLinears | None = None, attention: str = "matmul",
     ) -> None:
         super().__init__(model, slots, max(1, max_new), phases, linears)
         cfg = model.config
@@ -52,6 +54,8 @@ class SharedPromptCache(SlotCache):
         self.grid = 1  # samples per prompt (the grid's width)
         self._runs_of: tuple[tuple[int, ...], list[tuple[int, int]]] = ((), [])  # prompt lengths -> runs
         self._first_prompt = 0  # the prompt slot the current prefill starts at
+        # attention=kernel: the C++ kernel (attention.py) in place of the grid matmuls below
+        self.kernel = DecodeAttention(self.pkv, self.kv, self.heads) if attention == "kernel" else None
 
     def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
         if row0 != len(self.row_prompt):
@@ -76,6 +80,11 @@ class SharedPromptCache(SlotCache):
         with their widths and length masks, the own columns' mask, and the grid's output buffers."""
         a, dev, dt = lens.shape[0], self.device, self.dtype
         m, n, kvh, g, hd = len(self.prompt_len), self.grid, self.kv_heads, self.group, self.head_dim
+        if self.kernel is not None:
+            own_cols = self.row_own[:a]
+            self.row_own[:a] = [x + 1 for x in own_cols]  # one decode step = one _step call
+            plan = self.kernel.plan(self.row_prompt[:a], self.prompt_len, self.row_own[:a])
+            return self._write_index(torch.tensor(own_cols)), plan
         prompt = torch.tensor(self.row_prompt[:a], device=dev)
         sample = torch.tensor(self.row_sample[:a], device=dev)
         own = torch.tensor(self.row_own[:a], device=dev)  # the row's own column that takes this step's token
@@ -127,6 +136,10 @@ class SharedPromptCache(SlotCache):
     def _attend_layer(self, i: int, q, k, v, step, scaling: float) -> torch.Tensor:
         """Attention in two parts merged as flash-decoding does: the prompt part per run on the grid, the own
         part per row, each with its max score and sum of exponentials; the parts are rescaled to the larger max."""
+        if self.kernel is not None:  # the same two parts, in one pass per (prompt, kv head) (attention.py)
+            flat, plan = step
+            self._write(i, k, v, flat)
+            return self.kernel(i, q, plan, scaling)
         flat, own_mask, runs, place, qbuf, obuf, stats, gw = step
         a, kvh, g, hd, n = q.shape[0], self.kv_heads, self.group, self.head_dim, self.grid
         kc, vc = self._write(i, k, v, flat)

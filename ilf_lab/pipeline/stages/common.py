@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 # feedback, both evaluations): bumped when the engine's samples change, so no cached artifact of the old engine
 # is served. 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: the shared KV in runs of
 # prompts, merged as flash-decoding does (float rounding); 4: fp32 linear layers through oneDNN with packed weights
-# on CPU (sampling.cpu_linear=null, float rounding).
-SAMPLING_VERSION = 4
+# on CPU (sampling.cpu_linear=null, float rounding); 5: attention over the shared prompt KV through a C++ kernel
+# on CPU (sampling.attention=null, float rounding).
+SAMPLING_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class EngineConfig:
     quantize: str | None = at("sampling.quantize")  # int8 linear layers (opt-in, CPU)
     prompt_kv: str | None = at("sampling.prompt_kv")  # copy|shared; null: the engine's default (shared on slots)
     cpu_linear: str | None = at("sampling.cpu_linear")  # aten|onednn; null: the engine's default (onednn on CPU)
+    attention: str | None = at("sampling.attention")  # matmul|kernel; null: the engine's default (kernel on CPU)
 
     @property
     def weights_dtype(self) -> str:
@@ -79,7 +81,7 @@ def engine_for(path: str, cfg: EngineConfig) -> tuple[Any, Any]:
             model = quantize_linear(model, cfg.quantize, copy=False)
         engine = make_engine(
             cfg.engine, path, dtype=cfg.weights_dtype, batch_size=cfg.batch_size, model=model, tokenizer=tok,
-            prompt_kv=cfg.prompt_kv, cpu_linear=cfg.cpu_linear,
+            prompt_kv=cfg.prompt_kv, cpu_linear=cfg.cpu_linear, attention=cfg.attention,
         )
         _loaded.update(id=(path, cfg), engine=engine, tokenizer=tok)
     return _loaded["engine"], _loaded["tokenizer"]

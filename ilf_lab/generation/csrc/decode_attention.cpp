@@ -1,0 +1,179 @@
+// One decode step's attention over the shared-prompt KV cache (prefix.SharedPromptCache), fp32 on CPU.
+//
+// Work item = (prompt slot p, kv head h). Its queries are the group's query heads of every row sampling from p:
+// they read the prompt's keys together, one block of keys at a time while it sits in L1 (as the batched matmul
+// over the grid shares the prompt's KV); then each row reads its own generated columns. Online softmax (running
+// max, sum of exponentials, rescaled accumulator) over blocks of keys: no score tensor, no mask, no padding.
+// Each row's result is computed in a fixed order from its own inputs only: it does not depend on the batch.
+// GCC/Clang vector extensions (8 floats: AVX on x86, two NEON registers on arm64), a plain C ABI (loaded with
+// ctypes, no torch headers, so it builds in about a second); threads: OpenMP, linked by soname to the libgomp
+// torch has already loaded, so its thread pool is the one torch's own ops use (a second pool would spin against it).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+constexpr int64_t BLOCK = 64;  // keys per block: 16 KB of K and of V at head_dim 64
+
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline v8 load(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+inline v8 vmax(v8 a, v8 b) { return a > b ? a : b; }
+inline float hmax(v8 v) { return std::max(std::max(std::max(v[0], v[4]), std::max(v[1], v[5])), std::max(std::max(v[2], v[6]), std::max(v[3], v[7]))); }
+inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// exp for x <= 0 (a score minus its running max): 2^n p(r), r = x - n ln2, |r| <= ln2 / 2, with Cephes' expf
+// polynomial (~1 ulp); 0 below -87, where expf underflows anyway.
+inline v8 exp_nonpos(v8 x) {
+  const v8 lo = splat(-87.0f);
+  const i8 under = x < lo;
+  x = under ? lo : x;
+  const v8 big = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const v8 n = (x * splat(1.44269504088896341f) + big) - big;
+  v8 r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  v8 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  i8 bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += __builtin_convertvector(n, i8) << 23;
+  bits = under ? i8{} : bits;  // 0.0f
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+struct State {  // one query head of one row: running max, sum of exponentials, accumulator [hd]
+  float m, l;
+  float* acc;
+};
+
+// Attend queries q[0..nq) (rows of hd = 8 * C8 floats, pre-scaled) to keys and values [0, n) (rows of hd floats).
+// The dot products run four keys at a time and the value sums keep all C8 accumulators in registers, so the
+// FMAs form independent chains (one chain per dot product or per accumulator would wait on FMA latency).
+template <int C8>
+void attend(const float* q, State* st, int64_t nq, const float* k, const float* v, int64_t n) {
+  constexpr int64_t hd = 8 * C8;
+  alignas(32) float s[BLOCK + 8];
+  for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
+    const int64_t b = std::min(BLOCK, n - j0), b8 = (b + 7) / 8;
+    const float* kb = k + j0 * hd;
+    const float* vb = v + j0 * hd;
+    for (int64_t x = 0; x < nq; ++x) {
+      v8 qx[C8];
+      for (int c = 0; c < C8; ++c) qx[c] = load(q + x * hd + 8 * c);
+      int64_t j = 0;
+      for (; j + 4 <= b; j += 4) {  // scores, four keys at a time
+        const float* kj = kb + j * hd;
+        v8 a0 = splat(0.f), a1 = splat(0.f), a2 = splat(0.f), a3 = splat(0.f);
+        for (int c = 0; c < C8; ++c) {
+          a0 += qx[c] * load(kj + 8 * c);
+          a1 += qx[c] * load(kj + hd + 8 * c);
+          a2 += qx[c] * load(kj + 2 * hd + 8 * c);
+          a3 += qx[c] * load(kj + 3 * hd + 8 * c);
+        }
+        s[j] = hsum(a0), s[j + 1] = hsum(a1), s[j + 2] = hsum(a2), s[j + 3] = hsum(a3);
+      }
+      for (; j < b; ++j) {
+        v8 a0 = splat(0.f);
+        for (int c = 0; c < C8; ++c) a0 += qx[c] * load(kb + j * hd + 8 * c);
+        s[j] = hsum(a0);
+      }
+      State& t = st[x];
+      for (int64_t i = b; i < 8 * b8; ++i) s[i] = -3.0e38f;  // the last vector's unused lanes: exp -> 0
+      v8 mx = load(s);
+      for (int64_t i = 1; i < b8; ++i) mx = vmax(mx, load(s + 8 * i));
+      const float top = std::max(t.m, hmax(mx));
+      v8 acc[C8];
+      for (int c = 0; c < C8; ++c) acc[c] = load(t.acc + 8 * c);
+      if (top > t.m) {  // a new running max: rescale what was summed so far
+        const float cf = exp_nonpos(splat(t.m - top))[0];
+        t.l *= cf;
+        for (int c = 0; c < C8; ++c) acc[c] *= splat(cf);
+        t.m = top;
+      }
+      v8 sum = splat(0.f);
+      for (int64_t i = 0; i < b8; ++i) {
+        const v8 e = exp_nonpos(load(s + 8 * i) - splat(top));
+        store(s + 8 * i, e);
+        sum += e;
+      }
+      t.l += hsum(sum);
+      for (int64_t i = 0; i < b; ++i) {  // values
+        const v8 p = splat(s[i]);
+        for (int c = 0; c < C8; ++c) acc[c] += p * load(vb + i * hd + 8 * c);
+      }
+      for (int c = 0; c < C8; ++c) store(t.acc + 8 * c, acc[c]);
+    }
+  }
+}
+
+using AttendFn = void (*)(const float*, State*, int64_t, const float*, const float*, int64_t);
+
+AttendFn attend_for(int64_t hd) {  // head sizes of the Llama family (SmolLM2: 64) and of the tests' tiny models
+  switch (hd) {
+    case 8: return attend<1>;
+    case 16: return attend<2>;
+    case 32: return attend<4>;
+    case 64: return attend<8>;
+    case 128: return attend<16>;
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// q [a, kvh, g, hd] and out (same shape), contiguous. pk, pv: one layer's prompt store, ps = its strides (slot,
+// head) in floats, positions of hd contiguous floats; ok, ov, os: its own-column cache, likewise. order [a]: rows
+// grouped by prompt slot, prompt p's rows being order[starts[p] .. starts[p + 1]). plen [m]: prompt lengths;
+// own [a]: the own columns each row reads (this step's included). Returns 0, or 1 on arguments it cannot take.
+int ilf_decode_attention(const float* q, float* out, const float* pk, const float* pv, const int64_t* ps,
+                         const float* ok, const float* ov, const int64_t* os, const int64_t* order,
+                         const int64_t* starts, const int64_t* plen, const int64_t* own, int64_t a, int64_t m,
+                         int64_t kvh, int64_t g, int64_t hd, float scale, int64_t threads) {
+  const AttendFn attend = attend_for(hd);
+  if (!attend || a < 0 || m < 0 || kvh < 1 || g < 1 || threads < 1 || starts[0] != 0 || starts[m] != a) return 1;
+  const int64_t items = m * kvh;
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    std::vector<float> qs, accs;
+    std::vector<State> st;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < items; ++t) {
+      const int64_t p = t / kvh, h = t % kvh, r0 = starts[p], nr = starts[p + 1] - r0, nq = nr * g;
+      qs.resize(nq * hd);
+      accs.assign(nq * hd, 0.f);
+      st.resize(nq);
+      for (int64_t i = 0; i < nr; ++i)
+        for (int64_t x = 0; x < g; ++x) {
+          const float* src = q + ((order[r0 + i] * kvh + h) * g + x) * hd;
+          for (int64_t d = 0; d < hd; ++d) qs[(i * g + x) * hd + d] = src[d] * scale;
+          st[i * g + x] = {-3.0e38f, 0.f, accs.data() + (i * g + x) * hd};
+        }
+      const int64_t pbase = p * ps[0] + h * ps[1];
+      attend(qs.data(), st.data(), nq, pk + pbase, pv + pbase, plen[p]);
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t r = order[r0 + i], obase = r * os[0] + h * os[1];
+        attend(qs.data() + i * g * hd, st.data() + i * g, g, ok + obase, ov + obase, own[r]);
+        for (int64_t x = 0; x < g; ++x) {
+          const float inv = 1.f / st[i * g + x].l;
+          float* dst = out + ((r * kvh + h) * g + x) * hd;
+          for (int64_t d = 0; d < hd; ++d) dst[d] = st[i * g + x].acc[d] * inv;
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,149 @@
+"""The C++ decode-attention kernel (generation/attention.py, `sampling.attention`): torch's attention to float
+rounding, row-independent, built once per host and checked before use, and the default only where it applies."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from ilf_lab.generation import SamplingParams
+from ilf_lab.generation.attention import (
+    DecodeAttention,
+    KernelUnavailable,
+    kernel_error,
+    load_kernel,
+    reference,
+    resolve_attention,
+)
+from ilf_lab.generation.hf import HFEngine
+from tests.conftest import PROMPTS
+
+pytestmark = pytest.mark.skipif(kernel_error() is not None, reason=f"no attention kernel here: {kernel_error()}")
+
+
+def caches(gen, prompts: int, rows: int, kvh: int, hd: int, longest: int, new: int):
+    """A layer-2 prompt store and own cache of random values ([layer, k|v, slot, kv_head, position, head_dim])."""
+    pkv = torch.randn(2, 2, prompts + 1, kvh, longest, hd, generator=gen)
+    kv = torch.randn(2, 2, rows + 1, kvh, new, hd, generator=gen)
+    return pkv, kv
+
+
+@pytest.mark.parametrize("kvh,group,hd", [(3, 3, 64), (2, 1, 16), (1, 4, 32), (2, 2, 128), (1, 1, 8)])
+def test_kernel_is_torch_attention_to_rounding(kvh, group, hd):
+    """Prompts shorter and longer than a key block (64), 1-9 rows a prompt, own lengths 1 to the cache's width."""
+    gen = torch.Generator().manual_seed(hd + group)
+    pkv, kv = caches(gen, 4, 20, kvh, hd, 200, 40)
+    row_prompt = [int(p) for p in torch.randint(0, 4, (20,), generator=gen)]
+    row_prompt[:4] = [0, 1, 2, 3]  # every prompt has a row
+    prompt_len = [1, 64, 65, 200]
+    own = [int(n) for n in torch.randint(1, 41, (20,), generator=gen)]
+    own[:2] = [1, 40]
+    q = torch.randn(20, kvh * group, 1, hd, generator=gen)
+    att = DecodeAttention(pkv, kv, kvh * group)
+    got = att(1, q, att.plan(row_prompt, prompt_len, own), hd**-0.5)
+    want = reference(q, pkv[1, 0], pkv[1, 1], kv[1, 0], kv[1, 1], row_prompt, prompt_len, own, hd**-0.5)
+    assert got.shape == (20 * kvh, group, hd)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_rows_result_does_not_depend_on_the_batch():
+    """A row (its prompt's columns, its own columns, its query) gives bitwise the same output alone, at another row
+    index beside other rows, and under another thread count."""
+    gen = torch.Generator().manual_seed(1)
+    pkv, kv = caches(gen, 3, 6, 3, 64, 150, 30)
+    q = torch.randn(6, 9, 1, 64, generator=gen)
+    att = DecodeAttention(pkv, kv, 9)
+    lens, own = [150, 90, 7], [30, 1, 12, 5, 19, 2]
+    full = att(0, q, att.plan([0, 1, 2, 1, 0, 2], lens, own), 0.125).view(6, 3, 3, 64)
+
+    alone_pkv, alone_kv = torch.zeros_like(pkv), torch.zeros_like(kv)
+    alone_pkv[:, :, 0], alone_kv[:, :, 0] = pkv[:, :, 1], kv[:, :, 3]  # row 3 (prompt 1) as the only row
+    alone = DecodeAttention(alone_pkv, alone_kv, 9)
+    assert torch.equal(alone(0, q[3:4], alone.plan([0], [90], [5]), 0.125).view(3, 3, 64), full[3])
+
+    kv[:, :, 5] = kv[:, :, 3]  # row 3 again, now also at index 5, beside the others, on one thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        moved = att(0, torch.cat([q[:5], q[3:4]]), att.plan([0, 1, 2, 1, 0, 1], lens, own[:5] + [5]), 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    moved = moved.view(6, 3, 3, 64)
+    assert torch.equal(moved[5], full[3]) and torch.equal(moved[:5], full[:5])
+
+
+def test_plan_rejects_rows_the_caches_cannot_hold():
+    gen = torch.Generator().manual_seed(2)
+    pkv, kv = caches(gen, 2, 4, 1, 16, 10, 5)
+    att = DecodeAttention(pkv, kv, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        att.plan([0, 2], [4, 4], [1, 1])  # prompt slot 2 of 2
+    with pytest.raises(ValueError, match="out of range"):
+        att.plan([0, 1], [4, 4], [1, 6])  # 6 own columns of 5
+    with pytest.raises(ValueError, match="prompt length"):
+        att.plan([0, 1], [4, 11], [1, 1])
+    with pytest.raises(ValueError, match="do not fit"):
+        att.plan([0] * 6, [4], [1] * 6)
+    with pytest.raises(ValueError, match="do not match"):
+        att(0, torch.randn(3, 2, 1, 16), att.plan([0, 1], [4, 4], [1, 1]), 0.25)
+    with pytest.raises(ValueError, match="fp32"):
+        DecodeAttention(pkv.double(), kv, 2)
+
+
+def test_engine_kernel_samples_as_the_matmuls_and_independently_of_the_batch(peaked_llama):
+    """Greedy decoding on a tiny Llama: the kernel's tokens are the matmuls'; seeded samples do not depend on the
+    batch size (rows beside a row, refills, compaction)."""
+    _, model, tok = peaked_llama
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)
+    kernel = HFEngine(model, tok, batch_size=8, attention="kernel")
+    assert kernel.attention == "kernel"
+    assert kernel.generate(PROMPTS, greedy) == HFEngine(model, tok, batch_size=8, attention="matmul").generate(
+        PROMPTS, greedy)
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.95, max_new_tokens=12, seed=7)
+    wide = kernel.generate(PROMPTS, params)
+    assert HFEngine(model, tok, batch_size=3, attention="kernel").generate(PROMPTS, params) == wide
+
+
+def test_default_and_errors(peaked_llama, monkeypatch, tmp_path, caplog):
+    _, model, tok = peaked_llama
+    assert HFEngine(model, tok).attention == "kernel"  # CPU, slots backend, shared prompt KV
+    assert HFEngine(model, tok, prompt_kv="copy").attention == "matmul"
+    with pytest.raises(ValueError, match="shared prompt KV"):
+        HFEngine(model, tok, prompt_kv="copy", attention="kernel")
+    with pytest.raises(ValueError, match="attention must be"):
+        resolve_attention("flash", model, "slots", "shared")
+    # no compiler: the default falls back to the matmuls with a warning; asking for the kernel is an error
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ILF_LAB_KERNEL_DIR", str(tmp_path / "kernels"))
+    load_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="ilf_lab.generation.attention"):
+            assert resolve_attention(None, model, "slots", "shared") == "matmul"
+        assert "no-such-compiler" in caplog.text
+        with pytest.raises(ValueError, match="no-such-compiler"):
+            resolve_attention("kernel", model, "slots", "shared")
+    finally:
+        load_kernel.cache_clear()
+
+
+def test_a_build_is_checked_before_it_is_served(monkeypatch, tmp_path):
+    """A file at the build's name that does not load is rebuilt once; a build that computes something else than
+    torch's attention is refused and removed. (A library this process has loaded is never rewritten here.)"""
+    from ilf_lab.generation import attention
+
+    monkeypatch.setenv("ILF_LAB_KERNEL_DIR", str(tmp_path))
+    path = tmp_path / f"decode_attention-{attention.build_key(attention._compiler())}.so"
+    path.write_bytes(b"not a shared library")
+    load_kernel.cache_clear()
+    try:
+        load_kernel()
+        assert path.read_bytes()[:4] == b"\x7fELF"  # rebuilt over the damaged file, then loaded
+        load_kernel.cache_clear()
+        monkeypatch.setattr(attention, "_self_check", lambda fn: float("nan"))  # disagrees with torch
+        with pytest.raises(KernelUnavailable, match="disagrees"):
+            load_kernel()
+        assert not path.exists()  # not left for the next process
+    finally:
+        load_kernel.cache_clear()
