@@ -71,8 +71,8 @@ def test_sampling_ceiling_counts_prefill_at_the_roofline():
     cfg = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
                           num_key_value_heads=1, head_dim=2, vocab_size=10)
     layer = 2 * (4 * 4 * 2 + 4 * 2 * 2 + 4 * 8 * 2 + 8 * 4)  # q, o; k, v; gate, up; down
-    attn = lambda t: 2 * 2 * 1 * 2 * 2 * (t / 2) * t  # noqa: E731  (q.K and p.V, heads x head_dim, mean context t/2)
+    attn = lambda t: 2 * 2 * 1 * 2 * 2 * (t + 1) / 2 * t  # noqa: E731  (q.K and p.V, heads x head_dim, context)
     want = (3 + 5) * layer + 2 * (2 * 4 * 10) + attn(3) + attn(5)
     assert abs(prefill_gflop(SimpleNamespace(config=cfg), [3, 5]) * 1e9 - want) < 1e-6
-    cap = ceiling(gen_tokens=100, kept=90, gflop=2.0, prefill=100.0, rate=10.0, baseline=1.5)
-    assert cap == {"seconds": 30.0, "share": 20.0 / 30.0, "ratio": 90 / 30.0 / 1.5}
+    cap = ceiling(gen_tokens=100, kept=90, gflop=2.0, prefill=100.0, rate=10.0, baseline=1.5, prefill_rate=20.0)
+    assert cap == {"seconds": 25.0, "share": 20.0 / 25.0, "ratio": 90 / 25.0 / 1.5}

@@ -357,7 +357,8 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(peaked_llama
     assert engine_for(path, dataclasses.replace(plain, cpu_linear="aten"))[0].cpu_linear == "aten"
     from ilf_lab.generation.attention import kernel_error
 
-    assert eng32.attention == ("kernel" if kernel_error() is None else "matmul")  # bf16 weights: the cache is fp32
+    default = "kernel" if kernel_error() is None else "matmul"
+    assert eng32.attention == default and eng16.attention == default  # bf16 weights: the CPU cache stays fp32
     assert engine_for(path, dataclasses.replace(plain, attention="matmul"))[0].attention == "matmul"
 
 

@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 ATTENTIONS = ("matmul", "kernel")
 SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
-# -fopenmp: the .so needs libgomp.so.1 by soname, which resolves to the copy torch has already loaded (one pool)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# -fopenmp: the .so needs libgomp.so.1 by soname, which resolves to the copy torch has already loaded (one pool);
+# --as-needed: no libstdc++ dependency (the kernel uses none of it), so no runtime version mismatch either
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-exceptions",
+         "-Wl,--as-needed")
 HEAD_DIMS = (8, 16, 32, 64, 128)  # the kernel's compiled head sizes
 BUILD_TIMEOUT_S = 180
 
@@ -58,8 +60,8 @@ def _compiler() -> str | None:
 def _cpu_identity() -> str:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
+    except OSError as e:  # -march=native: a build must never be served to another CPU
+        raise KernelUnavailable(f"cannot identify this CPU for a -march=native build: {e}") from e
     return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
 
 
@@ -91,9 +93,31 @@ def _build(cxx: str, path: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.cache
 def load_kernel() -> Any:
     """The kernel's C function, built on first use and checked against torch before it is served."""
+    fn, err = _loaded()
+    if err is not None:
+        raise KernelUnavailable(err)
+    return fn
+
+
+def kernel_error() -> str | None:
+    """Why the kernel cannot run here, or None when it can."""
+    return _loaded()[1]
+
+
+@functools.cache
+def _loaded() -> tuple[Any, str | None]:
+    """(function, None) or (None, why): a failure is remembered too, so it is not retried per engine."""
+    try:
+        return _load(), None
+    except KernelUnavailable as e:
+        return None, str(e)
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:  # a read-only cache dir, ...
+        return None, f"the attention kernel could not be prepared ({type(e).__name__}: {e})"
+
+
+def _load() -> Any:
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
         raise KernelUnavailable(f"the kernel is built for Linux on x86-64 or arm64, not {sys.platform} "
                                 f"{platform.machine()}")
@@ -112,7 +136,7 @@ def load_kernel() -> Any:
         path.unlink(missing_ok=True)  # a damaged file at the build's name: build it afresh, once
         _build(cxx, path)
         fn = _open(path)
-    err = _self_check(fn)
+    err = max(_self_check(fn, hd) for hd in HEAD_DIMS)
     if not err <= 1e-4:  # NaN fails too
         path.unlink(missing_ok=True)  # not served to this process, nor left for the next
         raise KernelUnavailable(f"{path} disagrees with torch's attention by {err:.2e}: not used")
@@ -129,15 +153,6 @@ def _open(path: Path) -> Any:
     fn.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int64]
     fn.restype = ctypes.c_int
     return fn
-
-
-def kernel_error() -> str | None:
-    """Why the kernel cannot run here, or None when it can."""
-    try:
-        load_kernel()
-    except KernelUnavailable as e:
-        return str(e)
-    return None
 
 
 def resolve_attention(choice: str | None, model: Any, backend: str, prompt_kv: str) -> str:
@@ -169,6 +184,7 @@ def resolve_attention(choice: str | None, model: Any, backend: str, prompt_kv: s
 class Plan:
     """One decode step's row map, as the kernel reads it (int64, contiguous; checked once per step)."""
 
+    owner: int  # id() of the DecodeAttention that checked it against its caches
     order: torch.Tensor  # the rows grouped by prompt slot
     starts: torch.Tensor  # prompt p's rows: order[starts[p]:starts[p + 1]]
     plen: torch.Tensor  # each prompt slot's length
@@ -185,6 +201,12 @@ class DecodeAttention:
                 raise ValueError(f"the attention kernel needs a 6-d fp32 CPU {name}, got {t.dtype} {tuple(t.shape)}")
             if t.stride(5) != 1 or t.stride(4) != t.shape[5]:
                 raise ValueError(f"the attention kernel needs the {name}'s positions contiguous")
+        if pkv.shape[3] != kv.shape[3] or pkv.shape[5] != kv.shape[5] or pkv.shape[:2] != kv.shape[:2]:
+            raise ValueError(f"prompt store {tuple(pkv.shape)} and cache {tuple(kv.shape)} differ in layers, kv heads "
+                             "or head_dim")
+        if kv.shape[5] not in HEAD_DIMS or heads % kv.shape[3]:
+            raise ValueError(f"the attention kernel takes head_dim in {HEAD_DIMS} and heads a multiple of kv heads "
+                             f"(head_dim {kv.shape[5]}, {heads} heads, {kv.shape[3]} kv heads)")
         self.pkv, self.kv, self.heads = pkv, kv, heads
         self.kv_heads, self.head_dim = kv.shape[3], kv.shape[5]
         self.group = heads // self.kv_heads
@@ -206,13 +228,16 @@ class DecodeAttention:
         counts = torch.bincount(prompt, minlength=m)
         starts = torch.zeros(m + 1, dtype=torch.int64)
         torch.cumsum(counts, 0, out=starts[1:])
-        return Plan(order, starts, torch.tensor(prompt_len, dtype=torch.int64), torch.tensor(own, dtype=torch.int64))
+        plen, own_t = torch.tensor(prompt_len, dtype=torch.int64), torch.tensor(own, dtype=torch.int64)
+        return Plan(id(self), order, starts, plen, own_t)
 
     def __call__(self, i: int, q: torch.Tensor, plan: Plan, scaling: float) -> torch.Tensor:
         """Layer i's attention for the step's queries q [a, heads, 1, head_dim]: [a * kv_heads, group, head_dim]."""
+        if plan.owner != id(self):
+            raise ValueError("a plan is made by the DecodeAttention that runs it (plan() checks it against the caches)")
         a = plan.own.shape[0]
-        if q.shape != (a, self.heads, 1, self.head_dim):
-            raise ValueError(f"queries {tuple(q.shape)} do not match the step's {a} rows")
+        if q.device.type != "cpu" or q.shape != (a, self.heads, 1, self.head_dim):
+            raise ValueError(f"queries {tuple(q.shape)} on {q.device} do not match the step's {a} rows on CPU")
         q = q.to(torch.float32).contiguous()  # bf16 weights: the cache and attention stay fp32 on CPU (slots.py)
         out = torch.empty(a * self.kv_heads, self.group, self.head_dim)
         pk, pv, kc, vc = self.pkv[i, 0], self.pkv[i, 1], self.kv[i, 0], self.kv[i, 1]
@@ -242,15 +267,15 @@ def reference(q, pk, pv, ok, ov, row_prompt, prompt_len, own, scale) -> torch.Te
     return out
 
 
-def _self_check(fn: Any) -> float:
-    """Largest difference from `reference` on fixed random inputs: several rows per prompt, prompts longer than
-    a key block, uneven own lengths, grouped heads."""
-    gen = torch.Generator().manual_seed(0)
-    layers, slots, kvh, g, hd = 1, 5, 2, 3, 16
+def _self_check(fn: Any, hd: int) -> float:
+    """Largest difference from `reference` on fixed random inputs at head size `hd`: several rows per prompt,
+    prompts and own columns longer than a key block, uneven lengths, grouped heads."""
+    gen = torch.Generator().manual_seed(hd)
+    layers, slots, kvh, g = 1, 5, 2, 3
     pkv = torch.randn(layers, 2, 3, kvh, 150, hd, generator=gen)
-    kv = torch.randn(layers, 2, slots, kvh, 20, hd, generator=gen)
+    kv = torch.randn(layers, 2, slots, kvh, 70, hd, generator=gen)
     q = torch.randn(slots, kvh * g, 1, hd, generator=gen)
-    row_prompt, prompt_len, own = [1, 0, 1, 2, 1], [70, 130, 3], [1, 20, 7, 2, 13]
+    row_prompt, prompt_len, own = [1, 0, 1, 2, 1], [70, 130, 3], [1, 70, 7, 2, 66]
     att = DecodeAttention(pkv, kv, kvh * g, fn=fn)
     got = att(0, q, att.plan(row_prompt, prompt_len, own), 0.25)
     want = reference(q, pkv[0, 0], pkv[0, 1], kv[0, 0], kv[0, 1], row_prompt, prompt_len, own, 0.25)

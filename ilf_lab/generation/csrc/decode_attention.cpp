@@ -10,8 +10,8 @@
 // torch has already loaded, so its thread pool is the one torch's own ops use (a second pool would spin against it).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
-#include <vector>
 
 namespace {
 
@@ -136,35 +136,48 @@ extern "C" {
 // q [a, kvh, g, hd] and out (same shape), contiguous. pk, pv: one layer's prompt store, ps = its strides (slot,
 // head) in floats, positions of hd contiguous floats; ok, ov, os: its own-column cache, likewise. order [a]: rows
 // grouped by prompt slot, prompt p's rows being order[starts[p] .. starts[p + 1]). plen [m]: prompt lengths;
-// own [a]: the own columns each row reads (this step's included). Returns 0, or 1 on arguments it cannot take.
+// own [a]: the own columns each row reads (this step's included). Returns 0, 1 on arguments it cannot take, 2 when
+// out of memory.
 int ilf_decode_attention(const float* q, float* out, const float* pk, const float* pv, const int64_t* ps,
                          const float* ok, const float* ov, const int64_t* os, const int64_t* order,
                          const int64_t* starts, const int64_t* plen, const int64_t* own, int64_t a, int64_t m,
                          int64_t kvh, int64_t g, int64_t hd, float scale, int64_t threads) {
   const AttendFn attend = attend_for(hd);
   if (!attend || a < 0 || m < 0 || kvh < 1 || g < 1 || threads < 1 || starts[0] != 0 || starts[m] != a) return 1;
-  const int64_t items = m * kvh;
+  int64_t most = 0;  // rows of the prompt with the most
+  for (int64_t p = 0; p < m; ++p) {
+    if (starts[p + 1] < starts[p]) return 1;
+    most = std::max(most, starts[p + 1] - starts[p]);
+  }
+  const int64_t items = m * kvh, cap = most * g;
+  int failed = 0;
 #pragma omp parallel num_threads(static_cast<int>(threads))
   {
-    std::vector<float> qs, accs;
-    std::vector<State> st;
-#pragma omp for schedule(static)
+    // per thread: the item's queries (pre-scaled), accumulators and softmax states (malloc: no libstdc++)
+    float* qs = static_cast<float*>(std::malloc(sizeof(float) * (2 * cap * hd + 1)));
+    State* st = static_cast<State*>(std::malloc(sizeof(State) * (cap + 1)));
+    if (!qs || !st) {
+#pragma omp atomic write
+      failed = 2;
+    }
+    // dynamic: items differ in rows and prompt length; each item is one thread's, so results do not depend on it
+#pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < items; ++t) {
+      if (!qs || !st) continue;
       const int64_t p = t / kvh, h = t % kvh, r0 = starts[p], nr = starts[p + 1] - r0, nq = nr * g;
-      qs.resize(nq * hd);
-      accs.assign(nq * hd, 0.f);
-      st.resize(nq);
+      float* accs = qs + cap * hd;
+      std::memset(accs, 0, sizeof(float) * nq * hd);
       for (int64_t i = 0; i < nr; ++i)
         for (int64_t x = 0; x < g; ++x) {
           const float* src = q + ((order[r0 + i] * kvh + h) * g + x) * hd;
           for (int64_t d = 0; d < hd; ++d) qs[(i * g + x) * hd + d] = src[d] * scale;
-          st[i * g + x] = {-3.0e38f, 0.f, accs.data() + (i * g + x) * hd};
+          st[i * g + x] = {-3.0e38f, 0.f, accs + (i * g + x) * hd};
         }
       const int64_t pbase = p * ps[0] + h * ps[1];
-      attend(qs.data(), st.data(), nq, pk + pbase, pv + pbase, plen[p]);
+      attend(qs, st, nq, pk + pbase, pv + pbase, plen[p]);
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t r = order[r0 + i], obase = r * os[0] + h * os[1];
-        attend(qs.data() + i * g * hd, st.data() + i * g, g, ok + obase, ov + obase, own[r]);
+        attend(qs + i * g * hd, st + i * g, g, ok + obase, ov + obase, own[r]);
         for (int64_t x = 0; x < g; ++x) {
           const float inv = 1.f / st[i * g + x].l;
           float* dst = out + ((r * kvh + h) * g + x) * hd;
@@ -172,8 +185,10 @@ int ilf_decode_attention(const float* q, float* out, const float* pk, const floa
         }
       }
     }
+    std::free(qs);
+    std::free(st);
   }
-  return 0;
+  return failed;
 }
 
 }  // extern "C"
