@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ilf_lab.generation.slots import head_dim
+
 log = logging.getLogger(__name__)
 
 ATTENTIONS = ("matmul", "kernel")
@@ -163,19 +165,17 @@ def resolve_attention(choice: str | None, model: Any, backend: str, prompt_kv: s
         raise ValueError(f"attention must be matmul, kernel or None (the default), got {choice!r}")
     if choice == "matmul":
         return choice
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    hd = head_dim(model.config)
     cpu = next(model.parameters()).device.type == "cpu"
-    why = (None if backend == "slots" and prompt_kv == "shared" and cpu and hd in HEAD_DIMS else
-           f"the attention kernel runs the slots backend's shared prompt KV on CPU with head_dim in {HEAD_DIMS} "
-           f"(here: backend {backend}, prompt_kv {prompt_kv}, {'CPU' if cpu else 'GPU'}, head_dim {hd})")
-    if why is None:
-        why = kernel_error()
+    applies = backend == "slots" and prompt_kv == "shared" and cpu and hd in HEAD_DIMS
+    why = kernel_error() if applies else (
+        f"the attention kernel runs the slots backend's shared prompt KV on CPU with head_dim in {HEAD_DIMS} "
+        f"(here: backend {backend}, prompt_kv {prompt_kv}, {'CPU' if cpu else 'GPU'}, head_dim {hd})")
     if why is None:
         return "kernel"
     if choice == "kernel":
         raise ValueError(why)
-    if cpu and backend == "slots" and prompt_kv == "shared" and hd in HEAD_DIMS:
+    if applies:  # it would have run, but cannot build here
         log.warning("attention over the cache runs as batched matmuls: %s", why)
     return "matmul"
 

@@ -13,7 +13,7 @@ Two backends share the scheduler's bookkeeping (seeds, sampling, stop strings, p
 * `generic` (any causal LM): prompts grouped by length, left-padded, prefilled once with the model's own
   forward and a `DynamicCache`, cache expanded n times, finished rows dropped from the batch and the cache.
 
-The slots backend's KV cache and Llama-family forward are in `slots.py`; this module stays one unit (~490 lines)
+The slots backend's KV cache and Llama-family forward are in `slots.py`; this module stays one unit (~500 lines)
 because both backends share one scheduler (seeds, stop checks, progress, stats) whose invariants are checked here.
 """
 

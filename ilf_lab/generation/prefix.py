@@ -80,17 +80,15 @@ class SharedPromptCache(SlotCache):
         with their widths and length masks, the own columns' mask, and the grid's output buffers."""
         a, dev, dt = lens.shape[0], self.device, self.dtype
         m, n, kvh, g, hd = len(self.prompt_len), self.grid, self.kv_heads, self.group, self.head_dim
-        if self.kernel is not None:
-            own_cols = self.row_own[:a]
-            self.row_own[:a] = [x + 1 for x in own_cols]  # one decode step = one _step call
-            plan = self.kernel.plan(self.row_prompt[:a], self.prompt_len, self.row_own[:a])
-            return self._write_index(torch.tensor(own_cols)), plan
+        own_cols = self.row_own[:a]  # each row's own column that takes this step's token
+        self.row_own[:a] = [x + 1 for x in own_cols]  # one decode step = one _step call
+        own = torch.tensor(own_cols, device=dev)
+        flat = self._write_index(own)
+        if self.kernel is not None:  # the kernel reads the row map itself (attention.py)
+            return flat, self.kernel.plan(self.row_prompt[:a], self.prompt_len, self.row_own[:a])
         prompt = torch.tensor(self.row_prompt[:a], device=dev)
         sample = torch.tensor(self.row_sample[:a], device=dev)
-        own = torch.tensor(self.row_own[:a], device=dev)  # the row's own column that takes this step's token
-        gw = max(self.row_own[:a]) + 1
-        self.row_own[:a] = [x + 1 for x in self.row_own[:a]]  # one decode step = one _step call
-        flat = self._write_index(own)
+        gw = max(own_cols) + 1
         own_mask = torch.zeros(a, 1, 1, gw, dtype=torch.float32, device=dev)
         own_mask.masked_fill_((torch.arange(gw, device=dev) > own.unsqueeze(1)).view(a, 1, 1, gw), float("-inf"))
         runs = []
