@@ -106,14 +106,16 @@ def attention_gflop_per_token(model, context: float) -> float:
 PREFILL_ROWS = 512  # rows of a prefill matmul for the ceiling's rate (a few prompts of a few hundred tokens)
 
 
-def prefill_gflop(model, prompt_lens: list[int]) -> float:
+def prefill_gflop(model, prompt_lens: list[int], shared: int = 0) -> float:
     """FLOPs of prefilling each prompt once, unpadded: every position through the layers' linear layers and causal
-    attention, the LM head at the last position only (as the engine computes it)."""
+    attention, the LM head at the last position only (as the engine computes it); the first `shared` positions
+    (the prompts' common start under sampling.common_prefix=once) once for all prompts."""
     c = model.config
     head = 2 * c.hidden_size * c.vocab_size / 1e9
     layers = sum(2 * k * n * count for k, n, count in decode_shapes(model)) / 1e9 - head
-    attn = sum(attention_gflop_per_token(model, (t + 1) / 2) * t for t in prompt_lens)  # mean causal context
-    return sum(prompt_lens) * layers + len(prompt_lens) * head + attn
+    spans = ([(0, shared)] if shared else []) + [(shared, t) for t in prompt_lens]  # positions [a, b) run together
+    attn = sum(attention_gflop_per_token(model, (a + b + 1) / 2) * (b - a) for a, b in spans)  # mean causal context
+    return sum(b - a for a, b in spans) * layers + len(prompt_lens) * head + attn
 
 
 def ceiling(
@@ -186,7 +188,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     """`sampler` samples (the model, or its int8 copy); `model` runs the baseline and sets the roofline."""
     from ilf_lab.data.prompts import stop_sequences
     from ilf_lab.generation import SamplingParams
-    from ilf_lab.generation.hf import HFEngine, encode_prompts
+    from ilf_lab.generation.hf import HFEngine, encode_prompts, shared_prefix_len
 
     stops = stop_sequences("chat")
     params = SamplingParams(
@@ -196,14 +198,16 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         max_new_tokens=args.max_new_tokens,
         stop=stops,
     )
-    plen = [len(p) for p in encode_prompts(tok, prompts)]
+    ids = encode_prompts(tok, prompts)
+    plen = [len(p) for p in ids]
     print(
         f"\n== {name} prompts: {len(prompts)} x n={args.n}, prompt tokens mean {sum(plen) / len(plen):.0f} "
         f"(min {min(plen)}, max {max(plen)}), T={args.temperature}, top_p={args.top_p}, "
         f"{args.max_new_tokens} new tokens"
     )
     engine = HFEngine(sampler, tok, batch_size=args.batch_size, prompt_kv=args.prompt_kv, cpu_linear=args.cpu_linear,
-                      attention=args.attention)
+                      attention=args.attention, common_prefix=args.common_prefix)
+    shared = shared_prefix_len(ids) if engine.common_prefix == "once" else 0  # prefilled once (slots.py)
     engine.phases = Phases()
     t0 = time.perf_counter()
     out = engine.generate(prompts, params)
@@ -229,7 +233,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     )
     print(
         f"engine ({engine.backend}, prompt KV {engine.prompt_kv}, linear {engine.cpu_linear}, "
-        f"attention {engine.attention}, "
+        f"attention {engine.attention}, common prefix {engine.common_prefix} ({shared} tokens), "
         f"{stats['batch_size']} slots): {kept} kept / {gen_tokens} generated tokens in {dt:.1f} s = "
         f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline "
         f"({100 * gen_rate * gflop / mm_aten:.0f}% of F.linear's)"
@@ -259,7 +263,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     )
     # prefill's matmuls have a prompt's worth of rows: their own (higher) rate, or the ceiling would be too low
     mm_prefill = roofline(model, PREFILL_ROWS, ("aten", "onednn") if onednn_available() else ("aten",))[0]["best"]
-    cap = ceiling(gen_tokens, kept, gflop, prefill_gflop(model, plen), mm, baseline, mm_prefill)
+    cap = ceiling(gen_tokens, kept, gflop, prefill_gflop(model, plen, shared), mm, baseline, mm_prefill)
     print(
         f"ceiling (every matmul at the roofline, prefill's at {mm_prefill:.1f} GFLOP/s ({PREFILL_ROWS} rows); "
         f"attention's memory traffic, sampling and Python "
@@ -281,6 +285,8 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         "prompt_kv": engine.prompt_kv,
         "cpu_linear": engine.cpu_linear,
         "attention": engine.attention,
+        "common_prefix": engine.common_prefix,
+        "common_prefix_tokens": shared,
         "rows_mean_per_step": rows,
         "baseline_prompts": nb,
         "baseline_seconds": round(bdt, 1),
@@ -345,6 +351,13 @@ def main() -> None:
         help="the engine's attention over the shared prompt KV on CPU: the C++ kernel (kernel, the default from "
         "session 12 where it builds) or torch's batched matmuls (matmul) (sampling.attention)",
     )
+    ap.add_argument(
+        "--common-prefix",
+        default=None,
+        choices=("once", "each"),
+        help="the engine prefills the start all prompts share once (once, the default from session 13) or with every "
+        "prompt (each) (sampling.common_prefix)",
+    )
     ap.add_argument("--cache-dir", default=os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab"))
     ap.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/ and ilf/")
     args = ap.parse_args()
@@ -363,7 +376,7 @@ def main() -> None:
     print(
         f"SmolLM2-135M-Instruct {args.dtype}{' engine ' + args.quantize if args.quantize else ''}, "
         f"prompt KV {args.prompt_kv or 'default'}, linear {args.cpu_linear or 'default'}, "
-        f"attention {args.attention or 'default'}, torch {torch.__version__}, {args.threads} threads, "
+        f"attention {args.attention or 'default'}, common prefix {args.common_prefix or 'default'}, torch {torch.__version__}, {args.threads} threads, "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     results = {name: bench_set(name, prompts, model, sampler, tok, args) for name, prompts in sets.items()}
@@ -385,6 +398,7 @@ def main() -> None:
                 "prompt_kv": worst["prompt_kv"],  # the engine's (--prompt-kv or its default)
                 "cpu_linear": worst["cpu_linear"],  # the engine's (--cpu-linear or its default)
                 "attention": worst["attention"],  # the engine's (--attention or its default)
+                "common_prefix": worst["common_prefix"],  # the engine's (--common-prefix or its default)
                 "load_avg_1m": round(os.getloadavg()[0], 2),
                 "sets": results,
             }

@@ -226,6 +226,10 @@ class SamplingConfig:
     # compiled on first use, ilf_lab/generation/attention.py; logits equal to float rounding), matmul = torch's
     # batched matmuls (before session 12)
     attention: str | None = choice(None, None, "matmul", "kernel")
+    # the hf engine's prefill (slots backend): null = once (the start every prompt of a call shares, a chat template's
+    # system turn and instruction, is run once and its KV copied in front of each prompt's; logits equal to float
+    # rounding, ilf_lab/generation/slots.py), each = with every prompt (before session 13)
+    common_prefix: str | None = choice(None, None, "once", "each")
 
 
 @dataclass
@@ -455,6 +459,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("feedback.base_url is required for feedback.backend=openai")
     if cfg.sampling.prompt_kv and cfg.sampling.engine != "hf":
         raise ConfigError(f"sampling.prompt_kv={cfg.sampling.prompt_kv} needs sampling.engine=hf (vLLM pages its own cache)")
+    if cfg.sampling.common_prefix and cfg.sampling.engine != "hf":
+        raise ConfigError(f"sampling.common_prefix={cfg.sampling.common_prefix} needs sampling.engine=hf (vLLM caches "
+                          "prefixes its own way)")
     if cfg.sampling.attention and cfg.sampling.engine != "hf":
         raise ConfigError(f"sampling.attention={cfg.sampling.attention} needs sampling.engine=hf (vLLM has its own)")
     if cfg.sampling.attention == "kernel" and cfg.sampling.prompt_kv == "copy":

@@ -74,5 +74,8 @@ def test_sampling_ceiling_counts_prefill_at_the_roofline():
     attn = lambda t: 2 * 2 * 1 * 2 * 2 * (t + 1) / 2 * t  # noqa: E731  (q.K and p.V, heads x head_dim, context)
     want = (3 + 5) * layer + 2 * (2 * 4 * 10) + attn(3) + attn(5)
     assert abs(prefill_gflop(SimpleNamespace(config=cfg), [3, 5]) * 1e9 - want) < 1e-6
+    # a common start of 2 run once: positions 0-1 once, then 2 of the first prompt and 2-4 of the second
+    want = (2 + 1 + 3) * layer + 2 * (2 * 4 * 10) + 16 * (1 + 2 + 3 + 3 + 4 + 5)
+    assert abs(prefill_gflop(SimpleNamespace(config=cfg), [3, 5], shared=2) * 1e9 - want) < 1e-6
     cap = ceiling(gen_tokens=100, kept=90, gflop=2.0, prefill=100.0, rate=10.0, baseline=1.5, prefill_rate=20.0)
     assert cap == {"seconds": 25.0, "share": 20.0 / 25.0, "ratio": 90 / 25.0 / 1.5}

@@ -182,6 +182,8 @@ def test_nan_inf_and_impossible_sizes_fail_at_start(override, key, tmp_path):
         (["sampling.attention=kernel", "sampling.engine=vllm"], "sampling.attention=kernel needs sampling.engine=hf"),
         (["sampling.attention=kernel", "sampling.prompt_kv=copy"], "sampling.attention=kernel reads the shared"),
         (["sampling.attention=flash"], "sampling.attention='flash' is not one of"),
+        (["sampling.common_prefix=once", "sampling.engine=vllm"], "sampling.common_prefix=once needs sampling.engine=hf"),
+        (["sampling.common_prefix=some"], "sampling.common_prefix='some' is not one of"),
     ],
 )
 def test_values_that_used_to_fail_mid_run_fail_at_start(overrides, message):

@@ -165,6 +165,84 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(run_cos
         shared.move([0], [1], [lens[1]])
 
 
+@pytest.mark.parametrize("shared_kv", [False, True])
+def test_a_common_start_prefilled_once_matches_whole_prompts(shared_kv):
+    """sampling.common_prefix=once: the start all prompts share is run once and its KV copied in front of each
+    prompt's, which then runs only its own tokens (at their positions, attending to the held KV): the prefill
+    logits, the stored KV and the next decode step equal running every prompt whole to float rounding, for both
+    caches, with grouped-query heads and prompts of different lengths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ilf_lab.generation.prefix import SharedPromptCache
+    from ilf_lab.generation.slots import SlotCache
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    start = [(7 * i) % 97 for i in range(1, 21)]
+    prompts = [start + [5, 9], start + [7] * 11, start + [3]]
+    make = (lambda: SharedPromptCache(model, 8, 40, 4)) if shared_kv else (lambda: SlotCache(model, 8, 40))
+    with torch.inference_mode():
+        whole, split = make(), make()
+        want = whole.prefill(prompts, 0, 2)
+        split.set_prefix(start)
+        assert split.prefix == start and split.prefix_kv.shape[3] == len(start)
+        torch.testing.assert_close(split.prefill(prompts, 0, 2), want, rtol=1e-4, atol=1e-4)
+        store = "pkv" if shared_kv else "kv"
+        torch.testing.assert_close(getattr(split, store), getattr(whole, store), rtol=1e-4, atol=1e-4)
+        lens = torch.tensor([len(p) for p in prompts for _ in range(2)])
+        tokens = torch.arange(6) * 5 % 97
+        torch.testing.assert_close(split.decode(tokens, lens, int(lens.max()) + 1),
+                                   whole.decode(tokens, lens, int(lens.max()) + 1), rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="extend the held prefix"):
+            split.prefill([[1, 2, 3]], 6, 1)  # does not start with it
+        with pytest.raises(ValueError, match="extend the held prefix"):
+            split.prefill([start], 6, 1)  # nothing of its own
+
+
+def test_shared_prefix_len_leaves_each_prompt_a_token():
+    from ilf_lab.generation.hf import PREFIX_MIN_TOKENS, shared_prefix_len
+
+    long = list(range(40))
+    assert shared_prefix_len([long + [1], long + [2, 3]]) == 40
+    assert shared_prefix_len([long, long + [2]]) == 39  # the shorter prompt keeps its last token
+    assert shared_prefix_len([long + [1]]) == 0  # one prompt: nothing to share
+    assert shared_prefix_len([long[: PREFIX_MIN_TOKENS - 1] + [1], long[: PREFIX_MIN_TOKENS - 1] + [2]]) == 0
+    assert shared_prefix_len([long + [1], [5] + long]) == 0
+
+
+def test_engine_prefills_the_common_start_once(peaked_llama, monkeypatch):
+    """With a long shared start the default prefills it once (set_prefix is called with it), greedy decoding
+    agrees with common_prefix=each, sampling stays reproducible; each, and the generic backend, never split."""
+    from ilf_lab.generation.hf import shared_prefix_len
+    from ilf_lab.generation.slots import SlotCache
+
+    _, model, tok = peaked_llama
+    header = "# Write a Python function for the task below. Reply with the complete code in one block.\n"
+    prompts = [header + p for p in PROMPTS]
+    assert shared_prefix_len([tok(p)["input_ids"] for p in prompts]) >= 16
+    held: list[int] = []
+    real = SlotCache.set_prefix
+    monkeypatch.setattr(SlotCache, "set_prefix", lambda self, ids: (held.append(len(ids)), real(self, ids))[1])
+    greedy = SamplingParams(n=2, temperature=0, max_new_tokens=12)
+    for shared in ("copy", "shared"):
+        once = HFEngine(model, tok, batch_size=8, prompt_kv=shared)
+        assert once.common_prefix == "once"
+        got = once.generate(prompts, greedy)
+        assert held and held[-1] >= 16
+        n_calls = len(held)
+        each = HFEngine(model, tok, batch_size=8, prompt_kv=shared, common_prefix="each")
+        assert each.generate(prompts, greedy) == got and len(held) == n_calls
+        p = SamplingParams(n=3, temperature=0.8, max_new_tokens=10, seed=4)
+        assert once.generate(prompts, p) == once.generate(prompts, p)
+    assert HFEngine(model, tok, backend="generic").common_prefix == "each"
+    with pytest.raises(ValueError, match="common_prefix=once needs the slots backend"):
+        HFEngine(model, tok, backend="generic", common_prefix="once")
+    with pytest.raises(ValueError, match="common_prefix must be"):
+        HFEngine(model, tok, common_prefix="always")
+
+
 def test_freed_prompt_slots_give_their_pages_back():
     """On CPU the batch sizing counts the shared store's live prompts only: a prompt slot freed at compaction (or
     vacated by a prompt moving down) returns its pages, and a hole keeps nothing of its last prompt past the
@@ -328,7 +406,7 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(peaked_llama
         path,
         EngineConfig(
             engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype="bfloat16",
-            quantize=None, prompt_kv=None, cpu_linear=None, attention=None,
+            quantize=None, prompt_kv=None, cpu_linear=None, attention=None, common_prefix=None,
         ),
     )
     assert next(eng16.model.parameters()).dtype == torch.bfloat16
@@ -338,14 +416,15 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(peaked_llama
         path,
         EngineConfig(
             engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None,
-            quantize=None, prompt_kv=None, cpu_linear=None, attention=None,
+            quantize=None, prompt_kv=None, cpu_linear=None, attention=None, common_prefix=None,
         ),
     )
     assert next(eng32.model.parameters()).dtype == torch.float32
     from ilf_lab.generation.quantize import is_quantized  # sampling.quantize reaches the engine a stage gets
 
     plain = EngineConfig(engine="hf", batch_size=4, dtype="float32", trust_remote_code=False, sampling_dtype=None,
-                         quantize=None, prompt_kv=None, cpu_linear=None, attention=None)
+                         quantize=None, prompt_kv=None, cpu_linear=None, attention=None,
+                         common_prefix=None)
     eng8, _ = engine_for(path, dataclasses.replace(plain, quantize="int8"))
     assert eng8 is not eng32 and is_quantized(eng8.model.lm_head) and not is_quantized(eng32.model.lm_head)
     assert all(len(o) == 2 for o in eng8.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=8, seed=1)))
@@ -360,6 +439,8 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(peaked_llama
     default = "kernel" if kernel_error() is None else "matmul"
     assert eng32.attention == default and eng16.attention == default  # bf16 weights: the CPU cache stays fp32
     assert engine_for(path, dataclasses.replace(plain, attention="matmul"))[0].attention == "matmul"
+    assert eng32.common_prefix == "once"  # sampling.common_prefix reaches the engine a stage gets
+    assert engine_for(path, dataclasses.replace(plain, common_prefix="each"))[0].common_prefix == "each"
 
 
 def test_batch_sizing_counts_the_shared_caches_grid(peaked_llama):

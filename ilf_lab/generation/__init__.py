@@ -26,6 +26,7 @@ def make_engine(
     prompt_kv: str | None = None,
     cpu_linear: str | None = None,
     attention: str | None = None,
+    common_prefix: str | None = None,
 ) -> Engine:
     """An engine by name: "hf" (our batched loop, CPU or GPU) or "vllm" (GPU, needs the vllm extra).
     Pass an already-loaded `model`/`tokenizer` to reuse them (hf only; vLLM loads its own copy).
@@ -34,7 +35,9 @@ def make_engine(
     Llama-family models), "copy" copies it into each sample's slot; None = the engine's default. `cpu_linear` (hf):
     "onednn" runs fp32 linear layers on CPU with oneDNN-packed weights (generation/packed.py; the default where
     available), "aten" with F.linear. `attention` (hf): "kernel" attends over the shared prompt KV on CPU with a
-    C++ kernel (generation/attention.py; the default where it builds), "matmul" with torch's batched matmuls."""
+    C++ kernel (generation/attention.py; the default where it builds), "matmul" with torch's batched matmuls.
+    `common_prefix` (hf): "once" prefills the start all prompts of a call share once (generation/slots.py; the
+    default on the slots backend), "each" with every prompt."""
     if name == "hf":
         from ilf_lab.generation.hf import HFEngine
 
@@ -47,7 +50,8 @@ def make_engine(
             else:
                 tokenizer = load_tokenizer(model_path)
         return HFEngine(
-            model, tokenizer, batch_size=batch_size, prompt_kv=prompt_kv, cpu_linear=cpu_linear, attention=attention
+            model, tokenizer, batch_size=batch_size, prompt_kv=prompt_kv, cpu_linear=cpu_linear, attention=attention,
+            common_prefix=common_prefix,
         )
     if name == "vllm":
         if prompt_kv is not None:
@@ -56,6 +60,8 @@ def make_engine(
             raise ValueError("cpu_linear applies to the hf engine (vLLM runs on GPU)")
         if attention is not None:
             raise ValueError("attention applies to the hf engine (vLLM has its own)")
+        if common_prefix is not None:
+            raise ValueError("common_prefix applies to the hf engine (vLLM caches prefixes its own way)")
         from ilf_lab.generation.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_path, dtype=dtype, batch_size=batch_size)

@@ -51,6 +51,8 @@ CPU_MAX_ROWS = 192
 GPU_MAX_ROWS = 1024
 PREFILL_TOKENS_CPU = 2048  # prompt tokens per prefill forward (bounds activation memory)
 PREFILL_TOKENS_GPU = 16384
+PREFIX_MIN_TOKENS = 16  # a shorter common start is prefilled with each prompt (not worth a forward of its own)
+COMMON_PREFIXES = ("once", "each")
 
 
 def available_memory(device: torch.device) -> int:
@@ -136,6 +138,15 @@ def fit_context(
         out.append(p)
         budgets.append(max(0, min(max_new_tokens, limit - len(p))))
     return out, budgets, cut
+
+
+def shared_prefix_len(ids: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one of its own; 0 for a single prompt or a common
+    start shorter than PREFIX_MIN_TOKENS."""
+    if len(ids) < 2:
+        return 0
+    c = min(len(os.path.commonprefix([list(p) for p in ids])), min(map(len, ids)) - 1)
+    return c if c >= PREFIX_MIN_TOKENS else 0
 
 
 def supports_slots(model: Any) -> bool:
@@ -224,6 +235,7 @@ class HFEngine:
         prompt_kv: str | None = None,
         cpu_linear: str | None = None,
         attention: str | None = None,
+        common_prefix: str | None = None,
     ) -> None:
         if backend not in ("auto", "slots", "generic"):
             raise ValueError(f"backend must be auto, slots or generic, got {backend!r}")
@@ -247,6 +259,13 @@ class HFEngine:
         # kernel (the default on CPU where it builds): the shared prompt KV attended by a C++ kernel, 1.3-1.6 x
         # the batched matmuls at the decode shapes (attention.py); matmul: torch's batched matmuls
         self.attention = resolve_attention(attention, model, self.backend, self.prompt_kv)
+        # once (the slots backend's default): the start all prompts of a call share (chat template, instruction) is
+        # prefilled once and its KV copied in front of each prompt's (slots.py, set_prefix); each: with every prompt
+        if common_prefix not in (None, *COMMON_PREFIXES):
+            raise ValueError(f"common_prefix must be once, each or None (the default), got {common_prefix!r}")
+        if common_prefix == "once" and self.backend != "slots":
+            raise ValueError(f"common_prefix=once needs the slots backend ({SLOT_MODEL_TYPES}), not {self.backend}")
+        self.common_prefix = common_prefix or ("once" if self.backend == "slots" else "each")
         # refill freed slots once this share of them is free (0: as soon as one prompt's n samples fit)
         self.refill_fraction = refill_fraction
         self.eos = eos_token_ids(model, tokenizer)
@@ -375,6 +394,9 @@ class HFEngine:
             )
         else:
             cache = SlotCache(self.model, slots, max_len, self.phases, self._linears)
+        if self.common_prefix == "once" and (c := shared_prefix_len(ids)):
+            with self.phases("prefill"):
+                cache.set_prefix(ids[0][:c])
         queue = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         budget = PREFILL_TOKENS_GPU if self.device.type == "cuda" else PREFILL_TOKENS_CPU
         refill_at = max(n, int(math.ceil(self.refill_fraction * slots)))

@@ -60,6 +60,7 @@ class SharedPromptCache(SlotCache):
     def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
         if row0 != len(self.row_prompt):
             raise ValueError(f"rows are appended: row0 {row0} != {len(self.row_prompt)} active rows")
+        self._check_prefix(prompts)  # before the row map changes
         self._first_prompt = len(self.prompt_len)
         for p, ids in enumerate(prompts):
             self.prompt_len.append(len(ids))

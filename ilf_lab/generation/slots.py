@@ -74,6 +74,8 @@ class SlotCache:
         plain = (self.device.type == "cpu" and linears is None and not is_quantized(head)
                  and getattr(head, "bias", None) is None)
         self.head_chunks = head.weight.split(LM_HEAD_CHUNK) if plain else ()
+        self.prefix: list[int] = []  # the tokens every prompt starts with, run once (set_prefix)
+        self.prefix_kv: torch.Tensor | None = None
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
         if self.device.type == "cpu":
             self.kv = zeroed_cpu(shape, self.dtype)
@@ -91,26 +93,57 @@ class SlotCache:
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
 
+    def set_prefix(self, ids: Sequence[int]) -> None:
+        """Run `ids`, the start every prompt of the call shares (a chat template's system turn and instruction),
+        once and hold its KV; `prefill` then runs only what follows it and copies the held KV in front."""
+        self.prefix, self.prefix_kv = [], None
+        if ids:
+            held: list[torch.Tensor] = []
+            self._layers(torch.tensor([list(ids)], device=self.device), lambda i, k, v: held.append(torch.stack([k[0], v[0]])))
+            self.prefix, self.prefix_kv = list(ids), torch.stack(held)  # [layer, k|v, kv_head, position, head_dim]
+
     def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
         """Run the prompts (right-padded; causal attention never sees the padding), write each prompt's KV
         into `copies` consecutive slots from `row0`, return next-token logits per prompt."""
-        b, t = len(prompts), max(len(p) for p in prompts)
+        self._check_prefix(prompts)
+        c = len(self.prefix)
+        b, t = len(prompts), max(len(p) for p in prompts) - c
         ids = torch.zeros(b, t, dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(self.device)
-        pos = torch.arange(t, device=self.device).unsqueeze(0).expand(b, t)
+            ids[i, : len(p) - c] = torch.tensor(p[c:], dtype=torch.long)
+        x = self._layers(ids.to(self.device), lambda i, k, v: self._store_prompt(i, k, v, row0, copies))
+        last = torch.tensor([len(p) - c - 1 for p in prompts], device=self.device)
+        return self.lm_head(self.inner.norm(x[torch.arange(b, device=self.device), last]))
+
+    def _check_prefix(self, prompts: Sequence[Sequence[int]]) -> None:
+        c = len(self.prefix)
+        if any(len(p) <= c or list(p[:c]) != self.prefix for p in prompts):
+            raise ValueError(f"every prompt must extend the held prefix of {c} tokens (set_prefix)")
+
+    def _layers(self, ids: torch.Tensor, store: Any) -> torch.Tensor:
+        """The model's layers over ids [b, t] at the positions after the held prefix, attending to the prefix's
+        KV and causally to themselves; `store(layer, k, v)` gets each layer's K and V, prefix included."""
+        b, t = ids.shape
+        c = len(self.prefix)
+        pos = torch.arange(c, c + t, device=self.device).unsqueeze(0).expand(b, t)
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, pos)
+        mask = None  # no prefix: plain causal attention
+        if c:  # query j (position c + j) sees the prefix and the new tokens up to itself
+            cols, rows = torch.arange(c + t, device=self.device), torch.arange(t, device=self.device)
+            mask = (cols.unsqueeze(0) < c) | (cols.unsqueeze(0) - c <= rows.unsqueeze(1))
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
-            self._store_prompt(i, k, v, row0, copies)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+            if c:
+                held = self.prefix_kv[i].unsqueeze(1).expand(2, b, -1, -1, -1).to(k.dtype)
+                k, v = torch.cat([held[0], k], 2), torch.cat([held[1], v], 2)
+            store(i, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
+                                               enable_gqa=True)
             x = x + self._linear(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1))
             x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x))
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self.lm_head(self.inner.norm(x[torch.arange(b, device=self.device), last]))
+        return x
 
     def _linear(self, m: Any, x: torch.Tensor) -> torch.Tensor:
         return m(x) if self.linears is None else self.linears.linear(m, x)

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 # is served. 2: sampling.prompt_kv=null shares a prompt's KV on the slots backend; 3: the shared KV in runs of
 # prompts, merged as flash-decoding does (float rounding); 4: fp32 linear layers through oneDNN with packed weights
 # on CPU (sampling.cpu_linear=null, float rounding); 5: attention over the shared prompt KV through a C++ kernel
-# on CPU (sampling.attention=null, float rounding).
-SAMPLING_VERSION = 5
+# on CPU (sampling.attention=null, float rounding); 6: the prompts' common start prefilled once per call
+# (sampling.common_prefix=null, float rounding).
+SAMPLING_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class EngineConfig:
     prompt_kv: str | None = at("sampling.prompt_kv")  # copy|shared; null: the engine's default (shared on slots)
     cpu_linear: str | None = at("sampling.cpu_linear")  # aten|onednn; null: the engine's default (onednn on CPU)
     attention: str | None = at("sampling.attention")  # matmul|kernel; null: the engine's default (kernel on CPU)
+    common_prefix: str | None = at("sampling.common_prefix")  # once|each; null: the engine's default (once on slots)
 
     @property
     def weights_dtype(self) -> str:
@@ -82,6 +84,7 @@ def engine_for(path: str, cfg: EngineConfig) -> tuple[Any, Any]:
         engine = make_engine(
             cfg.engine, path, dtype=cfg.weights_dtype, batch_size=cfg.batch_size, model=model, tokenizer=tok,
             prompt_kv=cfg.prompt_kv, cpu_linear=cfg.cpu_linear, attention=cfg.attention,
+            common_prefix=cfg.common_prefix,
         )
         _loaded.update(id=(path, cfg), engine=engine, tokenizer=tok)
     return _loaded["engine"], _loaded["tokenizer"]
