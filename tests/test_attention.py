@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from ilf_lab.generation import SamplingParams, attention
+from ilf_lab.generation import SamplingParams, attention, kernels
 from ilf_lab.generation.attention import (
     DecodeAttention,
     KernelUnavailable,
@@ -134,7 +134,7 @@ def test_default_and_errors(peaked_llama, monkeypatch, tmp_path, caplog):
     # no compiler: the default falls back to the matmuls with a warning; asking for the kernel is an error
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("ILF_LAB_KERNEL_DIR", str(tmp_path / "kernels"))
-    attention._loaded.cache_clear()
+    kernels._loaded.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="ilf_lab.generation.attention"):
             assert resolve_attention(None, model, "slots", "shared") == "matmul"
@@ -147,7 +147,7 @@ def test_default_and_errors(peaked_llama, monkeypatch, tmp_path, caplog):
         monkeypatch.setenv("CXX", "true")  # ...not retried within the process, even once a compiler appears
         assert kernel_error() is not None and "no-such-compiler" in kernel_error()
     finally:
-        attention._loaded.cache_clear()
+        kernels._loaded.cache_clear()
 
 
 @needs_kernel
@@ -155,16 +155,16 @@ def test_a_build_is_checked_before_it_is_served(monkeypatch, tmp_path):
     """A file at the build's name that does not load is rebuilt once; a build that computes something else than
     torch's attention is refused and removed. (A library this process has loaded is never rewritten here.)"""
     monkeypatch.setenv("ILF_LAB_KERNEL_DIR", str(tmp_path))
-    path = tmp_path / f"decode_attention-{attention.build_key(attention._compiler())}.so"
+    path = kernels.library_path(kernels._compiler())
     path.write_bytes(b"not a shared library")
-    attention._loaded.cache_clear()
+    kernels._loaded.cache_clear()
     try:
         load_kernel()
         assert path.read_bytes()[:4] == b"\x7fELF"  # rebuilt over the damaged file, then loaded
-        attention._loaded.cache_clear()
+        kernels._loaded.cache_clear()
         monkeypatch.setattr(attention, "_self_check", lambda fn, hd: float("nan"))  # disagrees with torch
-        with pytest.raises(KernelUnavailable, match="disagrees"):
+        with pytest.raises(KernelUnavailable, match="ilf_decode_attention disagrees"):
             load_kernel()
         assert not path.exists()  # not left for the next process
     finally:
-        attention._loaded.cache_clear()
+        kernels._loaded.cache_clear()

@@ -12,6 +12,7 @@ import torch
 
 from ilf_lab.generation import SamplingParams, make_engine, vllm_available
 from ilf_lab.generation.hf import HFEngine
+from ilf_lab.generation.kernels import kernel_error
 from ilf_lab.generation.sampling import StopChecker, choose_tokens, cut_at_stop
 from tests.conftest import PROMPTS
 
@@ -337,6 +338,54 @@ def test_top_p_keeps_only_the_nucleus():
     assert set(picks.tolist()) == {0, 1}  # 0.5 + 0.3 >= 0.75: tokens 2, 3 are outside the nucleus
     assert 0.5 < (picks == 0).float().mean() < 0.75  # ~0.5 / 0.8
     assert choose_tokens(logits, 0.0, 0.75, None).tolist() == [0] * 400
+
+
+needs_kernels = pytest.mark.skipif(kernel_error() is not None, reason=f"no CPU kernels here: {kernel_error()}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("temperature,top_p", [(0.8, 0.95), (0.3, 0.5), (1.3, 0.99)])
+def test_top_p_kernel_picks_what_torch_picks(temperature, top_p):
+    """The C++ top-p choice (csrc/top_p.cpp) against torch's path on the same uniforms: the same token on every
+    row at an LM's vocabulary size, peaked and flat rows (the flat ones left to torch: their nucleus is wider than
+    its candidates), a strided view, -inf and NaN rows; ties go to the lower token id."""
+    gen = torch.Generator().manual_seed(1)
+    rows, vocab = 300, 49152
+    logits = torch.randn(rows, vocab + 5, generator=gen) * torch.linspace(0.3, 15, rows).unsqueeze(1)
+    logits = logits[:, :vocab]  # a row stride wider than the row
+    logits[7, 1000:] = float("-inf")  # masked tokens take no mass
+    logits[8, 5] = float("nan")  # left to torch's path, as it was
+    u = torch.rand(rows, generator=gen, dtype=torch.float64)
+    got = choose_tokens(logits, temperature, top_p, u)
+    want = choose_tokens(logits, temperature, top_p, u, use_kernel=False)
+    assert torch.equal(got, want)
+    tie = torch.zeros(1, 100)
+    tie[0, [40, 60]] = 50.0  # two equally likely tokens hold all the mass: u below one half picks the lower id
+    assert choose_tokens(tie, 1.0, 0.9, torch.tensor([0.2], dtype=torch.float64)).item() == 40
+    assert choose_tokens(tie, 1.0, 0.9, torch.tensor([0.7], dtype=torch.float64)).item() == 60
+    assert choose_tokens(tie, 1.0, 0.4, torch.tensor([0.7], dtype=torch.float64)).item() == 40  # 0.5 >= 0.4
+
+
+@needs_kernels
+def test_top_p_kernel_distribution_and_row_independence():
+    """Over many uniforms the kernel's picks follow the nucleus distribution; a row's pick does not depend on the
+    rows beside it or the thread count."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05] + [1e-9] * 60]))
+    u = torch.rand(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    picks = choose_tokens(logits.repeat(4000, 1), 1.0, 0.9, u)
+    freq = torch.bincount(picks, minlength=4)[:4].double() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0], dtype=torch.float64) / 0.95, atol=0.03,
+                               rtol=0)
+    gen = torch.Generator().manual_seed(2)
+    many = torch.randn(64, 5000, generator=gen) * 4
+    uu = torch.rand(64, generator=gen, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([choose_tokens(many[i : i + 1], 0.8, 0.95, uu[i : i + 1]) for i in range(64)])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(choose_tokens(many, 0.8, 0.95, uu), alone)
 
 
 def test_make_engine_reuses_loaded_model(peaked_llama):

@@ -30,7 +30,8 @@ def test_wheel_ships_conf_and_runs_outside_the_repo(tmp_path):
     (wheel,) = wheel_dir.glob("ilf_lab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "ilf_lab/conf/config.yaml" in names and "ilf_lab/conf/experiment/ilf.yaml" in names
-    assert "ilf_lab/generation/csrc/decode_attention.cpp" in names  # compiled on first use (attention.py)
+    for src in ("decode_attention.cpp", "top_p.cpp", "vec.h"):  # compiled on first use (kernels.py)
+        assert f"ilf_lab/generation/csrc/{src}" in names
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
         check=True, capture_output=True, timeout=300,

@@ -6,155 +6,40 @@ row's columns) at a fraction of the host's FLOP rate, with a pass over memory pe
 computed independently in a fixed order, so a row's output does not depend on the batch; sums are ordered
 differently from the matmuls', so logits agree with them to float rounding (tests/test_attention.py).
 
-The kernel is compiled on first use with the host's C++ compiler (`-march=native`) into a per-user directory,
-named by a hash of everything the binary depends on (source, flags, compiler, CPU), written atomically, and
-checked against a torch reference each time a process loads it; where it cannot be built or fails the check,
-the default falls back to the matmuls with one warning, and an explicit `attention=kernel` is an error naming why.
+The kernel is compiled on first use with the other CPU kernels (kernels.py: keyed by sources, flags, compiler and
+CPU, checked against `reference` at every compiled head size each time a process loads it); where it cannot be
+built or fails a check, the default falls back to the matmuls with one warning, and an explicit
+`attention=kernel` is an error naming why.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ilf_lab.generation.kernels import KernelUnavailable, kernel, kernel_error
 from ilf_lab.generation.slots import head_dim
+
+__all__ = ["KernelUnavailable", "kernel_error"]  # re-exported: the kernel's availability, as callers ask it here
 
 log = logging.getLogger(__name__)
 
 ATTENTIONS = ("matmul", "kernel")
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
-# -fopenmp: the .so needs libgomp.so.1 by soname, which resolves to the copy torch has already loaded (one pool);
-# --as-needed: no libstdc++ dependency (the kernel uses none of it), so no runtime version mismatch either
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-exceptions",
-         "-Wl,--as-needed")
 HEAD_DIMS = (8, 16, 32, 64, 128)  # the kernel's compiled head sizes
-BUILD_TIMEOUT_S = 180
-
-
-class KernelUnavailable(RuntimeError):
-    """The kernel cannot run here: no compiler, a failed build, an unsupported platform, a failed check."""
-
-
-def kernel_dir() -> Path:
-    """Where builds are kept: $ILF_LAB_KERNEL_DIR, else the user's cache directory."""
-    if d := os.environ.get("ILF_LAB_KERNEL_DIR"):
-        return Path(d)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ilf_lab" / "kernels"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-
-
-def _cpu_identity() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError as e:  # -march=native: a build must never be served to another CPU
-        raise KernelUnavailable(f"cannot identify this CPU for a -march=native build: {e}") from e
-    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
-
-
-def build_key(cxx: str) -> str:
-    """A hash of what the binary depends on: source, flags, the compiler's version, the CPU and its features."""
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise KernelUnavailable(f"the C++ compiler {cxx!r} did not run: {e}") from e
-    blob = "\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity(), platform.machine()])
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _build(cxx: str, path: Path) -> None:
-    """Compile into a temporary file beside `path`, then rename: a reader never sees a half-written library."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        p = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                           timeout=BUILD_TIMEOUT_S)
-        if p.returncode != 0:
-            raise KernelUnavailable(f"{cxx} failed to build {SOURCE.name}: {p.stderr.strip()[-1500:]}")
-        os.replace(tmp, path)
-    except subprocess.TimeoutExpired as e:
-        raise KernelUnavailable(f"{cxx} did not build {SOURCE.name} within {BUILD_TIMEOUT_S} s") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_kernel() -> Any:
-    """The kernel's C function, built on first use and checked against torch before it is served."""
-    fn, err = _loaded()
-    if err is not None:
-        raise KernelUnavailable(err)
-    return fn
+    """The kernel's C function, built on first use and checked against torch before it is served (kernels.py)."""
+    return kernel("ilf_decode_attention")
 
 
-def kernel_error() -> str | None:
-    """Why the kernel cannot run here, or None when it can."""
-    return _loaded()[1]
-
-
-@functools.cache
-def _loaded() -> tuple[Any, str | None]:
-    """(function, None) or (None, why): a failure is remembered too, so it is not retried per engine."""
-    try:
-        return _load(), None
-    except KernelUnavailable as e:
-        return None, str(e)
-    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:  # a read-only cache dir, ...
-        return None, f"the attention kernel could not be prepared ({type(e).__name__}: {e})"
-
-
-def _load() -> Any:
-    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
-        raise KernelUnavailable(f"the kernel is built for Linux on x86-64 or arm64, not {sys.platform} "
-                                f"{platform.machine()}")
-    cxx = _compiler()
-    if cxx is None:
-        raise KernelUnavailable("no C++ compiler found (set CXX, or install g++)")
-    path = kernel_dir() / f"decode_attention-{build_key(cxx)}.so"
-    built = not path.exists()
-    if built:
-        _build(cxx, path)
-    try:
-        fn = _open(path)
-    except KernelUnavailable:
-        if built:
-            raise
-        path.unlink(missing_ok=True)  # a damaged file at the build's name: build it afresh, once
-        _build(cxx, path)
-        fn = _open(path)
+def check_kernel(fn: Any) -> str | None:
+    """None if the kernel agrees with `reference` at every compiled head size, else how far it is off."""
     err = max(_self_check(fn, hd) for hd in HEAD_DIMS)
-    if not err <= 1e-4:  # NaN fails too
-        path.unlink(missing_ok=True)  # not served to this process, nor left for the next
-        raise KernelUnavailable(f"{path} disagrees with torch's attention by {err:.2e}: not used")
-    return fn
-
-
-def _open(path: Path) -> Any:
-    # a file replaced on disk is not reloaded by dlopen while an older copy with the same name is loaded: each
-    # build has its own name (the key), and a rebuilt damaged file never loaded in this process
-    try:
-        fn = ctypes.CDLL(str(path)).ilf_decode_attention
-    except (OSError, AttributeError) as e:
-        raise KernelUnavailable(f"{path} did not load: {e}") from e
-    fn.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
+    return None if err <= 1e-4 else f"disagrees with torch's attention by {err:.2e}"  # NaN fails too
 
 
 def resolve_attention(choice: str | None, model: Any, backend: str, prompt_kv: str) -> str:

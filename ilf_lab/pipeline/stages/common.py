@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # prompts, merged as flash-decoding does (float rounding); 4: fp32 linear layers through oneDNN with packed weights
 # on CPU (sampling.cpu_linear=null, float rounding); 5: attention over the shared prompt KV through a C++ kernel
 # on CPU (sampling.attention=null, float rounding); 6: the prompts' common start prefilled once per call
-# (sampling.common_prefix=null, float rounding).
+# (sampling.common_prefix=null) and the top-p choice through a C++ kernel on CPU (float rounding).
 SAMPLING_VERSION = 6
 
 

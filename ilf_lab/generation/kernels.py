@@ -1,0 +1,164 @@
+"""The CPU kernels in `csrc/` (decode attention, top-p choice), compiled on first use into one small library.
+
+Built with the host's C++ compiler (`-march=native`, a plain C ABI loaded with ctypes: no torch headers, about a
+second) into a per-user directory, named by a hash of everything the binary depends on (sources, flags, compiler,
+CPU), written atomically, and checked against torch references each time a process loads it (each kernel's module
+has its check). Where it cannot be built or fails a check, the callers fall back to torch with one warning; the
+failure is remembered for the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(sorted(CSRC.glob("*.cpp")))
+# -fopenmp: the .so needs libgomp.so.1 by soname, which resolves to the copy torch has already loaded (one pool);
+# --as-needed: no libstdc++ dependency (the kernels use none of it), so no runtime version mismatch either
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-exceptions",
+         "-Wl,--as-needed")
+BUILD_TIMEOUT_S = 180
+# each kernel's C signature (the argtypes ctypes passes)
+SIGNATURES = {
+    "ilf_decode_attention": [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int64],
+    "ilf_top_p": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_double,
+                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64],
+}
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernels cannot run here: no compiler, a failed build, an unsupported platform, a failed check."""
+
+
+def kernel_dir() -> Path:
+    """Where builds are kept: $ILF_LAB_KERNEL_DIR, else the user's cache directory."""
+    if d := os.environ.get("ILF_LAB_KERNEL_DIR"):
+        return Path(d)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ilf_lab" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _cpu_identity() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError as e:  # -march=native: a build must never be served to another CPU
+        raise KernelUnavailable(f"cannot identify this CPU for a -march=native build: {e}") from e
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+
+
+def build_key(cxx: str) -> str:
+    """A hash of what the binary depends on: every file in csrc/ (sources and headers), the flags, the compiler's
+    version, the CPU and its features."""
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelUnavailable(f"the C++ compiler {cxx!r} did not run: {e}") from e
+    files = [f"{p.name}\n{p.read_text()}" for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
+    blob = "\n".join([*files, " ".join(FLAGS), version, _cpu_identity(), platform.machine()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def library_path(cxx: str) -> Path:
+    return kernel_dir() / f"ilf_kernels-{build_key(cxx)}.so"
+
+
+def _build(cxx: str, path: Path) -> None:
+    """Compile into a temporary file beside `path`, then rename: a reader never sees a half-written library."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        p = subprocess.run([cxx, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
+                           timeout=BUILD_TIMEOUT_S)
+        if p.returncode != 0:
+            raise KernelUnavailable(f"{cxx} failed to build the kernels in {CSRC}: {p.stderr.strip()[-1500:]}")
+        os.replace(tmp, path)
+    except subprocess.TimeoutExpired as e:
+        raise KernelUnavailable(f"{cxx} did not build the kernels within {BUILD_TIMEOUT_S} s") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def kernel(name: str) -> Any:
+    """The C function `name` of the library, built on first use and checked against torch before it is served."""
+    lib, err = _loaded()
+    if err is not None:
+        raise KernelUnavailable(err)
+    return getattr(lib, name)
+
+
+def kernel_error() -> str | None:
+    """Why the kernels cannot run here, or None when they can."""
+    return _loaded()[1]
+
+
+@functools.cache
+def _loaded() -> tuple[Any, str | None]:
+    """(library, None) or (None, why): a failure is remembered too, so it is not retried per engine."""
+    try:
+        return _load(), None
+    except KernelUnavailable as e:
+        return None, str(e)
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:  # a read-only cache dir, ...
+        return None, f"the CPU kernels could not be prepared ({type(e).__name__}: {e})"
+
+
+def _load() -> Any:
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
+        raise KernelUnavailable(f"the kernels are built for Linux on x86-64 or arm64, not {sys.platform} "
+                                f"{platform.machine()}")
+    cxx = _compiler()
+    if cxx is None:
+        raise KernelUnavailable("no C++ compiler found (set CXX, or install g++)")
+    path = library_path(cxx)
+    built = not path.exists()
+    if built:
+        _build(cxx, path)
+    try:
+        lib = _open(path)
+    except KernelUnavailable:
+        if built:
+            raise
+        path.unlink(missing_ok=True)  # a damaged file at the build's name: build it afresh, once
+        _build(cxx, path)
+        lib = _open(path)
+    for name, why in _checks(lib).items():
+        if why is not None:
+            path.unlink(missing_ok=True)  # not served to this process, nor left for the next
+            raise KernelUnavailable(f"{path}: {name} {why}: not used")
+    return lib
+
+
+def _checks(lib: Any) -> dict[str, str | None]:
+    """Each kernel against its torch reference (None: agrees); the checks live beside the kernels' callers."""
+    from ilf_lab.generation import attention, sampling
+
+    return {"ilf_decode_attention": attention.check_kernel(lib.ilf_decode_attention),
+            "ilf_top_p": sampling.check_kernel(lib.ilf_top_p)}
+
+
+def _open(path: Path) -> Any:
+    # a file replaced on disk is not reloaded by dlopen while an older copy with the same name is loaded: each
+    # build has its own name (the key), and a rebuilt damaged file never loaded in this process
+    try:
+        lib = ctypes.CDLL(str(path))
+        for name, args in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, ctypes.c_int
+    except (OSError, AttributeError) as e:
+        raise KernelUnavailable(f"{path} did not load: {e}") from e
+    return lib
