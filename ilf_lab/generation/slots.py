@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ilf_lab.generation.kernels import kernel, kernel_error
 from ilf_lab.generation.packed import PackedLinears
 from ilf_lab.generation.phases import OFF, Phases
 from ilf_lab.generation.quantize import is_quantized
@@ -74,6 +75,12 @@ class SlotCache:
         plain = (self.device.type == "cpu" and linears is None and not is_quantized(head)
                  and getattr(head, "bias", None) is None)
         self.head_chunks = head.weight.split(LM_HEAD_CHUNK) if plain else ()
+        # the residual add + RMSNorm kernel (fp32 on CPU, where the CPU kernels build: kernels.py), else torch
+        self.norm_kernel = (kernel("ilf_add_rms_norm") if self.device.type == "cpu" and p.dtype == torch.float32
+                            and kernel_error() is None else None)
+        # looked up per call by id: the cache lives for one sampling call, while the weights cannot change
+        self._rms_norms = {id(m): (m.weight.data_ptr(), m.variance_epsilon, m.weight.shape[0])
+                           for m in model.modules() if _is_rms_norm(m)} if self.norm_kernel is not None else {}
         self.prefix: list[int] = []  # the tokens every prompt starts with, run once (set_prefix)
         self.prefix_kv: torch.Tensor | None = None
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
@@ -166,10 +173,11 @@ class SlotCache:
             x = self.inner.embed_tokens(tokens).unsqueeze(1)
             cos, sin = self.inner.rotary_emb(x, lens.unsqueeze(1))
             step = self._step(lens, width)
+        pending = None  # the previous layer's MLP output, added to x by the next norm (one pass: add_norm)
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             with ph("decode: norms, residual"):
-                h = layer.input_layernorm(x)
+                h = self._add_norm(x, pending, layer.input_layernorm)
             with ph("decode: q/k/v/o projections, rope"):
                 q, k, v = self._qkv(attn, h, cos, sin)
             with ph("decode: attention over the cache"):
@@ -177,16 +185,29 @@ class SlotCache:
             with ph("decode: q/k/v/o projections, rope"):
                 o = self._linear(attn.o_proj, o.reshape(a, 1, -1).to(self.weights_dtype))
             with ph("decode: norms, residual"):
-                x = x + o
-                h = layer.post_attention_layernorm(x)
+                h = self._add_norm(x, o, layer.post_attention_layernorm)
             with ph("decode: MLP"):
-                h = self._mlp(layer.mlp, h)
-            with ph("decode: norms, residual"):
-                x = x + h
+                pending = self._mlp(layer.mlp, h)
         with ph("decode: norms, residual"):
-            h = self.inner.norm(x[:, 0])
+            h = self._add_norm(x, pending, self.inner.norm)
         with ph("decode: lm_head"):
-            return self.lm_head(h)
+            return self.lm_head(h[:, 0])
+
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: Any) -> torch.Tensor:
+        """x += delta (in place: x is the step's own residual stream), then norm(x). A Llama-family RMSNorm over
+        fp32 on CPU runs as one C++ pass per row (csrc/rms_norm.cpp, equal to float rounding); else torch."""
+        known = self._rms_norms.get(id(norm))  # (weight pointer, eps) of the model's RMSNorms the kernel takes
+        if known is not None and x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == known[2] and (
+                delta is None or (delta.is_contiguous() and delta.shape == x.shape and delta.dtype == x.dtype)):
+            out = torch.empty_like(x)
+            rc = self.norm_kernel(x.data_ptr(), None if delta is None else delta.data_ptr(), known[0],
+                                  out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], known[1])
+            if rc != 0:
+                raise RuntimeError(f"the RMSNorm kernel refused its arguments (code {rc})")
+            return out
+        if delta is not None:
+            x.add_(delta)
+        return norm(x)
 
     def _store_prompt(self, i: int, k: torch.Tensor, v: torch.Tensor, row0: int, copies: int) -> None:
         """Layer i's prompt KV [prompt, kv_head, t, head_dim] into `copies` consecutive slots per prompt."""
@@ -275,6 +296,32 @@ def release_cpu(t: torch.Tensor) -> None:
     end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
     if end > start:
         _MADVISE(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_REMOVE)
+
+
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * (x * rsqrt(mean(x^2) + eps)), in fp32
+
+
+def _is_rms_norm(m: Any) -> bool:
+    w = getattr(m, "weight", None)
+    return (type(m).__name__ in RMS_NORMS and isinstance(w, torch.Tensor) and w.dtype == torch.float32
+            and w.is_contiguous() and isinstance(getattr(m, "variance_epsilon", None), float)
+            and not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__)
+
+
+def check_kernel(fn: Any) -> str | None:
+    """None if the RMSNorm kernel (with and without the residual add) agrees with the Llama-family RMSNorm to float
+    rounding on fixed random rows, else how far it is off."""
+    gen = torch.Generator().manual_seed(0)
+    x, d, w = (torch.randn(5, 77, generator=gen) for _ in range(3))
+    w = w[0].contiguous()
+    want_x = x + d
+    want = w * (want_x * torch.rsqrt(want_x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    out = torch.empty_like(x)
+    rc = fn(x.data_ptr(), d.data_ptr(), w.data_ptr(), out.data_ptr(), 5, 77, 1e-5)
+    plain = torch.empty_like(x)
+    rc2 = fn(x.data_ptr(), None, w.data_ptr(), plain.data_ptr(), 5, 77, 1e-5)
+    err = max(float((x - want_x).abs().max()), float((out - want).abs().max()), float((plain - want).abs().max()))
+    return None if rc == rc2 == 0 and err <= 1e-5 else f"disagrees with torch's RMSNorm by {err:.2e} (codes {rc}, {rc2})"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
