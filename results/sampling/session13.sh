@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Session 13's measurements for issue 20 on a 2-core AVX2-only EPYC (sessions 11-12's host type), run alone on the
-# host, from the repository root:   bash results/sampling/session13.sh [bench|default|numerics]...
+# host, from the repository root:   bash results/sampling/session13.sh [bench|final|default|numerics]...
 # Before = session 12's code (commit 0bafd76) in a worktree, after = this checkout, back to back in one session.
 # bench: the benchmark, before and after (common start prefilled once, top-p kernel);
 # default: the default `python -m ilf_lab` from a cold stage cache (model already converted), before and after;
@@ -20,6 +20,9 @@ for part in "${parts[@]}"; do
       (cd $before && PYTHONPATH=$before python benchmarks/sampling.py --cache-dir "$cache") > $out/session13_before.txt
       python benchmarks/sampling.py --cache-dir "$cache" > $out/session13_after.txt
       ;;
+    final)
+      python benchmarks/sampling.py --cache-dir "$cache" > $out/session13_final.txt
+      ;;
     default)
       echo "before (0bafd76) and after ($(git rev-parse --short HEAD)), this session, same host:" >> $out/session13_default.txt
       (cd $before && PYTHONPATH=$before bash $out/cold_default_run.sh "$cache" $out/session13_default.txt)
@@ -30,6 +33,6 @@ for part in "${parts[@]}"; do
         sampling.n=10 model.dtype=float32 seed=0 hydra.run.dir=/tmp/s13_zero_shot_0
       cp /tmp/s13_zero_shot_0/results.json $out/zero_shot_seed0_float32_session13.json
       ;;
-    *) echo "error: unknown part $part (bench, default or numerics)" >&2; exit 2 ;;
+    *) echo "error: unknown part $part (bench, final, default or numerics)" >&2; exit 2 ;;
   esac
 done
