@@ -226,9 +226,9 @@ class SamplingConfig:
     # compiled on first use, ilf_lab/generation/attention.py; logits equal to float rounding), matmul = torch's
     # batched matmuls (before session 12)
     attention: str | None = choice(None, None, "matmul", "kernel")
-    # the hf engine's prefill (slots backend): null = once (the start every prompt of a call shares, a chat template's
-    # system turn and instruction, is run once and its KV copied in front of each prompt's; logits equal to float
-    # rounding, ilf_lab/generation/slots.py), each = with every prompt (before session 13)
+    # the hf engine's prefill (slots backend): null = once on CPU (the start every prompt of a call shares, a chat
+    # template's system turn and instruction, is run once and its KV copied in front of each prompt's; logits equal
+    # to float rounding, ilf_lab/generation/slots.py), each elsewhere; each = with every prompt (before session 13)
     common_prefix: str | None = choice(None, None, "once", "each")
 
 

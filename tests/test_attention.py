@@ -18,9 +18,11 @@ from ilf_lab.generation.attention import (
     resolve_attention,
 )
 from ilf_lab.generation.hf import HFEngine
+from ilf_lab.generation.kernels import unbuildable
 from tests.conftest import PROMPTS
 
-needs_kernel = pytest.mark.skipif(kernel_error() is not None, reason=f"no attention kernel here: {kernel_error()}")
+# skipped only where the kernels cannot be built at all; a build that fails its check against torch fails here
+needs_kernel = pytest.mark.skipif(unbuildable() is not None, reason=f"no CPU kernels here: {unbuildable()}")
 
 
 def caches(gen, prompts: int, rows: int, kvh: int, hd: int, longest: int, new: int):

@@ -37,7 +37,7 @@ def make_engine(
     available), "aten" with F.linear. `attention` (hf): "kernel" attends over the shared prompt KV on CPU with a
     C++ kernel (generation/attention.py; the default where it builds), "matmul" with torch's batched matmuls.
     `common_prefix` (hf): "once" prefills the start all prompts of a call share once (generation/slots.py; the
-    default on the slots backend), "each" with every prompt."""
+    default on the slots backend on CPU), "each" with every prompt."""
     if name == "hf":
         from ilf_lab.generation.hf import HFEngine
 

@@ -259,13 +259,15 @@ class HFEngine:
         # kernel (the default on CPU where it builds): the shared prompt KV attended by a C++ kernel, 1.3-1.6 x
         # the batched matmuls at the decode shapes (attention.py); matmul: torch's batched matmuls
         self.attention = resolve_attention(attention, model, self.backend, self.prompt_kv)
-        # once (the slots backend's default): the start all prompts of a call share (chat template, instruction) is
-        # prefilled once and its KV copied in front of each prompt's (slots.py, set_prefix); each: with every prompt
+        # once (the slots backend's default on CPU): the start all prompts of a call share (chat template,
+        # instruction) is prefilled once and its KV copied in front of each prompt's (slots.py, set_prefix); each:
+        # with every prompt (the GPU default: the prefix's explicit SDPA mask would leave flash attention)
         if common_prefix not in (None, *COMMON_PREFIXES):
             raise ValueError(f"common_prefix must be once, each or None (the default), got {common_prefix!r}")
         if common_prefix == "once" and self.backend != "slots":
             raise ValueError(f"common_prefix=once needs the slots backend ({SLOT_MODEL_TYPES}), not {self.backend}")
-        self.common_prefix = common_prefix or ("once" if self.backend == "slots" else "each")
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        self.common_prefix = common_prefix or ("once" if self.backend == "slots" and on_cpu else "each")
         # refill freed slots once this share of them is free (0: as soon as one prompt's n samples fit)
         self.refill_fraction = refill_fraction
         self.eos = eos_token_ids(model, tokenizer)

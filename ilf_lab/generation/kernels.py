@@ -118,13 +118,20 @@ def _loaded() -> tuple[Any, str | None]:
         return None, f"the CPU kernels could not be prepared ({type(e).__name__}: {e})"
 
 
-def _load() -> Any:
+def unbuildable() -> str | None:
+    """Why the kernels cannot even be built here (platform, no compiler), or None; a build that fails or disagrees
+    with torch is `kernel_error`'s (the tests skip on this one and fail on that one)."""
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
-        raise KernelUnavailable(f"the kernels are built for Linux on x86-64 or arm64, not {sys.platform} "
-                                f"{platform.machine()}")
+        return f"the kernels are built for Linux on x86-64 or arm64, not {sys.platform} {platform.machine()}"
+    if _compiler() is None:
+        return "no C++ compiler found (set CXX, or install g++)"
+    return None
+
+
+def _load() -> Any:
+    if why := unbuildable():
+        raise KernelUnavailable(why)
     cxx = _compiler()
-    if cxx is None:
-        raise KernelUnavailable("no C++ compiler found (set CXX, or install g++)")
     path = library_path(cxx)
     built = not path.exists()
     if built:
@@ -137,7 +144,7 @@ def _load() -> Any:
         path.unlink(missing_ok=True)  # a damaged file at the build's name: build it afresh, once
         _build(cxx, path)
         lib = _open(path)
-    for name, why in _checks(lib).items():
+    for name, why in _checks(lib).items():  # one library: a kernel that fails its check takes the others with it
         if why is not None:
             path.unlink(missing_ok=True)  # not served to this process, nor left for the next
             raise KernelUnavailable(f"{path}: {name} {why}: not used")

@@ -67,16 +67,17 @@ def _kernel_choose(logits: torch.Tensor, temperature: float, top_p: float, unifo
     """The kernel's choice, with the rows it leaves (-1: a nucleus wider than TOPK_FIRST, logits not finite)
     chosen by torch; None where the kernel does not apply or cannot run here."""
     if (logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1
-            or logits.shape[0] == 0 or kernel_error() is not None):
+            or logits.stride(0) < logits.shape[1] or logits.shape[0] == 0 or uniforms is None
+            or uniforms.numel() != logits.shape[0] or kernel_error() is not None):
         return None
     rows, vocab = logits.shape
-    u = uniforms.to(torch.float64).contiguous()
+    u = uniforms.to("cpu", torch.float64).contiguous()
     out = torch.empty(rows, dtype=torch.long)
     k = min(TOPK_FIRST, vocab)
     rc = kernel("ilf_top_p")(logits.data_ptr(), rows, vocab, logits.stride(0), temperature, top_p, u.data_ptr(), k,
                              out.data_ptr(), torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"the top-p kernel refused its arguments (code {rc})")
+    if rc != 0:  # arguments it does not take (a temperature that rounds to 0 in fp32): torch's path decides
+        return None
     left = (out < 0).nonzero().squeeze(1)
     if left.numel():
         out[left] = _torch_choose(logits[left], temperature, top_p, u[left])

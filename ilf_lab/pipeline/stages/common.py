@@ -39,7 +39,7 @@ class EngineConfig:
     prompt_kv: str | None = at("sampling.prompt_kv")  # copy|shared; null: the engine's default (shared on slots)
     cpu_linear: str | None = at("sampling.cpu_linear")  # aten|onednn; null: the engine's default (onednn on CPU)
     attention: str | None = at("sampling.attention")  # matmul|kernel; null: the engine's default (kernel on CPU)
-    common_prefix: str | None = at("sampling.common_prefix")  # once|each; null: the engine's default (once on slots)
+    common_prefix: str | None = at("sampling.common_prefix")  # once|each; null: the engine's default (once on CPU)
 
     @property
     def weights_dtype(self) -> str:
