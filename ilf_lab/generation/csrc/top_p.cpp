@@ -18,38 +18,28 @@ constexpr int64_t MAX_K = 256;
 
 // the k largest logits of x[0..n) (k <= n) and their indices, unordered; returns the max logit
 float top_candidates(const float* x, int64_t n, int64_t k, float* val, int64_t* idx) {
-  for (int64_t i = 0; i < k; ++i) val[i] = x[i], idx[i] = i;
   int64_t low = 0;  // the smallest candidate: the threshold a logit must beat
-  for (int64_t i = 1; i < k; ++i)
+  float top = x[0];
+  auto offer = [&](int64_t j) {  // x[j] replaces the smallest candidate if larger
+    if (!(x[j] > val[low])) return;
+    val[low] = x[j], idx[low] = j, top = std::max(top, x[j]);
+    for (int64_t i = 0; i < k; ++i)
+      if (val[i] < val[low]) low = i;
+  };
+  for (int64_t i = 0; i < k; ++i) {
+    val[i] = x[i], idx[i] = i, top = std::max(top, x[i]);
     if (val[i] < val[low]) low = i;
-  float top = val[0];
-  for (int64_t i = 1; i < k; ++i) top = std::max(top, val[i]);
+  }
   int64_t j = k;
-  for (; j < n && j % 8; ++j)
-    if (x[j] > val[low]) {
-      val[low] = x[j], idx[low] = j, top = std::max(top, x[j]);
-      for (int64_t i = 0; i < k; ++i)
-        if (val[i] < val[low]) low = i;
-    }
-  for (; j + 8 <= n; j += 8) {
-    const v8 v = load(x + j);
-    const i8 above = v > splat(val[low]);
+  for (; j < n && j % 8; ++j) offer(j);
+  for (; j + 8 <= n; j += 8) {  // a vector compare per 8 logits; most blocks hold no candidate
+    const i8 above = load(x + j) > splat(val[low]);
     bool any = false;
     for (int u = 0; u < 8; ++u) any |= above[u] != 0;
-    if (!any) continue;
-    for (int u = 0; u < 8; ++u)
-      if (x[j + u] > val[low]) {
-        val[low] = x[j + u], idx[low] = j + u, top = std::max(top, x[j + u]);
-        for (int64_t i = 0; i < k; ++i)
-          if (val[i] < val[low]) low = i;
-      }
+    if (any)
+      for (int u = 0; u < 8; ++u) offer(j + u);
   }
-  for (; j < n; ++j)
-    if (x[j] > val[low]) {
-      val[low] = x[j], idx[low] = j, top = std::max(top, x[j]);
-      for (int64_t i = 0; i < k; ++i)
-        if (val[i] < val[low]) low = i;
-    }
+  for (; j < n; ++j) offer(j);
   return top;
 }
 
