@@ -1,5 +1,6 @@
-"""The CPU kernels' library (generation/kernels.py) and its residual add + RMSNorm kernel (csrc/rms_norm.cpp): one
-build keyed by every source and header, and decode steps equal to torch's RMSNorm to float rounding."""
+"""The CPU kernels' library (generation/kernels.py), its residual add + RMSNorm kernel (csrc/rms_norm.cpp) and its
+rotary embedding + cache write (csrc/rope.cpp): one build keyed by every source and header, decode steps equal to
+torch's RMSNorm to float rounding and bitwise torch's q/k/v projections and rotary embedding."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_the_build_key_covers_every_source_and_header(monkeypatch, tmp_path):
     key = kernels.build_key(cxx)
     (csrc / "vec.h").write_text((csrc / "vec.h").read_text() + "\n// edited\n")
     assert kernels.build_key(cxx) != key
-    assert {p.name for p in kernels.SOURCES} >= {"decode_attention.cpp", "top_p.cpp", "rms_norm.cpp"}
+    assert {p.name for p in kernels.SOURCES} >= {"decode_attention.cpp", "top_p.cpp", "rms_norm.cpp", "rope.cpp"}
 
 
 @needs_kernels
@@ -51,6 +52,19 @@ def test_add_rms_norm_is_torchs_to_rounding(n):
     assert fn(x.data_ptr(), None, norm.weight.data_ptr(), out.data_ptr(), 13, 0, 1e-5) == 1  # refused
 
 
+def _decode_both(fast, plain, compare) -> None:
+    """Prefill three prompts x 2 rows into both caches, then 5 decode steps; compare(fast's, plain's) per step."""
+    prompts = [[5, 9, 2], [7] * 11, [3, 4, 5, 6]]
+    with torch.inference_mode():
+        for c in (fast, plain):
+            c.prefill(prompts, 0, 2)
+        lens = torch.tensor([len(p) for p in prompts for _ in range(2)])
+        for step in range(5):
+            tokens = (torch.arange(6) * 7 + step) % 97
+            compare(fast.decode(tokens, lens, int(lens.max()) + 1), plain.decode(tokens, lens, int(lens.max()) + 1))
+            lens += 1
+
+
 @needs_kernels
 def test_decode_steps_with_the_norm_kernel_match_torchs_norms():
     """SlotCache.decode with the kernel (the default on CPU) and with torch's RMSNorm modules: the same logits to
@@ -69,14 +83,65 @@ def test_decode_steps_with_the_norm_kernel_match_torchs_norms():
     calls: list[int] = []
     real = fast.norm_kernel
     fast.norm_kernel = lambda *args: (calls.append(args[4]), real(*args))[1]  # counts the kernel's calls (rows)
-    prompts = [[5, 9, 2], [7] * 11, [3, 4, 5, 6]]
-    with torch.inference_mode():
-        for c in (fast, plain):
-            c.prefill(prompts, 0, 2)
-        lens = torch.tensor([len(p) for p in prompts for _ in range(2)])
-        for step in range(5):
-            tokens = (torch.arange(6) * 7 + step) % 97
-            got = fast.decode(tokens, lens, int(lens.max()) + 1)
-            torch.testing.assert_close(got, plain.decode(tokens, lens, int(lens.max()) + 1), rtol=1e-4, atol=1e-4)
-            lens += 1
+    _decode_both(fast, plain, lambda got, want: torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4))
     assert calls == [6] * (5 * (2 * cfg.num_hidden_layers + 1))  # every norm of every step ran in the kernel
+
+
+def _tiny_llama(bias: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, attention_bias=bias)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@needs_kernels
+@pytest.mark.parametrize("shared", [False, True], ids=["copied_kv", "shared_kv"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "qkv_bias"])
+def test_decode_steps_with_the_rope_kernel_are_bitwise_torchs(shared, bias):
+    """One packed q/k/v matmul + the rope kernel (the CPU default with packed linears) against three projections and
+    torch's rotary embedding and index copies: bitwise the same logits and cache, step after step."""
+    from ilf_lab.generation.packed import PackedLinears
+    from ilf_lab.generation.prefix import SharedPromptCache
+    from ilf_lab.generation.slots import SlotCache
+
+    model = _tiny_llama(bias)
+
+    def cache():
+        if shared:
+            return SharedPromptCache(model, 6, 16, 12, linears=PackedLinears(), attention="kernel")
+        return SlotCache(model, 6, 32, linears=PackedLinears())
+
+    fast, plain = cache(), cache()
+    assert fast.rope_kernel is not None
+    plain.rope_kernel = None
+    calls: list[int] = []
+    real = fast.rope_kernel
+    fast.rope_kernel = lambda *args: (calls.append(args[10]), real(*args))[1]  # counts the kernel's calls (rows)
+    _decode_both(fast, plain, lambda got, want: torch.equal(got, want) or pytest.fail("logits differ"))
+    assert torch.equal(fast.kv, plain.kv)
+    assert calls == [6] * (5 * model.config.num_hidden_layers)  # every layer of every step ran in the kernel
+
+
+@needs_kernels
+def test_the_rope_kernel_gets_only_write_indices_inside_the_cache():
+    from ilf_lab.generation.packed import PackedLinears
+    from ilf_lab.generation.slots import SlotCache
+
+    cache = SlotCache(_tiny_llama(False), 2, 8, linears=PackedLinears())
+    rows = cache.kv[0, 0].numel() // cache.head_dim
+    with pytest.raises(ValueError, match="write index"):
+        cache._check_write_index(torch.tensor([0, 1, 2, rows]), 2)
+    with pytest.raises(ValueError, match="write index"):
+        cache._check_write_index(torch.tensor([-1, 1, 2, 3]), 2)
+    cache._check_write_index(torch.tensor([0, 1, 2, rows - 1]), 2)
+    assert kernels.SIGNATURES.keys() == kernels._checks(kernels._loaded()[0]).keys()  # each kernel is checked
+    assert kernels._checks(kernels._loaded()[0])["ilf_rope_qkv"] is None
+
+
+def test_the_rope_check_fails_a_kernel_that_writes_nothing():
+    from ilf_lab.generation.slots import check_rope
+
+    assert "bitwise" in check_rope(lambda *args: 0)
+    assert "code 1" in check_rope(lambda *args: 1)

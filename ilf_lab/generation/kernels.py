@@ -1,4 +1,5 @@
-"""The CPU kernels in `csrc/` (decode attention, top-p choice, residual add + RMSNorm), compiled on first use into one small library.
+"""The CPU kernels in `csrc/` (decode attention, top-p choice, residual add + RMSNorm, rotary embedding and cache
+write), compiled on first use into one small library.
 
 Built with the host's C++ compiler (`-march=native`, a plain C ABI loaded with ctypes: no torch headers, about a
 second) into a per-user directory, named by a hash of everything the binary depends on (sources, flags, compiler,
@@ -32,6 +33,7 @@ BUILD_TIMEOUT_S = 180
 SIGNATURES = {
     "ilf_decode_attention": [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int64],
     "ilf_add_rms_norm": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float],
+    "ilf_rope_qkv": [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4,
     "ilf_top_p": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_double,
                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64],
 }
@@ -157,7 +159,8 @@ def _checks(lib: Any) -> dict[str, str | None]:
 
     return {"ilf_decode_attention": attention.check_kernel(lib.ilf_decode_attention),
             "ilf_top_p": sampling.check_kernel(lib.ilf_top_p),
-            "ilf_add_rms_norm": slots.check_kernel(lib.ilf_add_rms_norm)}
+            "ilf_add_rms_norm": slots.check_kernel(lib.ilf_add_rms_norm),
+            "ilf_rope_qkv": slots.check_rope(lib.ilf_rope_qkv)}
 
 
 def _open(path: Path) -> Any:

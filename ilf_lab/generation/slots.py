@@ -81,6 +81,9 @@ class SlotCache:
         # looked up per call by id: the cache lives for one sampling call, while the weights cannot change
         self._rms_norms = {id(m): (m.weight.data_ptr(), m.variance_epsilon, m.weight.shape[0])
                            for m in model.modules() if _is_rms_norm(m)} if self.norm_kernel is not None else {}
+        # a decode step's q/k/v in one packed matmul, rotated and written into the cache by one C++ pass (rope.cpp)
+        self.rope_kernel = (kernel("ilf_rope_qkv") if self.norm_kernel is not None and linears is not None
+                            and self.head_dim % 2 == 0 else None)
         self.prefix: list[int] = []  # the tokens every prompt starts with, run once (set_prefix)
         self.prefix_kv: torch.Tensor | None = None
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
@@ -173,13 +176,16 @@ class SlotCache:
             x = self.inner.embed_tokens(tokens).unsqueeze(1)
             cos, sin = self.inner.rotary_emb(x, lens.unsqueeze(1))
             step = self._step(lens, width)
+            if self.rope_kernel is not None:
+                cos, sin = cos.float().contiguous(), sin.float().contiguous()
+                self._check_write_index(step[0], a)
         pending = None  # the previous layer's MLP output, added to x by the next norm (one pass: add_norm)
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             with ph("decode: norms, residual"):
                 h = self._add_norm(x, pending, layer.input_layernorm)
             with ph("decode: q/k/v/o projections, rope"):
-                q, k, v = self._qkv(attn, h, cos, sin)
+                q, k, v = self._project(i, attn, h, cos, sin, step[0])
             with ph("decode: attention over the cache"):
                 o = self._attend_layer(i, q, k, v, step, attn.scaling)
             with ph("decode: q/k/v/o projections, rope"):
@@ -192,6 +198,31 @@ class SlotCache:
             h = self._add_norm(x, pending, self.inner.norm)
         with ph("decode: lm_head"):
             return self.lm_head(h[:, 0])
+
+    def _project(self, i: int, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: torch.Tensor):
+        """A decode step's rotated q, k and v. With the rope kernel (fp32 on CPU, packed linears, q/k/v fusable):
+        one matmul for the three, one C++ pass that rotates q and k (bitwise torch's rounding) and writes k and v
+        into layer i's cache at `flat` (`_write_index`; k, v come back as None); else torch, as in prefill."""
+        qkv = self.linears.qkv(attn, h) if self.rope_kernel is not None else None
+        if qkv is None:
+            return self._qkv(attn, h, cos, sin)
+        a, hd = h.shape[0], self.head_dim
+        qkv = qkv.view(a, -1)
+        q = torch.empty(a, self.heads, 1, hd)
+        qp, size = qkv.data_ptr(), qkv.element_size()
+        rc = self.rope_kernel(qp, qp + self.heads * hd * size, qp + (self.heads + self.kv_heads) * hd * size,
+                              qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), self.kv[i, 0].data_ptr(),
+                              self.kv[i, 1].data_ptr(), flat.data_ptr(), a, self.heads, self.kv_heads, hd)
+        if rc != 0:
+            raise RuntimeError(f"the rope kernel refused its arguments (code {rc})")
+        return q, None, None
+
+    def _check_write_index(self, flat: torch.Tensor, a: int) -> None:
+        """The rope kernel writes where `flat` says without bounds checks: check the step's indices once."""
+        rows = self.kv[0, 0].numel() // self.head_dim
+        if (flat.dtype != torch.int64 or not flat.is_contiguous() or flat.numel() != a * self.kv_heads
+                or (a and not (0 <= int(flat.min()) and int(flat.max()) < rows))):
+            raise ValueError(f"the step's cache write index does not fit the cache's {rows} rows")
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: Any) -> torch.Tensor:
         """x += delta (in place: x is the step's own residual stream), then norm(x). A Llama-family RMSNorm over
@@ -239,8 +270,11 @@ class SlotCache:
         return ((rows.unsqueeze(1) * self.kv_heads + heads) * self.kv.shape[4] + cols.unsqueeze(1)).view(-1)
 
     def _write(self, i: int, k: torch.Tensor, v: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the step's K and V into layer i's slots at `flat` (`_write_index`); return the layer's K, V."""
+        """Write the step's K and V into layer i's slots at `flat` (`_write_index`); return the layer's K, V. None
+        for k and v: the rope kernel has written them (`_project`)."""
         kc, vc = self.kv[i, 0], self.kv[i, 1]
+        if k is None:
+            return kc, vc
         kc.view(-1, self.head_dim).index_copy_(0, flat, k.reshape(-1, self.head_dim).to(self.dtype))
         vc.view(-1, self.head_dim).index_copy_(0, flat, v.reshape(-1, self.head_dim).to(self.dtype))
         return kc, vc
@@ -322,6 +356,27 @@ def check_kernel(fn: Any) -> str | None:
     rc2 = fn(x.data_ptr(), None, w.data_ptr(), plain.data_ptr(), 5, 77, 1e-5)
     err = max(float((x - want_x).abs().max()), float((out - want).abs().max()), float((plain - want).abs().max()))
     return None if rc == rc2 == 0 and err <= 1e-5 else f"disagrees with torch's RMSNorm by {err:.2e} (codes {rc}, {rc2})"
+
+
+def check_rope(fn: Any) -> str | None:
+    """None if the rope kernel's q and cache writes are bitwise torch's (x * cos + rotate_half(x) * sin, copies)."""
+    gen = torch.Generator().manual_seed(0)
+    a, heads, kvh, hd = 5, 6, 2, 16
+    qkv = torch.randn(a, (heads + 2 * kvh) * hd + 3, generator=gen)  # 3 floats of padding: a row stride of its own
+    cos, sin = torch.randn(a, hd, generator=gen), torch.randn(a, hd, generator=gen)
+    kc, vc = torch.zeros(a * kvh + 4, hd), torch.zeros(a * kvh + 4, hd)
+    dst = torch.randperm(a * kvh + 4, generator=gen)[: a * kvh].contiguous()
+    q = torch.empty(a, heads, hd)
+    p, s = qkv.data_ptr(), qkv.element_size()
+    rc = fn(p, p + heads * hd * s, p + (heads + kvh) * hd * s, qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
+            q.data_ptr(), kc.data_ptr(), vc.data_ptr(), dst.data_ptr(), a, heads, kvh, hd)
+    c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
+    qs, ks, vs = qkv[:, : heads * hd], qkv[:, heads * hd : (heads + kvh) * hd], qkv[:, (heads + kvh) * hd : -3]
+    want_q = qs.reshape(a, heads, hd) * c + _rotate_half(qs.reshape(a, heads, hd)) * sn
+    want_k = ks.reshape(a, kvh, hd) * c + _rotate_half(ks.reshape(a, kvh, hd)) * sn
+    ok = (rc == 0 and torch.equal(q, want_q) and torch.equal(kc[dst], want_k.reshape(-1, hd))
+          and torch.equal(vc[dst], vs.reshape(-1, hd)))
+    return None if ok else f"is not bitwise torch's rotary embedding and cache write (code {rc})"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 # prompts, merged as flash-decoding does (float rounding); 4: fp32 linear layers through oneDNN with packed weights
 # on CPU (sampling.cpu_linear=null, float rounding); 5: attention over the shared prompt KV through a C++ kernel
 # on CPU (sampling.attention=null, float rounding); 6: the prompts' common start prefilled once per call
-# (sampling.common_prefix=null) and the top-p choice through a C++ kernel on CPU (float rounding).
-SAMPLING_VERSION = 6
+# (sampling.common_prefix=null) and the top-p choice through a C++ kernel on CPU (float rounding); 7: the attention
+# kernel's scores and value sums in register tiles, a score's lanes summed in another order (float rounding).
+SAMPLING_VERSION = 7
 
 
 @dataclass(frozen=True)
