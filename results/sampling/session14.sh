@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Session 14's measurements for issue 20 on a 2-core AVX2-only EPYC (sessions 11-13's host type), run alone on the
+# host, from the repository root:   bash results/sampling/session14.sh [bench|default|numerics]...
+# Before = session 13's code (commit dfd4d6c) in a worktree, after = this checkout, back to back in one session.
+# bench: the benchmark, before and after (attention kernel in register tiles, q/k/v fused + rope kernel);
+# default: the default `python -m ilf_lab` from a cold stage cache (model already converted), after only (session
+#   13's code was measured on this host earlier in this session: session13_default.txt);
+# numerics: zero-shot on all of MBPPTest x 10, fp32, default engine, seed 0 (the seeds of sessions 10-13's runs),
+#   compared task by task with session 13's (zero_shot_seed0_float32_session13.json).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export ILF_LAB_DATA_DIR=${ILF_LAB_DATA_DIR:-$(realpath ../shared/data)}
+cache=${ILF_LAB_CACHE_DIR:-/work/cache20}  # holds the converted SmolLM2
+out=$(pwd)/results/sampling
+before=/tmp/s14_before
+[ -d $before ] || git worktree add -f $before dfd4d6c >/dev/null
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(bench numerics default)
+for part in "${parts[@]}"; do
+  case $part in
+    bench)
+      (cd $before && PYTHONPATH=$before python benchmarks/sampling.py --cache-dir "$cache") > $out/session14_before.txt
+      python benchmarks/sampling.py --cache-dir "$cache" > $out/session14_after.txt
+      ;;
+    default)
+      echo "after ($(git rev-parse --short HEAD)), this session, same host as session13_default.txt:" >> $out/session14_default.txt
+      bash $out/cold_default_run.sh "$cache" $out/session14_default.txt
+      ;;
+    numerics)
+      ILF_LAB_CACHE_DIR=$cache python -m ilf_lab experiment=zero_shot logger=none data.max_test_tasks=null \
+        sampling.n=10 model.dtype=float32 seed=0 hydra.run.dir=/tmp/s14_zero_shot_0
+      cp /tmp/s14_zero_shot_0/results.json $out/zero_shot_seed0_float32_session14.json
+      ;;
+    *) echo "error: unknown part $part (bench, default or numerics)" >&2; exit 2 ;;
+  esac
+done
