@@ -52,20 +52,22 @@ def test_kernel_is_torch_attention_to_rounding(kvh, group, hd):
 
 
 @needs_kernel
-def test_a_rows_result_does_not_depend_on_the_batch():
+@pytest.mark.parametrize("group", [3, 2])  # 2: a row's queries straddle the kernel's 3-query tiles
+def test_a_rows_result_does_not_depend_on_the_batch(group):
     """A row (its prompt's columns, its own columns, its query) gives bitwise the same output alone, at another row
-    index beside other rows, and under another thread count."""
+    index beside other rows, and under another thread count: whatever tile of the kernel its queries land in."""
     gen = torch.Generator().manual_seed(1)
+    heads = 3 * group
     pkv, kv = caches(gen, 3, 6, 3, 64, 150, 30)
-    q = torch.randn(6, 9, 1, 64, generator=gen)
-    att = DecodeAttention(pkv, kv, 9)
+    q = torch.randn(6, heads, 1, 64, generator=gen)
+    att = DecodeAttention(pkv, kv, heads)
     lens, own = [150, 90, 7], [30, 1, 12, 5, 19, 2]
-    full = att(0, q, att.plan([0, 1, 2, 1, 0, 2], lens, own), 0.125).view(6, 3, 3, 64)
+    full = att(0, q, att.plan([0, 1, 2, 1, 0, 2], lens, own), 0.125).view(6, 3, group, 64)
 
     alone_pkv, alone_kv = torch.zeros_like(pkv), torch.zeros_like(kv)
     alone_pkv[:, :, 0], alone_kv[:, :, 0] = pkv[:, :, 1], kv[:, :, 3]  # row 3 (prompt 1) as the only row
-    alone = DecodeAttention(alone_pkv, alone_kv, 9)
-    assert torch.equal(alone(0, q[3:4], alone.plan([0], [90], [5]), 0.125).view(3, 3, 64), full[3])
+    alone = DecodeAttention(alone_pkv, alone_kv, heads)
+    assert torch.equal(alone(0, q[3:4], alone.plan([0], [90], [5]), 0.125).view(3, group, 64), full[3])
 
     kv[:, :, 5] = kv[:, :, 3]  # row 3 again, now also at index 5, beside the others, on one thread
     threads = torch.get_num_threads()
@@ -74,7 +76,7 @@ def test_a_rows_result_does_not_depend_on_the_batch():
         moved = att(0, torch.cat([q[:5], q[3:4]]), att.plan([0, 1, 2, 1, 0, 1], lens, own[:5] + [5]), 0.125)
     finally:
         torch.set_num_threads(threads)
-    moved = moved.view(6, 3, 3, 64)
+    moved = moved.view(6, 3, group, 64)
     assert torch.equal(moved[5], full[3]) and torch.equal(moved[:5], full[:5])
 
 

@@ -53,7 +53,7 @@ def resolve_attention(choice: str | None, model: Any, backend: str, prompt_kv: s
     hd = head_dim(model.config)
     cpu = next(model.parameters()).device.type == "cpu"
     applies = backend == "slots" and prompt_kv == "shared" and cpu and hd in HEAD_DIMS
-    why = kernel_error() if applies else (
+    why = kernel_error("ilf_decode_attention") if applies else (
         f"the attention kernel runs the slots backend's shared prompt KV on CPU with head_dim in {HEAD_DIMS} "
         f"(here: backend {backend}, prompt_kv {prompt_kv}, {'CPU' if cpu else 'GPU'}, head_dim {hd})")
     if why is None:

@@ -4,8 +4,8 @@ write), compiled on first use into one small library.
 Built with the host's C++ compiler (`-march=native`, a plain C ABI loaded with ctypes: no torch headers, about a
 second) into a per-user directory, named by a hash of everything the binary depends on (sources, flags, compiler,
 CPU), written atomically, and checked against torch references each time a process loads it (each kernel's module
-has its check). Where it cannot be built or fails a check, the callers fall back to torch with one warning; the
-failure is remembered for the process.
+has its check). Where it cannot be built, the callers fall back to torch with one warning; a kernel that fails its
+check is not served (the others are). Failures are remembered for the process.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -21,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(sorted(CSRC.glob("*.cpp")))
@@ -98,26 +101,28 @@ def _build(cxx: str, path: Path) -> None:
 
 def kernel(name: str) -> Any:
     """The C function `name` of the library, built on first use and checked against torch before it is served."""
-    lib, err = _loaded()
-    if err is not None:
-        raise KernelUnavailable(err)
-    return getattr(lib, name)
+    why = kernel_error(name)
+    if why is not None:
+        raise KernelUnavailable(why)
+    return getattr(_loaded()[0], name)
 
 
-def kernel_error() -> str | None:
-    """Why the kernels cannot run here, or None when they can."""
-    return _loaded()[1]
+def kernel_error(name: str | None = None) -> str | None:
+    """Why the kernels (with `name`: that kernel) cannot run here, or None when they can."""
+    _, err, failed = _loaded()
+    return err or (failed.get(name) if name else None)
 
 
 @functools.cache
-def _loaded() -> tuple[Any, str | None]:
-    """(library, None) or (None, why): a failure is remembered too, so it is not retried per engine."""
+def _loaded() -> tuple[Any, str | None, dict[str, str]]:
+    """(library, None, {kernel: why} for kernels that failed their check) or (None, why, {}): a failure is
+    remembered too, so it is not retried per engine."""
     try:
-        return _load(), None
+        return _load()
     except KernelUnavailable as e:
-        return None, str(e)
+        return None, str(e), {}
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:  # a read-only cache dir, ...
-        return None, f"the CPU kernels could not be prepared ({type(e).__name__}: {e})"
+        return None, f"the CPU kernels could not be prepared ({type(e).__name__}: {e})", {}
 
 
 def unbuildable() -> str | None:
@@ -130,7 +135,7 @@ def unbuildable() -> str | None:
     return None
 
 
-def _load() -> Any:
+def _load() -> tuple[Any, None, dict[str, str]]:
     if why := unbuildable():
         raise KernelUnavailable(why)
     cxx = _compiler()
@@ -146,11 +151,12 @@ def _load() -> Any:
         path.unlink(missing_ok=True)  # a damaged file at the build's name: build it afresh, once
         _build(cxx, path)
         lib = _open(path)
-    for name, why in _checks(lib).items():  # one library: a kernel that fails its check takes the others with it
-        if why is not None:
-            path.unlink(missing_ok=True)  # not served to this process, nor left for the next
-            raise KernelUnavailable(f"{path}: {name} {why}: not used")
-    return lib
+    failed = {name: f"{path}: {name} {why}: not used" for name, why in _checks(lib).items() if why is not None}
+    if failed:  # those kernels are not served to this process (the others are), and the file is not left for the next
+        path.unlink(missing_ok=True)
+        for why in failed.values():
+            log.warning("%s", why)
+    return lib, None, failed
 
 
 def _checks(lib: Any) -> dict[str, str | None]:

@@ -74,6 +74,8 @@ class PackedLinears:
         for m in model.modules():
             if _plain(m):
                 self._weight(m)
+            elif all(hasattr(m, name) for name in ("q_proj", "k_proj", "v_proj")):
+                self._fused_weight(m)  # decode's fused [q; k; v] copy, counted with the rest
 
     def linear(self, m: Any, x: torch.Tensor, act: str = "none") -> torch.Tensor:
         """m(x), with `act` ("none" or "swish" = SiLU) applied after it."""
@@ -85,13 +87,17 @@ class PackedLinears:
     def qkv(self, attn: Any, x: torch.Tensor) -> torch.Tensor | None:
         """[q | k | v] = x @ [q_proj; k_proj; v_proj]^T in one matmul (one weight read, one call instead of three),
         or None where the three are not plain fp32 layers with biases alike (then call them one by one)."""
-        hit = self._fused.get(id(attn), ())
-        if hit == () or (hit is not None and hit[0] is not attn):
-            hit = self._fuse(attn)
-            self._fused[id(attn)] = hit
+        hit = self._fused_weight(attn)
         if hit is None or x.dtype != torch.float32:
             return None
         return torch.ops.mkldnn._linear_pointwise(x, hit[1], hit[2], "none", [], "")
+
+    def _fused_weight(self, attn: Any) -> tuple[Any, torch.Tensor, torch.Tensor | None] | None:
+        hit = self._fused.get(id(attn), ())
+        if hit == () or (hit is not None and hit[0] is not attn):  # held, so its id is not reused while it lives
+            hit = self._fuse(attn)
+            self._fused[id(attn)] = hit
+        return hit
 
     @staticmethod
     def _fuse(attn: Any) -> tuple[Any, torch.Tensor, torch.Tensor | None] | None:

@@ -68,7 +68,7 @@ def _kernel_choose(logits: torch.Tensor, temperature: float, top_p: float, unifo
     chosen by torch; None where the kernel does not apply or cannot run here."""
     if (logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1
             or logits.stride(0) < logits.shape[1] or logits.shape[0] == 0 or uniforms is None
-            or uniforms.numel() != logits.shape[0] or kernel_error() is not None):
+            or uniforms.numel() != logits.shape[0] or kernel_error("ilf_top_p") is not None):
         return None
     rows, vocab = logits.shape
     u = uniforms.to("cpu", torch.float64).contiguous()

@@ -76,14 +76,14 @@ class SlotCache:
                  and getattr(head, "bias", None) is None)
         self.head_chunks = head.weight.split(LM_HEAD_CHUNK) if plain else ()
         # the residual add + RMSNorm kernel (fp32 on CPU, where the CPU kernels build: kernels.py), else torch
-        self.norm_kernel = (kernel("ilf_add_rms_norm") if self.device.type == "cpu" and p.dtype == torch.float32
-                            and kernel_error() is None else None)
+        fp32_cpu = self.device.type == "cpu" and p.dtype == torch.float32
+        self.norm_kernel = kernel("ilf_add_rms_norm") if fp32_cpu and kernel_error("ilf_add_rms_norm") is None else None
         # looked up per call by id: the cache lives for one sampling call, while the weights cannot change
         self._rms_norms = {id(m): (m.weight.data_ptr(), m.variance_epsilon, m.weight.shape[0])
                            for m in model.modules() if _is_rms_norm(m)} if self.norm_kernel is not None else {}
         # a decode step's q/k/v in one packed matmul, rotated and written into the cache by one C++ pass (rope.cpp)
-        self.rope_kernel = (kernel("ilf_rope_qkv") if self.norm_kernel is not None and linears is not None
-                            and self.head_dim % 2 == 0 else None)
+        self.rope_kernel = (kernel("ilf_rope_qkv") if fp32_cpu and linears is not None and self.head_dim % 2 == 0
+                            and kernel_error("ilf_rope_qkv") is None else None)
         self.prefix: list[int] = []  # the tokens every prompt starts with, run once (set_prefix)
         self.prefix_kv: torch.Tensor | None = None
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
@@ -176,7 +176,7 @@ class SlotCache:
             x = self.inner.embed_tokens(tokens).unsqueeze(1)
             cos, sin = self.inner.rotary_emb(x, lens.unsqueeze(1))
             step = self._step(lens, width)
-            if self.rope_kernel is not None:
+            if self.rope_kernel is not None:  # what the kernel reads without checks: checked once per step
                 cos, sin = cos.float().contiguous(), sin.float().contiguous()
                 self._check_write_index(step[0], a)
         pending = None  # the previous layer's MLP output, added to x by the next norm (one pass: add_norm)
@@ -203,12 +203,13 @@ class SlotCache:
         """A decode step's rotated q, k and v. With the rope kernel (fp32 on CPU, packed linears, q/k/v fusable):
         one matmul for the three, one C++ pass that rotates q and k (bitwise torch's rounding) and writes k and v
         into layer i's cache at `flat` (`_write_index`; k, v come back as None); else torch, as in prefill."""
-        qkv = self.linears.qkv(attn, h) if self.rope_kernel is not None else None
-        if qkv is None:
-            return self._qkv(attn, h, cos, sin)
         a, hd = h.shape[0], self.head_dim
-        qkv = qkv.view(a, -1)
-        q = torch.empty(a, self.heads, 1, hd)
+        width = (self.heads + 2 * self.kv_heads) * hd
+        qkv = self.linears.qkv(attn, h) if self.rope_kernel is not None and cos.shape == (a, 1, hd) else None
+        if qkv is None or qkv.shape != (a, 1, width) or not qkv.is_contiguous() or qkv.dtype != torch.float32:
+            return self._qkv(attn, h, cos, sin)  # partial rotary, odd projection sizes, ...: torch's way
+        qkv = qkv.view(a, width)
+        q = torch.empty(a, self.heads, 1, hd, dtype=torch.float32)
         qp, size = qkv.data_ptr(), qkv.element_size()
         rc = self.rope_kernel(qp, qp + self.heads * hd * size, qp + (self.heads + self.kv_heads) * hd * size,
                               qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), self.kv[i, 0].data_ptr(),
@@ -359,24 +360,28 @@ def check_kernel(fn: Any) -> str | None:
 
 
 def check_rope(fn: Any) -> str | None:
-    """None if the rope kernel's q and cache writes are bitwise torch's (x * cos + rotate_half(x) * sin, copies)."""
+    """None if the rope kernel's q and cache writes are bitwise torch's (x * cos + rotate_half(x) * sin, copies) and
+    it writes no other cache row, at a tiny and at SmolLM2's head size."""
     gen = torch.Generator().manual_seed(0)
-    a, heads, kvh, hd = 5, 6, 2, 16
-    qkv = torch.randn(a, (heads + 2 * kvh) * hd + 3, generator=gen)  # 3 floats of padding: a row stride of its own
-    cos, sin = torch.randn(a, hd, generator=gen), torch.randn(a, hd, generator=gen)
-    kc, vc = torch.zeros(a * kvh + 4, hd), torch.zeros(a * kvh + 4, hd)
-    dst = torch.randperm(a * kvh + 4, generator=gen)[: a * kvh].contiguous()
-    q = torch.empty(a, heads, hd)
-    p, s = qkv.data_ptr(), qkv.element_size()
-    rc = fn(p, p + heads * hd * s, p + (heads + kvh) * hd * s, qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
-            q.data_ptr(), kc.data_ptr(), vc.data_ptr(), dst.data_ptr(), a, heads, kvh, hd)
-    c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
-    qs, ks, vs = qkv[:, : heads * hd], qkv[:, heads * hd : (heads + kvh) * hd], qkv[:, (heads + kvh) * hd : -3]
-    want_q = qs.reshape(a, heads, hd) * c + _rotate_half(qs.reshape(a, heads, hd)) * sn
-    want_k = ks.reshape(a, kvh, hd) * c + _rotate_half(ks.reshape(a, kvh, hd)) * sn
-    ok = (rc == 0 and torch.equal(q, want_q) and torch.equal(kc[dst], want_k.reshape(-1, hd))
-          and torch.equal(vc[dst], vs.reshape(-1, hd)))
-    return None if ok else f"is not bitwise torch's rotary embedding and cache write (code {rc})"
+    for a, heads, kvh, hd in ((5, 6, 2, 16), (3, 9, 3, 64)):
+        qkv = torch.randn(a, (heads + 2 * kvh) * hd + 3, generator=gen)  # 3 floats of padding: a row stride apart
+        cos, sin = torch.randn(a, hd, generator=gen), torch.randn(a, hd, generator=gen)
+        kc, vc = torch.zeros(a * kvh + 4, hd), torch.zeros(a * kvh + 4, hd)
+        order = torch.randperm(a * kvh + 4, generator=gen)
+        dst, rest = order[: a * kvh].contiguous(), order[a * kvh :]
+        q = torch.empty(a, heads, hd)
+        p, s = qkv.data_ptr(), qkv.element_size()
+        rc = fn(p, p + heads * hd * s, p + (heads + kvh) * hd * s, qkv.stride(0), cos.data_ptr(), sin.data_ptr(),
+                q.data_ptr(), kc.data_ptr(), vc.data_ptr(), dst.data_ptr(), a, heads, kvh, hd)
+        c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
+        qs, ks = qkv[:, : heads * hd].reshape(a, heads, hd), qkv[:, heads * hd : (heads + kvh) * hd].reshape(a, kvh, hd)
+        vs = qkv[:, (heads + kvh) * hd : -3].reshape(-1, hd)
+        ok = (rc == 0 and torch.equal(q, qs * c + _rotate_half(qs) * sn)
+              and torch.equal(kc[dst], (ks * c + _rotate_half(ks) * sn).reshape(-1, hd)) and torch.equal(vc[dst], vs)
+              and not kc[rest].any() and not vc[rest].any())
+        if not ok:
+            return f"is not bitwise torch's rotary embedding and cache write at head_dim {hd} (code {rc})"
+    return None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

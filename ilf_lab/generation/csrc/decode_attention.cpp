@@ -81,6 +81,7 @@ inline void value_tile(const float* s, float* const* acc, const float* vb, int64
 }
 
 alignas(32) const float ZERO_ROW[128] = {};  // the missing keys of a block's last tile (scored, then masked)
+static_assert(sizeof(ZERO_ROW) / sizeof(float) >= 8 * 16, "ZERO_ROW must cover the largest head size (attend_for)");
 
 // Attend queries q[0..nq) (rows of hd = 8 * C8 floats, pre-scaled) to keys and values [0, n) (rows of hd floats), a
 // block of keys at a time: scores in register tiles of 3 queries x 4 keys (K and q loads shared across the tile),
