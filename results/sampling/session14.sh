@@ -3,8 +3,9 @@
 # host, from the repository root:   bash results/sampling/session14.sh [bench|default|numerics]...
 # Before = session 13's code (commit dfd4d6c) in a worktree, after = this checkout, back to back in one session.
 # bench: the benchmark, before and after (attention kernel in register tiles, q/k/v fused + rope kernel);
-# default: the default `python -m ilf_lab` from a cold stage cache (model already converted), after only (session
-#   13's code was measured on this host earlier in this session: session13_default.txt);
+# default: the default `python -m ilf_lab` from a cold stage cache (model already converted), before and after, back to
+#   back (the first entry of session14_default.txt, after only, came 65 min after session13_default.txt's runs,
+#   on a host that had slowed meanwhile: its unchanged training stage took 5 % longer);
 # numerics: zero-shot on all of MBPPTest x 10, fp32, default engine, seed 0 (the seeds of sessions 10-13's runs),
 #   compared task by task with session 13's (zero_shot_seed0_float32_session13.json).
 set -euo pipefail
@@ -22,7 +23,8 @@ for part in "${parts[@]}"; do
       python benchmarks/sampling.py --cache-dir "$cache" > $out/session14_after.txt
       ;;
     default)
-      echo "after ($(git rev-parse --short HEAD)), this session, same host as session13_default.txt:" >> $out/session14_default.txt
+      echo "before (dfd4d6c) and after ($(git rev-parse --short HEAD)), back to back:" >> $out/session14_default.txt
+      (cd $before && PYTHONPATH=$before bash $out/cold_default_run.sh "$cache" $out/session14_default.txt)
       bash $out/cold_default_run.sh "$cache" $out/session14_default.txt
       ;;
     numerics)
