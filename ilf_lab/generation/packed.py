@@ -55,8 +55,8 @@ class PackedLinears:
 
     def __init__(self) -> None:
         self._packed: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # id(layer) -> (layer, packed weight)
-        # id(attention) -> (attention, packed [q; k; v] weight, bias or None), or None where it cannot be fused
-        self._fused: dict[int, tuple[Any, torch.Tensor, torch.Tensor | None] | None] = {}
+        # id(attention) -> (attention, packed [q; k; v] weight or None where it cannot be fused, bias or None)
+        self._fused: dict[int, tuple[Any, torch.Tensor | None, torch.Tensor | None]] = {}
 
     def __len__(self) -> int:
         return len(self._packed)
@@ -87,23 +87,23 @@ class PackedLinears:
     def qkv(self, attn: Any, x: torch.Tensor) -> torch.Tensor | None:
         """[q | k | v] = x @ [q_proj; k_proj; v_proj]^T in one matmul (one weight read, one call instead of three),
         or None where the three are not plain fp32 layers with biases alike (then call them one by one)."""
-        hit = self._fused_weight(attn)
-        if hit is None or x.dtype != torch.float32:
+        _, weight, bias = self._fused_weight(attn)
+        if weight is None or x.dtype != torch.float32:
             return None
-        return torch.ops.mkldnn._linear_pointwise(x, hit[1], hit[2], "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
-    def _fused_weight(self, attn: Any) -> tuple[Any, torch.Tensor, torch.Tensor | None] | None:
-        hit = self._fused.get(id(attn), ())
-        if hit == () or (hit is not None and hit[0] is not attn):  # held, so its id is not reused while it lives
+    def _fused_weight(self, attn: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+        hit = self._fused.get(id(attn))
+        if hit is None or hit[0] is not attn:  # the entry holds attn, so its id is not reused while it lives
             hit = self._fuse(attn)
             self._fused[id(attn)] = hit
         return hit
 
     @staticmethod
-    def _fuse(attn: Any) -> tuple[Any, torch.Tensor, torch.Tensor | None] | None:
+    def _fuse(attn: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
         layers = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
         if not all(_plain(m) for m in layers) or len({m.bias is None for m in layers}) != 1:
-            return None
+            return attn, None, None
         weight = torch.cat([m.weight.detach() for m in layers])
         bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers])
         return attn, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS), bias
