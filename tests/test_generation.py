@@ -202,6 +202,39 @@ def test_a_common_start_prefilled_once_matches_whole_prompts(shared_kv):
             split.prefill([start], 6, 1)  # nothing of its own
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["torch", "onednn"])
+@pytest.mark.parametrize("shared_start", [0, 20])
+def test_prefill_and_the_next_step_give_the_models_own_logits(packed, shared_start):
+    """Prefill runs the last layer past its K and V for each prompt's last position only (slots.py `_layers`), and,
+    with packed linears, q/k/v and gate/up as one matmul each: the next-token logits of right-padded prompts of
+    different lengths, and of the decode step after them (which reads every layer's stored KV), are still the
+    model's own forward's, with and without a start prefilled once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ilf_lab.generation.packed import PackedLinears, onednn_available
+    from ilf_lab.generation.slots import SlotCache
+
+    if packed and not onednn_available():
+        pytest.skip("no oneDNN packed linear in this torch")
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    start = [(7 * i) % 97 for i in range(1, shared_start + 1)]
+    prompts = [start + [5, 9], start + [(3 * i) % 97 for i in range(23)], start + [3]]
+    cache = SlotCache(model, 4, 60, linears=PackedLinears() if packed else None)
+    with torch.inference_mode():
+        if start:
+            cache.set_prefix(start)
+        got = cache.prefill(prompts, 0, 1)
+        for p, row in zip(prompts, got, strict=True):
+            torch.testing.assert_close(row, model(torch.tensor([p])).logits[0, -1], rtol=1e-4, atol=1e-4)
+        lens, tokens = torch.tensor([len(p) for p in prompts]), torch.tensor([11, 12, 13])
+        step = cache.decode(tokens, lens, int(lens.max()) + 1)
+        for p, tok, row in zip(prompts, tokens.tolist(), step, strict=True):
+            torch.testing.assert_close(row, model(torch.tensor([p + [tok]])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
 def test_shared_prefix_len_leaves_each_prompt_a_token():
     from ilf_lab.generation.hf import PREFIX_MIN_TOKENS, shared_prefix_len
 

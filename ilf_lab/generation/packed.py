@@ -2,8 +2,8 @@
 
 `F.linear` on CPU hands each call to MKL's sgemm, which re-lays the weight out for its kernel on every call; at the
 decode step's shapes (~100 rows against a 576 x 1536 weight) that is a real share of the work. oneDNN can take
-the weight already in its blocked layout (`_reorder_linear_weight`, done once per weight here) and fuse the MLP's
-SiLU into the gate projection. On this project's AVX2 host that is 1.1-1.6 x `F.linear`'s GFLOP/s at the decode
+the weight already in its blocked layout (`_reorder_linear_weight`, done once per weight here); q/k/v and the
+MLP's gate/up are stacked into one packed weight each (one wider matmul, which runs faster at decode's rows). On this project's AVX2 host that is 1.1-1.6 x `F.linear`'s GFLOP/s at the decode
 shapes and 2.4 x for the LM head at 32 rows (results/sampling/README.md, session 11). There it was also
 row-independent (a row's output bitwise the same at 1 to 2,048 rows, which `F.linear`'s is not at 1-3 rows;
 tests/test_packed.py checks it on the host that runs them). Sums are blocked differently from MKL's, so logits
@@ -48,6 +48,10 @@ def resolve_cpu_linear(choice: str | None, model: Any, backend: str) -> str:
     return choice or ("onednn" if fits and packable and onednn_available() else "aten")
 
 
+QKV = ("q_proj", "k_proj", "v_proj")  # an attention's projections, fused into one matmul
+GATE_UP = ("gate_proj", "up_proj")  # a gated MLP's first two, fused into one matmul
+
+
 class PackedLinears:
     """Calls a model's plain fp32 `nn.Linear` layers with oneDNN-packed weights, packed on first use; anything
     else (int8 layers, a Linear subclass, a layer with hooks, another dtype) is called as it is. Meant to live for
@@ -55,11 +59,12 @@ class PackedLinears:
 
     def __init__(self) -> None:
         self._packed: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # id(layer) -> (layer, packed weight)
-        # id(attention) -> (attention, packed [q; k; v] weight or None where it cannot be fused, bias or None)
-        self._fused: dict[int, tuple[Any, torch.Tensor | None, torch.Tensor | None]] = {}
+        # (id(module), names) -> (module, packed concatenated weight or None where they cannot be fused, bias)
+        self._fused: dict[tuple[int, tuple[str, ...]], tuple[Any, torch.Tensor | None, torch.Tensor | None]] = {}
 
     def __len__(self) -> int:
-        return len(self._packed)
+        """Packed weights held (single layers and fused groups)."""
+        return len(self._packed) + sum(w is not None for _, w, _ in self._fused.values())
 
     def _weight(self, m: torch.nn.Linear) -> torch.Tensor:
         hit = self._packed.get(id(m))
@@ -70,12 +75,15 @@ class PackedLinears:
 
     def pack(self, model: Any) -> None:
         """Pack every plain fp32 linear layer now (before the engine sizes its batch from free memory: the packed
-        copies take as much as the weights)."""
+        copies take as much as the weights); q/k/v and gate/up that fuse are packed once, as their fused copy."""
+        fused: set[int] = set()
         for m in model.modules():
-            if _plain(m):
+            for names in (QKV, GATE_UP):
+                if all(hasattr(m, name) for name in names) and self._fused_weight(m, names)[1] is not None:
+                    fused.update(id(getattr(m, name)) for name in names)
+        for m in model.modules():
+            if _plain(m) and id(m) not in fused:
                 self._weight(m)
-            elif all(hasattr(m, name) for name in ("q_proj", "k_proj", "v_proj")):
-                self._fused_weight(m)  # decode's fused [q; k; v] copy, counted with the rest
 
     def linear(self, m: Any, x: torch.Tensor, act: str = "none") -> torch.Tensor:
         """m(x), with `act` ("none" or "swish" = SiLU) applied after it."""
@@ -87,36 +95,49 @@ class PackedLinears:
     def qkv(self, attn: Any, x: torch.Tensor) -> torch.Tensor | None:
         """[q | k | v] = x @ [q_proj; k_proj; v_proj]^T in one matmul (one weight read, one call instead of three),
         or None where the three are not plain fp32 layers with biases alike (then call them one by one)."""
-        _, weight, bias = self._fused_weight(attn)
-        if weight is None or x.dtype != torch.float32:
-            return None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-    def _fused_weight(self, attn: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
-        hit = self._fused.get(id(attn))
-        if hit is None or hit[0] is not attn:  # the entry holds attn, so its id is not reused while it lives
-            hit = self._fuse(attn)
-            self._fused[id(attn)] = hit
-        return hit
-
-    @staticmethod
-    def _fuse(attn: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
-        layers = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-        if not all(_plain(m) for m in layers) or len({m.bias is None for m in layers}) != 1:
-            return attn, None, None
-        weight = torch.cat([m.weight.detach() for m in layers])
-        bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers])
-        return attn, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS), bias
+        return self._fused_call(attn, QKV, x)
 
     def mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
-        """A Llama-family MLP, down(silu(gate(x)) * up(x)), with the SiLU fused into the gate projection; an MLP of
-        another shape or activation runs as it is."""
+        """A Llama-family MLP, down(silu(gate(x)) * up(x)), with gate and up in one matmul (at decode's ~100 rows
+        oneDNN's wider product runs faster, and its SiLU post-op is slower than torch's SiLU after it: session 15);
+        where they do not fuse, the SiLU is fused into the gate projection. An MLP of another shape or activation
+        runs as it is."""
         if not (hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj") and hasattr(mlp, "down_proj")):
             return mlp(x)
         if not _is_silu(getattr(mlp, "act_fn", None)):
             return mlp(x)
-        gate = self.linear(mlp.gate_proj, x, "swish")
-        return self.linear(mlp.down_proj, gate.mul_(self.linear(mlp.up_proj, x)))
+        both = self._fused_call(mlp, GATE_UP, x)
+        if both is None:
+            gate = self.linear(mlp.gate_proj, x, "swish")
+            return self.linear(mlp.down_proj, gate.mul_(self.linear(mlp.up_proj, x)))
+        f = mlp.gate_proj.out_features
+        return self.linear(mlp.down_proj, torch.nn.functional.silu(both[..., :f]).mul_(both[..., f:]))
+
+    def _fused_call(self, module: Any, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor | None:
+        _, weight, bias = self._fused_weight(module, names)
+        if weight is None or x.dtype != torch.float32:
+            return None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    def _fused_weight(self, module: Any, names: tuple[str, ...]) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+        hit = self._fused.get((id(module), names))
+        if hit is None or hit[0] is not module:  # the entry holds the module: its id is not reused while it lives
+            hit = self._fuse(module, names)
+            self._fused[(id(module), names)] = hit
+        return hit
+
+    @staticmethod
+    def _fuse(module: Any, names: tuple[str, ...]) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+        """`module`'s layers `names`, stacked and packed: only plain fp32 layers with the same input size and
+        biases alike (and, for gate/up, the same output size); else (module, None, None)."""
+        layers = [getattr(module, name, None) for name in names]
+        if not all(_plain(m) for m in layers) or len({m.bias is None for m in layers}) != 1:
+            return module, None, None
+        if len({m.in_features for m in layers}) != 1 or (names == GATE_UP and len({m.out_features for m in layers}) != 1):
+            return module, None, None
+        weight = torch.cat([m.weight.detach() for m in layers])
+        bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers])
+        return module, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS), bias
 
 
 def _plain(m: Any) -> bool:

@@ -94,10 +94,15 @@ class SlotCache:
 
     def _qkv(self, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, t, _ = h.shape
-        lin = self._linear
-        q = lin(attn.q_proj, h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = lin(attn.k_proj, h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = lin(attn.v_proj, h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        both = None if self.linears is None else self.linears.qkv(attn, h)  # packed: one matmul for the three
+        widths = [n * self.head_dim for n in (self.heads, self.kv_heads, self.kv_heads)]
+        if both is not None and both.shape[-1] == sum(widths):
+            q, k, v = both.split(widths, -1)
+        if both is None or both.shape[-1] != sum(widths):
+            q, k, v = (self._linear(m, h) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -121,18 +126,20 @@ class SlotCache:
         ids = torch.zeros(b, t, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p) - c] = torch.tensor(p[c:], dtype=torch.long)
-        x = self._layers(ids.to(self.device), lambda i, k, v: self._store_prompt(i, k, v, row0, copies))
         last = torch.tensor([len(p) - c - 1 for p in prompts], device=self.device)
-        return self.lm_head(self.inner.norm(x[torch.arange(b, device=self.device), last]))
+        x = self._layers(ids.to(self.device), lambda i, k, v: self._store_prompt(i, k, v, row0, copies), last)
+        return self.lm_head(self.inner.norm(x[:, 0]))
 
     def _check_prefix(self, prompts: Sequence[Sequence[int]]) -> None:
         c = len(self.prefix)
         if any(len(p) <= c or list(p[:c]) != self.prefix for p in prompts):
             raise ValueError(f"every prompt must extend the held prefix of {c} tokens (set_prefix)")
 
-    def _layers(self, ids: torch.Tensor, store: Any) -> torch.Tensor:
+    def _layers(self, ids: torch.Tensor, store: Any, last: torch.Tensor | None = None) -> torch.Tensor:
         """The model's layers over ids [b, t] at the positions after the held prefix, attending to the prefix's
-        KV and causally to themselves; `store(layer, k, v)` gets each layer's K and V, prefix included."""
+        KV and causally to themselves; `store(layer, k, v)` gets each layer's K and V, prefix included. With
+        `last` (each row's last position), the last layer runs past its K and V for that position only (all the
+        next-token logits need): out [b, 1, hidden]."""
         b, t = ids.shape
         c = len(self.prefix)
         pos = torch.arange(c, c + t, device=self.device).unsqueeze(0).expand(b, t)
@@ -149,6 +156,11 @@ class SlotCache:
                 held = self.prefix_kv[i].unsqueeze(1).expand(2, b, -1, -1, -1).to(k.dtype)
                 k, v = torch.cat([held[0], k], 2), torch.cat([held[1], v], 2)
             store(i, k, v)
+            if last is not None and i == len(self.inner.layers) - 1:  # the one query per row that is read on
+                rows_b = torch.arange(b, device=self.device)
+                q, x = q[rows_b, :, last].unsqueeze(2), x[rows_b, last].unsqueeze(1)
+                mask = (torch.arange(c + t, device=self.device) <= c + last.unsqueeze(1)).view(b, 1, 1, c + t)
+                t = 1
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
                                                enable_gqa=True)
             x = x + self._linear(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1))

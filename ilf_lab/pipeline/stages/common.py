@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 # on CPU (sampling.cpu_linear=null, float rounding); 5: attention over the shared prompt KV through a C++ kernel
 # on CPU (sampling.attention=null, float rounding); 6: the prompts' common start prefilled once per call
 # (sampling.common_prefix=null) and the top-p choice through a C++ kernel on CPU (float rounding); 7: the attention
-# kernel's scores and value sums in register tiles, a score's lanes summed in another order (float rounding).
-SAMPLING_VERSION = 7
+# kernel's scores and value sums in register tiles, a score's lanes summed in another order (float rounding); 8:
+# gate and up in one matmul with torch's SiLU after it, q/k/v in one matmul in prefill too, and prefill's last
+# layer past K and V at each prompt's last position only (float rounding).
+SAMPLING_VERSION = 8
 
 
 @dataclass(frozen=True)
