@@ -1,6 +1,7 @@
-"""The CPU kernels' library (generation/kernels.py), its residual add + RMSNorm kernel (csrc/rms_norm.cpp) and its
-rotary embedding + cache write (csrc/rope.cpp): one build keyed by every source and header, decode steps equal to
-torch's RMSNorm to float rounding and bitwise torch's q/k/v projections and rotary embedding."""
+"""The CPU kernels' library (generation/kernels.py), its residual add + RMSNorm kernel (csrc/rms_norm.cpp), its
+rotary embedding + cache write (csrc/rope.cpp) and its SiLU-and-multiply (csrc/silu_mul.cpp): one build keyed by
+every source and header, prefill and decode steps equal to torch's RMSNorm to float rounding and bitwise torch's
+q/k/v projections and rotary embedding."""
 
 from __future__ import annotations
 
@@ -52,6 +53,23 @@ def test_add_rms_norm_is_torchs_to_rounding(n):
     assert fn(x.data_ptr(), None, norm.weight.data_ptr(), out.data_ptr(), 13, 0, 1e-5) == 1  # refused
 
 
+@needs_kernels
+def test_silu_mul_kernel_is_torchs_to_rounding_and_row_independent():
+    """SiLU(gate) * up after the fused gate/up product (packed.py): torch's to float rounding at SmolLM2's width and
+    at one that is not a multiple of 8; a row's output is the same whatever rows are beside it and whatever the
+    thread count; arguments it cannot take are refused."""
+    fn = kernel("ilf_silu_mul")
+    torch.manual_seed(5)
+    for f in (1536, 37):
+        x = torch.randn(50, 2 * f) * 3
+        out, alone, serial = torch.empty(50, f), torch.empty(3, f), torch.empty(50, f)
+        assert fn(x.data_ptr(), out.data_ptr(), 50, f, 2) == 0
+        torch.testing.assert_close(out, torch.nn.functional.silu(x[:, :f]) * x[:, f:], rtol=1e-5, atol=1e-6)
+        assert fn(x[7:10].data_ptr(), alone.data_ptr(), 3, f, 2) == 0 and torch.equal(alone, out[7:10])
+        assert fn(x.data_ptr(), serial.data_ptr(), 50, f, 1) == 0 and torch.equal(serial, out)
+    assert fn(x.data_ptr(), out.data_ptr(), 5, 0, 2) == 1 and fn(x.data_ptr(), out.data_ptr(), 5, f, 0) == 1
+
+
 def _decode_both(fast, plain, compare) -> None:
     """Prefill three prompts x 2 rows into both caches, then 5 decode steps; compare(fast's, plain's) per step."""
     prompts = [[5, 9, 2], [7] * 11, [3, 4, 5, 6]]
@@ -67,8 +85,8 @@ def _decode_both(fast, plain, compare) -> None:
 
 @needs_kernels
 def test_decode_steps_with_the_norm_kernel_match_torchs_norms():
-    """SlotCache.decode with the kernel (the default on CPU) and with torch's RMSNorm modules: the same logits to
-    float rounding over several steps, grouped-query heads, rows of different lengths."""
+    """SlotCache's prefill and decode with the kernel (the default on CPU) and with torch's RMSNorm modules: the same
+    logits to float rounding over several steps, grouped-query heads, rows of different lengths."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ilf_lab.generation.slots import SlotCache
@@ -84,7 +102,9 @@ def test_decode_steps_with_the_norm_kernel_match_torchs_norms():
     real = fast.norm_kernel
     fast.norm_kernel = lambda *args: (calls.append(args[4]), real(*args))[1]  # counts the kernel's calls (rows)
     _decode_both(fast, plain, lambda got, want: torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4))
-    assert calls == [6] * (5 * (2 * cfg.num_hidden_layers + 1))  # every norm of every step ran in the kernel
+    layers = cfg.num_hidden_layers  # prefill's norms (3 prompts right-padded to 11 tokens: 33 rows; the last
+    # layer's second norm at each prompt's last position only), then every norm of every step, all in the kernel
+    assert calls == [33] * (2 * layers - 1) + [3] + [6] * (5 * (2 * layers + 1))
 
 
 def _tiny_llama(bias: bool):
@@ -105,9 +125,10 @@ def _tiny_llama(bias: bool):
 @pytest.mark.parametrize("shared", [False, True], ids=["copied_kv", "shared_kv"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "qkv_bias"])
 def test_decode_steps_with_the_rope_kernel_are_bitwise_torchs(shared, bias):
-    """One packed q/k/v matmul + the rope kernel (the CPU default with packed linears) against three projections and
-    torch's rotary embedding and index copies: the same logits and cache step after step (to rounding: the kernel
-    is bitwise torch's, `check_rope`, but one matmul for three need not sum in the same blocks on every CPU)."""
+    """One packed q/k/v matmul + the rope kernel (the CPU default with packed linears, in prefill and decode)
+    against three projections and torch's rotary embedding, concatenation and index copies: the same logits and
+    cache step after step (to rounding: the kernel is bitwise torch's, `check_rope`, but one matmul for three need
+    not sum in the same blocks on every CPU)."""
     from ilf_lab.generation.packed import PackedLinears
     from ilf_lab.generation.prefix import SharedPromptCache
     from ilf_lab.generation.slots import SlotCache
@@ -127,7 +148,9 @@ def test_decode_steps_with_the_rope_kernel_are_bitwise_torchs(shared, bias):
     fast.rope_kernel = lambda *args: (calls.append(args[10]), real(*args))[1]  # counts the kernel's calls (rows)
     _decode_both(fast, plain, lambda got, want: torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5))
     torch.testing.assert_close(fast.kv, plain.kv, rtol=1e-5, atol=1e-5)
-    assert calls == [6] * (5 * model.config.num_hidden_layers)  # every layer of every step ran in the kernel
+    layers = model.config.num_hidden_layers
+    assert calls == [3 * 11] * layers + [6] * (5 * layers)  # every layer of the prefill (3 prompts right-padded to
+    # 11 tokens) and of every step ran in the kernel
 
 
 @needs_kernels

@@ -95,7 +95,7 @@ def test_llama_mlp_with_fused_silu_matches_the_model(peaked_llama):
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "mlp_bias"])
 def test_gate_and_up_in_one_matmul_are_the_mlp_to_rounding(bias):
     """At SmolLM2's MLP shapes (576 -> 2 x 1536 -> 576) and decode and prefill row counts: one matmul for gate and
-    up, then torch's SiLU, is the module to rounding; `pack` holds the fused copy, not gate and up alone. Gate and
+    up, then the SiLU-and-multiply kernel (or torch's SiLU), is the module to rounding; `pack` holds the fused copy, not gate and up alone. Gate and
     up with unalike biases do not fuse: the SiLU goes back into the gate projection, with the same result."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
@@ -105,10 +105,16 @@ def test_gate_and_up_in_one_matmul_are_the_mlp_to_rounding(bias):
     packed = PackedLinears()
     packed.pack(mlp)
     assert len(packed) == 2 and id(mlp.gate_proj) not in packed._packed and id(mlp.down_proj) in packed._packed
+    calls: list[int] = []  # rows through the SiLU-and-multiply kernel, where the kernels build (else torch's SiLU)
+    if (real := packed._silu_mul) is not None:
+        packed._silu_mul = lambda *args: (calls.append(args[2]), real(*args))[1]
     with torch.inference_mode():
         for rows in (1, 7, 110, 600):
             x = torch.randn(rows, 1, 576)
             torch.testing.assert_close(packed.mlp(mlp, x), mlp(x), rtol=1e-4, atol=1e-5)
+        assert calls == ([1, 7, 110, 600] if real is not None else [])
+        packed._silu_mul = None  # torch's SiLU after the fused product
+        torch.testing.assert_close(packed.mlp(mlp, x), mlp(x), rtol=1e-4, atol=1e-5)
         mlp.up_proj = torch.nn.Linear(576, 1536, bias=not bias)  # biases not alike: no fused matmul
         alone = PackedLinears()
         alone.pack(mlp)

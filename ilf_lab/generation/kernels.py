@@ -1,5 +1,5 @@
 """The CPU kernels in `csrc/` (decode attention, top-p choice, residual add + RMSNorm, rotary embedding and cache
-write), compiled on first use into one small library.
+write, SiLU-and-multiply), compiled on first use into one small library.
 
 Built with the host's C++ compiler (`-march=native`, a plain C ABI loaded with ctypes: no torch headers, about a
 second) into a per-user directory, named by a hash of everything the binary depends on (sources, flags, compiler,
@@ -37,6 +37,7 @@ SIGNATURES = {
     "ilf_decode_attention": [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int64],
     "ilf_add_rms_norm": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float],
     "ilf_rope_qkv": [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4,
+    "ilf_silu_mul": [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3,
     "ilf_top_p": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_double,
                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64],
 }
@@ -161,9 +162,10 @@ def _load() -> tuple[Any, None, dict[str, str]]:
 
 def _checks(lib: Any) -> dict[str, str | None]:
     """Each kernel against its torch reference (None: agrees); the checks live beside the kernels' callers."""
-    from ilf_lab.generation import attention, sampling, slots
+    from ilf_lab.generation import attention, packed, sampling, slots
 
     return {"ilf_decode_attention": attention.check_kernel(lib.ilf_decode_attention),
+            "ilf_silu_mul": packed.check_silu_mul(lib.ilf_silu_mul),
             "ilf_top_p": sampling.check_kernel(lib.ilf_top_p),
             "ilf_add_rms_norm": slots.check_kernel(lib.ilf_add_rms_norm),
             "ilf_rope_qkv": slots.check_rope(lib.ilf_rope_qkv)}

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ilf_lab.generation.kernels import kernel, kernel_error
+
 CPU_LINEARS = ("aten", "onednn")
 PACK_ROWS = 64  # the row count hinted to oneDNN's packing (a decode step's order); any row count works with it
 
@@ -58,6 +60,8 @@ class PackedLinears:
     one sampling call, while the weights cannot change (`HFEngine.generate` makes one per call)."""
 
     def __init__(self) -> None:
+        # SiLU(gate) * up after the fused gate/up product in one C++ pass (csrc/silu_mul.cpp), where it builds
+        self._silu_mul = kernel("ilf_silu_mul") if kernel_error("ilf_silu_mul") is None else None
         self._packed: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # id(layer) -> (layer, packed weight)
         # (id(module), names) -> (module, packed concatenated weight or None where they cannot be fused, bias)
         self._fused: dict[tuple[int, tuple[str, ...]], tuple[Any, torch.Tensor | None, torch.Tensor | None]] = {}
@@ -98,10 +102,10 @@ class PackedLinears:
         return self._fused_call(attn, QKV, x)
 
     def mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
-        """A Llama-family MLP, down(silu(gate(x)) * up(x)), with gate and up in one matmul (at decode's ~100 rows
-        oneDNN's wider product runs faster, and its SiLU post-op is slower than torch's SiLU after it: session 15);
-        where they do not fuse, the SiLU is fused into the gate projection. An MLP of another shape or activation
-        runs as it is."""
+        """A Llama-family MLP, down(silu(gate(x)) * up(x)), with gate and up in one matmul and SiLU(gate) * up in one
+        C++ pass after it (on this project's host oneDNN's wider product runs faster, and its SiLU post-op costs ~14 %
+        of the gate matmul: results/sampling/README.md, session 15); where they do not fuse, the SiLU is fused into
+        the gate projection. An MLP of another shape or activation runs as it is."""
         if not (hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj") and hasattr(mlp, "down_proj")):
             return mlp(x)
         if not _is_silu(getattr(mlp, "act_fn", None)):
@@ -111,7 +115,13 @@ class PackedLinears:
             gate = self.linear(mlp.gate_proj, x, "swish")
             return self.linear(mlp.down_proj, gate.mul_(self.linear(mlp.up_proj, x)))
         f = mlp.gate_proj.out_features
-        return self.linear(mlp.down_proj, torch.nn.functional.silu(both[..., :f]).mul_(both[..., f:]))
+        if self._silu_mul is None or not both.is_contiguous():
+            return self.linear(mlp.down_proj, torch.nn.functional.silu(both[..., :f]).mul_(both[..., f:]))
+        h = both.new_empty(*both.shape[:-1], f)
+        rc = self._silu_mul(both.data_ptr(), h.data_ptr(), h.numel() // f, f, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"the SiLU-and-multiply kernel refused its arguments (code {rc})")
+        return self.linear(mlp.down_proj, h)
 
     def _fused_call(self, module: Any, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor | None:
         _, weight, bias = self._fused_weight(module, names)
@@ -138,6 +148,24 @@ class PackedLinears:
         weight = torch.cat([m.weight.detach() for m in layers])
         bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers])
         return module, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS), bias
+
+
+def check_silu_mul(fn: Any) -> str | None:
+    """None if the SiLU-and-multiply kernel is torch's silu(gate) * up to float rounding (rows of a width that is
+    not a multiple of 8, values from -100 to 100, infinities) and writes nothing past its output, else how far off."""
+    gen = torch.Generator().manual_seed(0)
+    for rows, f in ((5, 37), (3, 1536)):
+        x = torch.randn(rows, 2 * f, generator=gen) * 4
+        x[0, :4] = torch.tensor([-100.0, 100.0, float("inf"), -90.0])
+        want = torch.nn.functional.silu(x[:, :f]) * x[:, f:]
+        out = torch.full((rows * f + 8,), 7.0)
+        rc = fn(x.data_ptr(), out.data_ptr(), rows, f, 2)
+        got = out[: rows * f].view(rows, f)
+        close = torch.isclose(got, want, rtol=1e-5, atol=1e-6) | (got.isnan() & want.isnan())
+        if rc != 0 or not bool(close.all()) or not bool((out[rows * f :] == 7.0).all()):
+            err = float((got - want).abs().nan_to_num(float("inf")).max())
+            return f"disagrees with torch's silu(gate) * up by {err:.2e} at width {f} (code {rc})"
+    return None
 
 
 def _plain(m: Any) -> bool:

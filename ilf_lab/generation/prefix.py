@@ -21,8 +21,9 @@ import torch
 
 from ilf_lab.generation.attention import DecodeAttention
 from ilf_lab.generation.packed import PackedLinears
+from ilf_lab.generation.pages import release_cpu, zeroed_cpu
 from ilf_lab.generation.phases import OFF, Phases
-from ilf_lab.generation.slots import SlotCache, release_cpu, zeroed_cpu
+from ilf_lab.generation.slots import SlotCache
 
 
 class SharedPromptCache(SlotCache):

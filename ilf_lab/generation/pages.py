@@ -1,0 +1,61 @@
+"""CPU memory for the KV caches: zero pages mapped on first touch, and given back when a slot is freed, so the
+engine's batch sizing can count only what rows touch."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import mmap
+import platform
+import sys
+
+import torch
+
+
+def _x86_or_arm() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64")
+
+
+def _madvise() -> object | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_MADVISE = _madvise()
+_MADV_REMOVE = getattr(mmap, "MADV_REMOVE", 9)  # frees shmem pages (MADV_DONTNEED would only unmap them)
+
+
+# Linux's MAP_NORESERVE (in Python's mmap module from 3.13): no swap reserved up front, so a large mostly-untouched
+# store (the shared prompt KV: every prompt slot as long as the longest prompt) is not refused by the overcommit
+# heuristic; the engine's batch sizing bounds what is touched, and `release_cpu` returns what freed slots held
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" and _x86_or_arm() else 0)
+
+
+def zeroed_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor in anonymous shared mmap memory: the kernel guarantees zero pages and maps them on first
+    touch (shmem: not backed by transparent huge pages unless shmem_enabled says so)."""
+    count, size = math.prod(shape), math.prod(shape) * dtype.itemsize
+    try:
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+    except (AttributeError, OSError):  # no such flags here, or strict overcommit: a plain mapping
+        buf = mmap.mmap(-1, size)
+    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)  # the tensor keeps `buf` alive
+
+
+def release_cpu(t: torch.Tensor) -> None:
+    """Give the whole pages inside contiguous `t` (a view into `zeroed_cpu` memory) back to the kernel; they read
+    as zero again. Best effort: where madvise is missing or refuses, the pages stay (and keep finite values)."""
+    if _MADVISE is None or not t.is_contiguous():
+        return
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        _MADVISE(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_REMOVE)
