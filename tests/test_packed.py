@@ -83,6 +83,9 @@ def test_other_layers_run_as_they_are():
         assert torch.equal(packed.linear(hooked, x), torch.zeros(3, 4))  # its hook still runs
         assert torch.equal(packed.mlp(gelu_mlp, x), gelu_mlp(x)) and torch.equal(packed.mlp(gated, x), gated(x))
     assert len(packed) == 0  # none of them was packed
+    gelu_packed = PackedLinears()
+    gelu_packed.pack(gated)  # its gate and up are not fused (mlp() would not call them fused): packed one by one
+    assert len(gelu_packed) == 3 and not gelu_packed._fused
 
 
 def test_llama_mlp_with_fused_silu_matches_the_model(peaked_llama):

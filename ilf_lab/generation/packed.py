@@ -2,9 +2,10 @@
 
 `F.linear` on CPU hands each call to MKL's sgemm, which re-lays the weight out for its kernel on every call; at the
 decode step's shapes (~100 rows against a 576 x 1536 weight) that is a real share of the work. oneDNN can take
-the weight already in its blocked layout (`_reorder_linear_weight`, done once per weight here); q/k/v and the
-MLP's gate/up are stacked into one packed weight each (one wider matmul, which runs faster at decode's rows). On this project's AVX2 host that is 1.1-1.6 x `F.linear`'s GFLOP/s at the decode
-shapes and 2.4 x for the LM head at 32 rows (results/sampling/README.md, session 11). There it was also
+the weight already in its blocked layout (`_reorder_linear_weight`, done once per weight here). On this project's
+AVX2 host that is 1.1-1.6 x `F.linear`'s GFLOP/s at the decode shapes and 2.4 x for the LM head at 32 rows
+(results/sampling/README.md, session 11); q/k/v and the MLP's gate/up are stacked into one packed weight each
+(one wider matmul, which runs faster at decode's rows: sessions 14-15). There it was also
 row-independent (a row's output bitwise the same at 1 to 2,048 rows, which `F.linear`'s is not at 1-3 rows;
 tests/test_packed.py checks it on the host that runs them). Sums are blocked differently from MKL's, so logits
 agree with `F.linear` to float rounding, not bitwise. The engine packs at the start of each sampling call and
@@ -82,7 +83,8 @@ class PackedLinears:
         copies take as much as the weights); q/k/v and gate/up that fuse are packed once, as their fused copy."""
         fused: set[int] = set()
         for m in model.modules():
-            for names in (QKV, GATE_UP):
+            groups = (QKV,) + ((GATE_UP,) if _gated_silu(m) else ())  # the groups qkv() and mlp() would call
+            for names in groups:
                 if all(hasattr(m, name) for name in names) and self._fused_weight(m, names)[1] is not None:
                     fused.update(id(getattr(m, name)) for name in names)
         for m in model.modules():
@@ -106,9 +108,7 @@ class PackedLinears:
         C++ pass after it (on this project's host oneDNN's wider product runs faster, and its SiLU post-op costs ~14 %
         of the gate matmul: results/sampling/README.md, session 15); where they do not fuse, the SiLU is fused into
         the gate projection. An MLP of another shape or activation runs as it is."""
-        if not (hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj") and hasattr(mlp, "down_proj")):
-            return mlp(x)
-        if not _is_silu(getattr(mlp, "act_fn", None)):
+        if not _gated_silu(mlp):
             return mlp(x)
         both = self._fused_call(mlp, GATE_UP, x)
         if both is None:
@@ -129,7 +129,7 @@ class PackedLinears:
             return None
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
-    def _fused_weight(self, module: Any, names: tuple[str, ...]) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+    def _fused_weight(self, module: Any, names: tuple[str, ...]) -> tuple[Any, Any, Any]:
         hit = self._fused.get((id(module), names))
         if hit is None or hit[0] is not module:  # the entry holds the module: its id is not reused while it lives
             hit = self._fuse(module, names)
@@ -143,7 +143,8 @@ class PackedLinears:
         layers = [getattr(module, name, None) for name in names]
         if not all(_plain(m) for m in layers) or len({m.bias is None for m in layers}) != 1:
             return module, None, None
-        if len({m.in_features for m in layers}) != 1 or (names == GATE_UP and len({m.out_features for m in layers}) != 1):
+        same_out = len({m.out_features for m in layers}) == 1
+        if len({m.in_features for m in layers}) != 1 or (names == GATE_UP and not same_out):
             return module, None, None
         weight = torch.cat([m.weight.detach() for m in layers])
         bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers])
@@ -172,6 +173,12 @@ def _plain(m: Any) -> bool:
     """An fp32 `nn.Linear` whose call is exactly F.linear: not a subclass, no hooks, no patched forward."""
     return (type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 and not m._forward_hooks
             and not m._forward_pre_hooks and "forward" not in m.__dict__)
+
+
+def _gated_silu(m: Any) -> bool:
+    """A Llama-family MLP: down(silu(gate(x)) * up(x))."""
+    parts = all(hasattr(m, name) for name in ("gate_proj", "up_proj", "down_proj"))
+    return parts and _is_silu(getattr(m, "act_fn", None))
 
 
 def _is_silu(fn: Any) -> bool:

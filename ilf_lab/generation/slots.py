@@ -90,7 +90,12 @@ class SlotCache:
         self.prefix, self.prefix_kv = [], None
         if ids:
             held: list[torch.Tensor] = []
-            self._layers(torch.tensor([list(ids)], device=self.device), lambda i, k, v: held.append(torch.stack([k[0], v[0]])))
+
+            def keep(i: int, k: torch.Tensor, v: torch.Tensor) -> None:  # only the prefix's K and V are kept
+                held.append(torch.stack([k[0], v[0]]))
+
+            dev = self.device
+            self._layers(torch.tensor([list(ids)], device=dev), keep, torch.tensor([len(ids) - 1], device=dev))
             self.prefix, self.prefix_kv = list(ids), torch.stack(held)  # [layer, k|v, kv_head, position, head_dim]
 
     def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
@@ -121,8 +126,13 @@ class SlotCache:
         pos = torch.arange(c, c + t, device=self.device).unsqueeze(0).expand(b, t)
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, pos)
-        into = self._prefill_index(b, t, c) if self.rope_kernel is not None and cos.shape == (b, t, self.head_dim) else None
-        if into is not None:  # what the rope kernel reads without checks
+        into = None  # where the rope kernel writes each row's k and v (prefill's rows: prompts x positions)
+        if self.rope_kernel is not None and cos.shape == (b, t, self.head_dim):
+            into = self._prefill_index(b, t, c)
+            # right by construction; checked because the kernel writes without bounds checks
+            rows = b * self.kv_heads * (c + t)  # the K/V buffer's rows of head_dim floats (_prefill_qkv)
+            if into.numel() != b * t * self.kv_heads or not 0 <= int(into.min()) <= int(into.max()) < rows:
+                raise ValueError("the prefill's write index does not fit its K/V buffer")
             cos, sin = cos.float().contiguous(), sin.float().contiguous()
         mask = None  # no prefix: plain causal attention
         if c:  # query j (position c + j) sees the prefix and the new tokens up to itself
@@ -228,7 +238,7 @@ class SlotCache:
     def _project(self, i: int, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: torch.Tensor):
         """A decode step's rotated q, k and v. With the rope kernel (fp32 on CPU, packed linears, q/k/v fusable):
         one matmul for the three, one C++ pass that rotates q and k (bitwise torch's rounding) and writes k and v
-        into layer i's cache at `flat` (`_write_index`; k, v come back as None); else torch, as in prefill."""
+        into layer i's cache at `flat` (`_write_index`; k, v come back as None); else torch's way (`_qkv`)."""
         a, hd = h.shape[0], self.head_dim
         width = (self.heads + 2 * self.kv_heads) * hd
         qkv = self.linears.qkv(attn, h) if self.rope_kernel is not None and cos.shape == (a, 1, hd) else None
