@@ -130,8 +130,8 @@ class SlotCache:
         if self.rope_kernel is not None and cos.shape == (b, t, self.head_dim):
             into = self._prefill_index(b, t, c)
             # right by construction; checked because the kernel writes without bounds checks
-            rows = b * self.kv_heads * (c + t)  # the K/V buffer's rows of head_dim floats (_prefill_qkv)
-            if into.numel() != b * t * self.kv_heads or not 0 <= int(into.min()) <= int(into.max()) < rows:
+            room = b * self.kv_heads * (c + t)  # the K/V buffer's rows of head_dim floats (_prefill_qkv)
+            if into.numel() != b * t * self.kv_heads or not 0 <= int(into.min()) <= int(into.max()) < room:
                 raise ValueError("the prefill's write index does not fit its K/V buffer")
             cos, sin = cos.float().contiguous(), sin.float().contiguous()
         mask = None  # no prefix: plain causal attention
