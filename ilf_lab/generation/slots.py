@@ -74,7 +74,7 @@ class SlotCache:
         widths = [n * self.head_dim for n in (self.heads, self.kv_heads, self.kv_heads)]
         if both is not None and both.shape[-1] == sum(widths):
             q, k, v = both.split(widths, -1)
-        if both is None or both.shape[-1] != sum(widths):
+        else:
             q, k, v = (self._linear(m, h) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -183,12 +183,7 @@ class SlotCache:
         if c:
             kv[:, :, :, :c] = self.prefix_kv[i].unsqueeze(1)
         q = torch.empty(b, t, self.heads, hd, dtype=torch.float32)
-        p, size = both.data_ptr(), both.element_size()
-        rc = self.rope_kernel(p, p + self.heads * hd * size, p + (self.heads + kvh) * hd * size, both.shape[-1],
-                              cos.data_ptr(), sin.data_ptr(), q.data_ptr(), kv[0].data_ptr(), kv[1].data_ptr(),
-                              into.data_ptr(), b * t, self.heads, kvh, hd)
-        if rc != 0:
-            raise RuntimeError(f"the rope kernel refused its arguments (code {rc})")
+        self._rope(both, cos, sin, q, kv[0], kv[1], into, b * t)
         return q.transpose(1, 2), kv[0], kv[1]
 
     def _linear(self, m: Any, x: torch.Tensor) -> torch.Tensor:
@@ -246,13 +241,20 @@ class SlotCache:
             return self._qkv(attn, h, cos, sin)  # partial rotary, odd projection sizes, ...: torch's way
         qkv = qkv.view(a, width)
         q = torch.empty(a, self.heads, 1, hd, dtype=torch.float32)
-        qp, size = qkv.data_ptr(), qkv.element_size()
-        rc = self.rope_kernel(qp, qp + self.heads * hd * size, qp + (self.heads + self.kv_heads) * hd * size,
-                              qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), self.kv[i, 0].data_ptr(),
-                              self.kv[i, 1].data_ptr(), flat.data_ptr(), a, self.heads, self.kv_heads, hd)
+        self._rope(qkv, cos, sin, q, self.kv[i, 0], self.kv[i, 1], flat, a)
+        return q, None, None
+
+    def _rope(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, kc: torch.Tensor,
+              vc: torch.Tensor, index: torch.Tensor, rows: int) -> None:
+        """The rope kernel over `rows` rows of a fused [q | k | v] projection (last dim contiguous, rows a
+        `qkv.stride(-2)` apart): rotated q into `q`, k and v into `kc` / `vc` at the rows `index` names (callers
+        check it: the kernel writes without bounds checks)."""
+        hd, p, size = self.head_dim, qkv.data_ptr(), qkv.element_size()
+        rc = self.rope_kernel(p, p + self.heads * hd * size, p + (self.heads + self.kv_heads) * hd * size,
+                              qkv.stride(-2), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), kc.data_ptr(),
+                              vc.data_ptr(), index.data_ptr(), rows, self.heads, self.kv_heads, hd)
         if rc != 0:
             raise RuntimeError(f"the rope kernel refused its arguments (code {rc})")
-        return q, None, None
 
     def _check_write_index(self, flat: torch.Tensor, a: int) -> None:
         """The rope kernel writes where `flat` says without bounds checks: check the step's indices once."""
