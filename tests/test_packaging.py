@@ -30,7 +30,7 @@ def test_wheel_ships_conf_and_runs_outside_the_repo(tmp_path):
     (wheel,) = wheel_dir.glob("ilf_lab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "ilf_lab/conf/config.yaml" in names and "ilf_lab/conf/experiment/ilf.yaml" in names
-    for src in ("decode_attention.cpp", "top_p.cpp", "vec.h"):  # compiled on first use (kernels.py)
+    for src in ("decode_attention.cpp", "prefill_attention.cpp", "top_p.cpp", "vec.h", "attend.h"):  # built on use
         assert f"ilf_lab/generation/csrc/{src}" in names
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],

@@ -1,4 +1,5 @@
-"""Decode attention over the shared-prompt cache on CPU through a small C++ kernel (`sampling.attention`).
+"""Decode attention over the shared-prompt cache on CPU through a small C++ kernel (`sampling.attention`), and
+prefill's causal attention through another (`prefill_attention`).
 
 Why: torch's batched matmuls run a decode step's attention as hundreds of tiny GEMMs (3 query heads against one
 row's columns) at a fraction of the host's FLOP rate, with a pass over memory per softmax step; the kernel
@@ -9,7 +10,9 @@ differently from the matmuls', so logits agree with them to float rounding (test
 The kernel is compiled on first use with the other CPU kernels (kernels.py: keyed by sources, flags, compiler and
 CPU, checked against `reference` at every compiled head size each time a process loads it); where it cannot be
 built or fails a check, the default falls back to the matmuls with one warning, and an explicit
-`attention=kernel` is an error naming why.
+`attention=kernel` is an error naming why. The prefill kernel (`csrc/prefill_attention.cpp`) computes only the causal
+half that torch's masked `scaled_dot_product_attention` computes in full; prefill falls back to torch's where it
+does not build.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from typing import Any
 import torch
 
 from ilf_lab.generation.kernels import KernelUnavailable, kernel, kernel_error
-from ilf_lab.generation.slots import head_dim
 
 __all__ = ["KernelUnavailable", "kernel_error"]  # re-exported: the kernel's availability, as callers ask it here
 
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 
 ATTENTIONS = ("matmul", "kernel")
 HEAD_DIMS = (8, 16, 32, 64, 128)  # the kernel's compiled head sizes
+
+
+def head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def load_kernel() -> Any:
@@ -165,3 +171,56 @@ def _self_check(fn: Any, hd: int) -> float:
     got = att(0, q, att.plan(row_prompt, prompt_len, own), 0.25)
     want = reference(q, pkv[0, 0], pkv[0, 1], kv[0, 0], kv[0, 1], row_prompt, prompt_len, own, 0.25)
     return float((got.double() - want).abs().max())
+
+
+def prefill_attention(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+    """Causal attention of prefill's queries q [b, heads, t, hd] (a transposed view of [b, t, heads, hd]) over
+    k, v [b, kv_heads, c + t, hd] (a held prefix of c positions first): position i of prompt p sees keys [0, c + i];
+    positions from lens[p] on are padding (zero out). Out: [b, t, heads * hd], o_proj's input."""
+    b, heads, t, hd = q.shape
+    kvh = k.shape[1]
+    qt = q.transpose(1, 2)
+    shaped = (k.shape == v.shape and k.dim() == 4 and k.shape[0] == b and k.shape[2] >= t and k.shape[3] == hd
+              and heads % kvh == 0 and lens.shape == (b,) and lens.dtype == torch.int64 and lens.is_contiguous())
+    if not shaped or not all(x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+                             for x in (qt, k, v)) or lens.device.type != "cpu":
+        raise ValueError(f"the prefill attention kernel takes contiguous fp32 CPU q [b, t, heads, hd], k, v [b, kv "
+                         f"heads, c + t, hd] and int64 lens [b]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"lens {tuple(lens.shape)}")
+    out = torch.empty(b, t, heads, hd)
+    rc = fn(qt.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr(), b, t, k.shape[2] - t, kvh,
+            heads // kvh, hd, scaling, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"the prefill attention kernel refused its arguments (code {rc})")
+    return out.view(b, t, heads * hd)
+
+
+def prefill_reference(q, k, v, lens, scaling) -> torch.Tensor:
+    """The kernel's contract in plain torch (float64), per prompt: masked softmax over the keys each position sees."""
+    b, heads, t, hd = q.shape
+    c, g = k.shape[2] - t, heads // k.shape[1]
+    out = torch.zeros(b, t, heads, hd, dtype=torch.float64)
+    for p in range(b):
+        n = int(lens[p])
+        kp, vp = (x[p, :, : c + n].double().repeat_interleave(g, 0) for x in (k, v))  # [heads, c + n, hd]
+        s = q[p, :, :n].double() @ kp.transpose(1, 2) * scaling
+        s.masked_fill_(torch.arange(c + n) > c + torch.arange(n).unsqueeze(1), float("-inf"))
+        out[p, :n] = (torch.softmax(s, -1) @ vp).transpose(0, 1)
+    return out.view(b, t, heads * hd)
+
+
+def check_prefill(fn: Any) -> str | None:
+    """None if the prefill kernel agrees with `prefill_reference` at every compiled head size (with and without a
+    prefix, padded prompts, positions past a block of 8, grouped heads), else how far it is off."""
+    err = 0.0
+    for hd in HEAD_DIMS:
+        gen = torch.Generator().manual_seed(hd)
+        for c in (0, 13):
+            b, kvh, g, t = 3, 2, 3, 21
+            q = torch.randn(b, t, kvh * g, hd, generator=gen).transpose(1, 2)
+            k, v = (torch.randn(b, kvh, c + t, hd, generator=gen) for _ in range(2))
+            lens = torch.tensor([21, 9, 1])
+            got = prefill_attention(fn, q, k, v, lens, 0.3)
+            err = max(err, float((got.double() - prefill_reference(q, k, v, lens, 0.3)).abs().max()))
+    return None if err <= 1e-4 else f"disagrees with torch's attention by {err:.2e}"  # NaN fails too

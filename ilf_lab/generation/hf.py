@@ -46,8 +46,9 @@ from ilf_lab.generation.slots import SlotCache, head_dim
 log = logging.getLogger(__name__)
 
 SLOT_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# decode rows beyond which a step's matmuls gain nothing on CPU (measured on 2 cores, see benchmarks/sampling.py)
-CPU_MAX_ROWS = 192
+# decode rows beyond which a step's matmuls gain little on CPU (2 cores; session 16: 256 against 192 took the
+# benchmark's refine prompts 165.5 -> 153.2 s and chat 102.6 -> 97.5 s, the same samples; results/sampling)
+CPU_MAX_ROWS = 256
 GPU_MAX_ROWS = 1024
 PREFILL_TOKENS_CPU = 2048  # prompt tokens per prefill forward (bounds activation memory)
 PREFILL_TOKENS_GPU = 16384

@@ -1,4 +1,4 @@
-"""The CPU kernels in `csrc/` (decode attention, top-p choice, residual add + RMSNorm, rotary embedding and cache
+"""The CPU kernels in `csrc/` (decode and prefill attention, top-p choice, residual add + RMSNorm, rotary embedding and cache
 write, SiLU-and-multiply), compiled on first use into one small library.
 
 Built with the host's C++ compiler (`-march=native`, a plain C ABI loaded with ctypes: no torch headers, about a
@@ -35,6 +35,7 @@ BUILD_TIMEOUT_S = 180
 # each kernel's C signature (the argtypes ctypes passes)
 SIGNATURES = {
     "ilf_decode_attention": [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int64],
+    "ilf_prefill_attention": [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int64],
     "ilf_add_rms_norm": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float],
     "ilf_rope_qkv": [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4,
     "ilf_silu_mul": [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3,
@@ -165,6 +166,7 @@ def _checks(lib: Any) -> dict[str, str | None]:
     from ilf_lab.generation import attention, packed, sampling, slots
 
     return {"ilf_decode_attention": attention.check_kernel(lib.ilf_decode_attention),
+            "ilf_prefill_attention": attention.check_prefill(lib.ilf_prefill_attention),
             "ilf_silu_mul": packed.check_silu_mul(lib.ilf_silu_mul),
             "ilf_top_p": sampling.check_kernel(lib.ilf_top_p),
             "ilf_add_rms_norm": slots.check_kernel(lib.ilf_add_rms_norm),

@@ -49,6 +49,11 @@ def zeroed_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)  # the tensor keeps `buf` alive
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor: on CPU from `zeroed_cpu` (pages touched only as they are written), elsewhere torch.zeros."""
+    return zeroed_cpu(shape, dtype) if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
+
+
 def release_cpu(t: torch.Tensor) -> None:
     """Give the whole pages inside contiguous `t` (a view into `zeroed_cpu` memory) back to the kernel; they read
     as zero again. Best effort: where madvise is missing or refuses, the pages stay (and keep finite values)."""

@@ -21,7 +21,7 @@ import torch
 
 from ilf_lab.generation.attention import DecodeAttention
 from ilf_lab.generation.packed import PackedLinears
-from ilf_lab.generation.pages import release_cpu, zeroed_cpu
+from ilf_lab.generation.pages import release_cpu, zeroed
 from ilf_lab.generation.phases import OFF, Phases
 from ilf_lab.generation.slots import SlotCache
 
@@ -44,10 +44,7 @@ class SharedPromptCache(SlotCache):
         # a prompt has at least one active row, so `slots` prompt slots always suffice (on CPU untouched pages
         # cost nothing; on GPU the engine sizes the batch for prompt + new tokens per row, as for SlotCache)
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_prompt, self.head_dim)
-        if self.device.type == "cpu":
-            self.pkv = zeroed_cpu(shape, self.dtype)
-        else:
-            self.pkv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.pkv = zeroed(shape, self.dtype, self.device)
         self.row_prompt: list[int] = []  # prompt slot of each active row
         self.row_sample: list[int] = []  # its column on the grid (the sample's index within its prompt)
         self.row_own: list[int] = []  # generated tokens in each row's own cache (host-side: no device sync)

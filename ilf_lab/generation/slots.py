@@ -9,18 +9,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ilf_lab.generation.attention import head_dim, prefill_attention
 from ilf_lab.generation.kernels import kernel, kernel_error
 from ilf_lab.generation.packed import PackedLinears
-from ilf_lab.generation.pages import zeroed_cpu
+from ilf_lab.generation.pages import zeroed
 from ilf_lab.generation.phases import OFF, Phases
 from ilf_lab.generation.quantize import is_quantized
 
 # vocabulary rows per LM-head matmul on CPU: 1.3x the GFLOP/s of one [rows x 49152] matmul (results/sampling)
 LM_HEAD_CHUNK = 2048
-
-
-def head_dim(cfg: Any) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 class SlotCache:
@@ -60,13 +57,13 @@ class SlotCache:
         # a decode step's q/k/v in one packed matmul, rotated and written into the cache by one C++ pass (rope.cpp)
         self.rope_kernel = (kernel("ilf_rope_qkv") if fp32_cpu and linears is not None and self.head_dim % 2 == 0
                             and kernel_error("ilf_rope_qkv") is None else None)
+        # prefill's causal attention in C++, only the half torch's masked attention computes in full (attention.py)
+        ok = self.rope_kernel is not None and kernel_error("ilf_prefill_attention") is None
+        self.prefill_kernel = kernel("ilf_prefill_attention") if ok else None
         self.prefix: list[int] = []  # the tokens every prompt starts with, run once (set_prefix)
         self.prefix_kv: torch.Tensor | None = None
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
-        if self.device.type == "cpu":
-            self.kv = zeroed_cpu(shape, self.dtype)
-        else:
-            self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv = zeroed(shape, self.dtype, self.device)
 
     def _qkv(self, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, t, _ = h.shape
@@ -149,14 +146,19 @@ class SlotCache:
                     held = self.prefix_kv[i].unsqueeze(1).expand(2, b, -1, -1, -1).to(k.dtype)
                     k, v = torch.cat([held[0], k], 2), torch.cat([held[1], v], 2)
             store(i, k, v)
+            o = None
             if last is not None and i == len(self.inner.layers) - 1:  # the one query per row that is read on
                 rows_b = torch.arange(b, device=self.device)
                 q, x = q[rows_b, :, last].unsqueeze(2), x[rows_b, last].unsqueeze(1)
                 mask = (torch.arange(c + t, device=self.device) <= c + last.unsqueeze(1)).view(b, 1, 1, c + t)
                 t = 1
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
-                                               enable_gqa=True)
-            o = self._linear(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1))
+            elif self.prefill_kernel is not None and q.transpose(1, 2).is_contiguous() and k.is_contiguous():
+                lens = torch.full((b,), t) if last is None else (last + 1).cpu()
+                o = prefill_attention(self.prefill_kernel, q, k, v.contiguous(), lens, attn.scaling)
+            if o is None:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                   scale=attn.scaling, enable_gqa=True).transpose(1, 2).reshape(b, t, -1)
+            o = self._linear(attn.o_proj, o)
             pending = self._mlp(layer.mlp, self._add_norm(x, o, layer.post_attention_layernorm))
         return x.add_(pending)
 
