@@ -235,6 +235,35 @@ def test_prefill_and_the_next_step_give_the_models_own_logits(packed, shared_sta
             torch.testing.assert_close(row, model(torch.tensor([p + [tok]])).logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
+def test_length_groups_cut_where_padding_would_pass_its_share():
+    from ilf_lab.generation.hf import length_groups
+
+    assert length_groups([]) == [] and length_groups([7]) == [1] and length_groups([5, 5, 5]) == [3]
+    assert length_groups([10, 10, 10, 12, 20, 21], 0.1) == [3, 1, 2]  # 10,10,10,12: 6 of 48 padded (12.5 %)
+    assert length_groups([10, 10, 10, 12], 0.2) == [4]
+    assert length_groups([1, 2, 3], 0.0) == [1, 1, 1] and length_groups([1, 2, 300], 1.0) == [3]
+    assert sum(length_groups(list(range(1, 500, 7)))) == len(range(1, 500, 7))  # every prompt, in order
+
+
+def test_prefill_runs_do_not_change_the_samples(peaked_llama, monkeypatch):
+    """Prompts of one admission prefilled in runs of similar length (hf.length_groups) or all in one padded forward:
+    the same seeded samples."""
+    from ilf_lab.generation import hf
+
+    _, model, tok = peaked_llama
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_new_tokens=10, seed=3)
+    runs: list[int] = []
+    real = hf.length_groups
+    monkeypatch.setattr(hf, "length_groups", lambda lens, most: (runs.append(len(real(lens, most))), real(lens, most))[1])
+    monkeypatch.setattr(hf, "PREFILL_PAD_MAX", 0.0)  # every length its own forward
+    apart = HFEngine(model, tok, batch_size=8).generate(PROMPTS, params)
+    assert max(runs) > 1
+    runs.clear()
+    monkeypatch.setattr(hf, "PREFILL_PAD_MAX", 1.0)  # one forward per admission
+    assert HFEngine(model, tok, batch_size=8).generate(PROMPTS, params) == apart
+    assert max(runs) == 1
+
+
 def test_shared_prefix_len_leaves_each_prompt_a_token():
     from ilf_lab.generation.hf import PREFIX_MIN_TOKENS, shared_prefix_len
 

@@ -79,7 +79,7 @@ def test_prefill_attention_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="int64 lens"):
         prefill_attention(fn, q, k, v, torch.tensor([9]), 0.25)
     with pytest.raises(ValueError, match="contiguous fp32"):
-        prefill_attention(fn, q, k[:, :, :5], v[:, :, :5], lens, 0.25)  # fewer positions than queries
+        prefill_attention(fn, q, k[:, :, :5].contiguous(), v[:, :, :5].contiguous(), lens, 0.25)  # < t positions
     with pytest.raises(RuntimeError, match="code 1"):
         prefill_attention(fn, q, k, v, torch.tensor([10, 4]), 0.25)  # more positions than the batch has
     with pytest.raises(RuntimeError, match="code 1"):
@@ -134,3 +134,26 @@ def test_a_prefill_kernel_that_disagrees_is_not_served(monkeypatch, tmp_path):
         assert cache.rope_kernel is not None and cache.prefill_kernel is None
     finally:
         kernels._loaded.cache_clear()
+
+
+@needs_kernel
+def test_prefill_falls_back_to_torch_for_head_sizes_the_kernel_lacks():
+    """Head size 24 (not compiled): the rope kernel still runs, prefill attends with torch's, and the wrapper refuses
+    such inputs by name."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ilf_lab.generation.packed import PackedLinears
+    from ilf_lab.generation.slots import SlotCache
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    cache = SlotCache(model, 2, 16, linears=PackedLinears())
+    assert cache.rope_kernel is not None and cache.prefill_kernel is None
+    with torch.inference_mode():
+        got = cache.prefill([[5, 9, 2, 7]], 0, 1)
+    torch.testing.assert_close(got[0], model(torch.tensor([[5, 9, 2, 7]])).logits[0, -1], rtol=1e-4, atol=1e-4)
+    q, k, v = inputs(torch.Generator().manual_seed(0), 1, 4, 0, 2, 2, 24)
+    with pytest.raises(ValueError, match="hd in"):
+        prefill_attention(kernel("ilf_prefill_attention"), q, k, v, torch.tensor([4]), 0.2)

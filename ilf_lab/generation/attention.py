@@ -179,16 +179,16 @@ def prefill_attention(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     k, v [b, kv_heads, c + t, hd] (a held prefix of c positions first): position i of prompt p sees keys [0, c + i];
     positions from lens[p] on are padding (zero out). Out: [b, t, heads * hd], o_proj's input."""
     b, heads, t, hd = q.shape
-    kvh = k.shape[1]
+    kvh = k.shape[1] if k.dim() == 4 else 0
     qt = q.transpose(1, 2)
-    shaped = (k.shape == v.shape and k.dim() == 4 and k.shape[0] == b and k.shape[2] >= t and k.shape[3] == hd
+    shaped = (kvh > 0 and hd in HEAD_DIMS and k.shape == v.shape and k.dim() == 4 and k.shape[0] == b and k.shape[2] >= t and k.shape[3] == hd
               and heads % kvh == 0 and lens.shape == (b,) and lens.dtype == torch.int64 and lens.is_contiguous())
     if not shaped or not all(x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
                              for x in (qt, k, v)) or lens.device.type != "cpu":
         raise ValueError(f"the prefill attention kernel takes contiguous fp32 CPU q [b, t, heads, hd], k, v [b, kv "
-                         f"heads, c + t, hd] and int64 lens [b]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"heads, c + t, hd] (hd in {HEAD_DIMS}) and int64 lens [b]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"lens {tuple(lens.shape)}")
-    out = torch.empty(b, t, heads, hd)
+    out = torch.empty(b, t, heads, hd, dtype=torch.float32)
     rc = fn(qt.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr(), b, t, k.shape[2] - t, kvh,
             heads // kvh, hd, scaling, torch.get_num_threads())
     if rc != 0:
@@ -212,11 +212,12 @@ def prefill_reference(q, k, v, lens, scaling) -> torch.Tensor:
 
 def check_prefill(fn: Any) -> str | None:
     """None if the prefill kernel agrees with `prefill_reference` at every compiled head size (with and without a
-    prefix, padded prompts, positions past a block of 8, grouped heads), else how far it is off."""
+    prefix longer than a key block, padded prompts, positions past a block of 8, grouped heads), else how far it is
+    off."""
     err = 0.0
     for hd in HEAD_DIMS:
         gen = torch.Generator().manual_seed(hd)
-        for c in (0, 13):
+        for c in (0, 61):  # 61: the keys before a block span two key blocks (64)
             b, kvh, g, t = 3, 2, 3, 21
             q = torch.randn(b, t, kvh * g, hd, generator=gen).transpose(1, 2)
             k, v = (torch.randn(b, kvh, c + t, hd, generator=gen) for _ in range(2))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ilf_lab.generation.attention import head_dim, prefill_attention
+from ilf_lab.generation.attention import HEAD_DIMS, head_dim, prefill_attention
 from ilf_lab.generation.kernels import kernel, kernel_error
 from ilf_lab.generation.packed import PackedLinears
 from ilf_lab.generation.pages import zeroed
@@ -58,7 +58,7 @@ class SlotCache:
         self.rope_kernel = (kernel("ilf_rope_qkv") if fp32_cpu and linears is not None and self.head_dim % 2 == 0
                             and kernel_error("ilf_rope_qkv") is None else None)
         # prefill's causal attention in C++, only the half torch's masked attention computes in full (attention.py)
-        ok = self.rope_kernel is not None and kernel_error("ilf_prefill_attention") is None
+        ok = self.rope_kernel is not None and self.head_dim in HEAD_DIMS and kernel_error("ilf_prefill_attention") is None
         self.prefill_kernel = kernel("ilf_prefill_attention") if ok else None
         self.prefix: list[int] = []  # the tokens every prompt starts with, run once (set_prefix)
         self.prefix_kv: torch.Tensor | None = None

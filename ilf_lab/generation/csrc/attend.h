@@ -250,16 +250,18 @@ struct Work {
   }
   void release() { std::free(q), std::free(st), std::free(accp); }
 
-  // Queries y < n: src(y) (hd floats) x scale, as rows and transposed (the padding lanes zero); accumulators zero;
-  // each query's softmax state fresh.
+  // Queries y < n: src(y) (hd floats) x scale, as rows and, for `shared_keys`, also transposed (the padding lanes
+  // zero); accumulators zero; each query's softmax state fresh.
   template <typename Src>
-  void load_queries(int64_t n, Src src, float scale) {
+  void load_queries(int64_t n, Src src, float scale, bool transposed) {
     nq = n, nqp = (n + 7) / 8 * 8;
     std::memset(acc, 0, sizeof(float) * nq * hd);
-    std::memset(qt, 0, sizeof(float) * nqp * hd);
+    if (transposed) std::memset(qt, 0, sizeof(float) * nqp * hd);
     for (int64_t y = 0; y < nq; ++y) {
       const float* x = src(y);
-      for (int64_t d = 0; d < hd; ++d) q[y * hd + d] = qt[d * nqp + y] = x[d] * scale;
+      for (int64_t d = 0; d < hd; ++d) q[y * hd + d] = x[d] * scale;
+      if (transposed)
+        for (int64_t d = 0; d < hd; ++d) qt[d * nqp + y] = q[y * hd + d];
       accp[y] = acc + y * hd;
       st[y] = {-3.0e38f, 0.f, accp[y]};
     }

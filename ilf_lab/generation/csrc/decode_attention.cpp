@@ -34,7 +34,8 @@ int ilf_decode_attention(const float* q, float* out, const float* pk, const floa
   }
   return for_items(m * kvh, most * g, hd, threads, [&](Work& w, int64_t t) {
     const int64_t p = t / kvh, h = t % kvh, r0 = starts[p], nr = starts[p + 1] - r0;
-    w.load_queries(nr * g, [&](int64_t y) { return q + ((order[r0 + y / g] * kvh + h) * g + y % g) * hd; }, scale);
+    const auto query = [&](int64_t y) { return q + ((order[r0 + y / g] * kvh + h) * g + y % g) * hd; };
+    w.load_queries(nr * g, query, scale, false);
     const int64_t pbase = p * ps[0] + h * ps[1];
     attend(w.q, w.st, nr * g, pk + pbase, pv + pbase, plen[p], w.s);
     for (int64_t i = 0; i < nr; ++i) {

@@ -35,7 +35,7 @@ int ilf_prefill_attention(const float* q, float* out, const float* k, const floa
     auto at = [&](int64_t i, int64_t x) { return ((p * t + i0 + i) * heads + h * g + x) * hd; };
     for (int64_t i = nb; i < end; ++i) std::memset(out + at(i, 0), 0, sizeof(float) * g * hd);  // padding
     if (nb == 0) return;
-    w.load_queries(nb * g, [&](int64_t y) { return q + at(y / g, y % g); }, scale);
+    w.load_queries(nb * g, [&](int64_t y) { return q + at(y / g, y % g); }, scale, true);
     const int64_t kbase = (p * kvh + h) * ctx * hd;
     w.shared_keys(wide, k + kbase, v + kbase, c + i0);
     const int64_t diag = kbase + (c + i0) * hd;  // the block's own keys: position i reads i + 1 of them
