@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ilf_lab.generation.attention import resolve_attention
+from ilf_lab.generation.attention import head_dim, resolve_attention
 from ilf_lab.generation.packed import PackedLinears, resolve_cpu_linear
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
@@ -41,7 +41,7 @@ from ilf_lab.generation.sampling import (
     make_generator,
     prompt_seeds,
 )
-from ilf_lab.generation.slots import SlotCache, head_dim
+from ilf_lab.generation.slots import SlotCache
 
 log = logging.getLogger(__name__)
 

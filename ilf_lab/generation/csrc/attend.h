@@ -95,7 +95,7 @@ inline void add_values(const float* s, int64_t qs, int64_t ks, AccAt acc_at, int
 }
 
 alignas(32) inline const float ZERO_ROW[128] = {};  // the missing keys of a block's last tile (scored, then masked)
-static_assert(sizeof(ZERO_ROW) / sizeof(float) >= 8 * 16, "ZERO_ROW must cover the largest head size (attend_for)");
+static_assert(sizeof(ZERO_ROW) / sizeof(float) >= 8 * 16, "ZERO_ROW must cover the largest head size (attenders_for)");
 
 // Attend queries q[0..nq) (rows of hd = 8 * C8 floats, pre-scaled) to keys and values [0, n) (rows of hd floats), a
 // block of keys at a time: scores in register tiles of 3 queries x 4 keys (K and q loads shared across the tile),
@@ -205,26 +205,21 @@ using AttendFn = void (*)(const float*, State*, int64_t, const float*, const flo
 using WideFn = void (*)(const float*, int64_t, int64_t, float*, float*, float* const*, const float*, const float*,
                         int64_t, float*);
 
-// The head sizes of the Llama family (SmolLM2: 64) and of the tests' tiny models; nullptr for others.
-inline AttendFn attend_for(int64_t hd) {
-  switch (hd) {
-    case 8: return attend<1>;
-    case 16: return attend<2>;
-    case 32: return attend<4>;
-    case 64: return attend<8>;
-    case 128: return attend<16>;
-    default: return nullptr;
-  }
-}
+// Both forms compiled for a head size of the Llama family (SmolLM2: 64) or of the tests' tiny models; nullptrs
+// for others.
+struct Attenders {
+  AttendFn attend;
+  WideFn wide;
+};
 
-inline WideFn wide_for(int64_t hd) {
+inline Attenders attenders_for(int64_t hd) {
   switch (hd) {
-    case 8: return attend_wide<1>;
-    case 16: return attend_wide<2>;
-    case 32: return attend_wide<4>;
-    case 64: return attend_wide<8>;
-    case 128: return attend_wide<16>;
-    default: return nullptr;
+    case 8: return {attend<1>, attend_wide<1>};
+    case 16: return {attend<2>, attend_wide<2>};
+    case 32: return {attend<4>, attend_wide<4>};
+    case 64: return {attend<8>, attend_wide<8>};
+    case 128: return {attend<16>, attend_wide<16>};
+    default: return {nullptr, nullptr};
   }
 }
 
