@@ -6,7 +6,10 @@ Two prompt sets, both as the pipeline builds them: MBPP chat prompts (evaluation
 * the roofline as the work sees it: fp32 GFLOP/s measured on this host at the decode step's own matmul shapes
   (the engine's batch rows x each linear layer), and the FLOPs per generated token (2 x parameters + attention
   at the run's mean context length);
-* the engine's kept and generated tokens/s and the generated rate as a share of that roofline;
+* the engine's kept and generated tokens/s and the generated rate as a share of that roofline, over `--repeats`
+  calls (3 by default), each with its roofline measured right after it: the median call by share is reported,
+  every call's share listed, and the calls' samples compared (the same seed must give the same samples; the
+  script exits 1 if they differ);
 * the per-phase profile of the engine's call (prefill, the decode step's parts, token choice, stop checks);
 * the baseline, `model.generate` at 16 sequences per call on the first `--baseline-prompts` prompts, and the
   ratio in kept tokens/s (kept = tokens of the returned completions after the stop cut, counted the same way);
@@ -29,104 +32,10 @@ import os
 import time
 
 import torch
+from roofline import PREFILL_ROWS, attention_gflop_per_token, ceiling, prefill_gflop, roofline
 
 from ilf_lab.generation.packed import onednn_available
 from ilf_lab.generation.phases import Phases
-
-
-def mm_gflops(m: int, k: int, n: int, seconds: float = 0.3, trials: int = 5, kind: str = "aten") -> float:
-    """fp32 throughput of x[m,k] @ W[n,k]^T: `aten` = F.linear (MKL, as the model calls it), `onednn` = oneDNN with
-    the weight packed once (the engine's default on CPU, generation/packed.py), `int8` = the engine's int8 layer
-    (its FLOPs counted as fp32's); best of a few short trials, so a moment of contention from another process
-    does not define the roofline."""
-    if kind not in ("aten", "onednn", "int8"):
-        raise ValueError(f"unknown matmul kind {kind!r}")
-    x, w = torch.randn(m, k), torch.randn(n, k)
-    f = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
-    if kind == "onednn":
-        from ilf_lab.generation.packed import PACK_ROWS
-
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
-        f = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
-    elif kind == "int8":
-        from ilf_lab.generation.quantize import Int8Linear
-
-        lin = torch.nn.Linear(k, n, bias=False)
-        lin.weight.data = w
-        q = Int8Linear(lin)
-        f = lambda: q(x)  # noqa: E731
-    for _ in range(3):
-        f()
-    best = 0.0
-    for _ in range(trials):
-        it, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            f()
-            it += 1
-        best = max(best, 2 * m * k * n * it / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
-def decode_shapes(model) -> list[tuple[int, int, int]]:
-    """(in, out, count per token) of every matmul of one decode step: the layers' projections and the LM head."""
-    c = model.config
-    kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    h, f, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    return [
-        (h, c.num_attention_heads * hd, 2 * L),  # q, o
-        (h, kvh * hd, 2 * L),  # k, v
-        (h, f, 2 * L),  # gate, up
-        (f, h, L),  # down
-        (h, c.vocab_size, 1),  # lm_head
-    ]
-
-
-def roofline(model, rows: int, kinds: tuple[str, ...] = ("aten",)) -> tuple[dict[str, float], float]:
-    """({kind: GFLOP/s over the decode step's linear layers at `rows` rows, weighted by their FLOPs; "best": each
-    shape at the fastest kind}, GFLOP per token of those layers = 2 x their parameters). Each shape and kind is
-    measured once."""
-    total, secs = 0.0, {kind: 0.0 for kind in (*kinds, "best")}
-    for k, n, count in decode_shapes(model):
-        f = 2 * k * n * count
-        rates = {kind: mm_gflops(rows, k, n, kind=kind) for kind in kinds}
-        rates["best"] = max(rates.values())
-        total += f
-        for kind, g in rates.items():
-            secs[kind] += f / (g * 1e9)
-    return {kind: total / s / 1e9 for kind, s in secs.items()}, total / 1e9
-
-
-def attention_gflop_per_token(model, context: float) -> float:
-    c = model.config
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * 2 * c.num_hidden_layers * c.num_attention_heads * hd * context / 1e9  # q.K and p.V
-
-
-PREFILL_ROWS = 512  # rows of a prefill matmul for the ceiling's rate (a few prompts of a few hundred tokens)
-
-
-def prefill_gflop(model, prompt_lens: list[int], shared: int = 0) -> float:
-    """FLOPs of prefilling each prompt once, unpadded: every position through the layers' linear layers and causal
-    attention, the LM head at the last position only (as the engine computes it); the first `shared` positions
-    (the prompts' common start under sampling.common_prefix=once) once for all prompts."""
-    c = model.config
-    head = 2 * c.hidden_size * c.vocab_size / 1e9
-    layers = sum(2 * k * n * count for k, n, count in decode_shapes(model)) / 1e9 - head
-    spans = ([(0, shared)] if shared else []) + [(shared, t) for t in prompt_lens]  # positions [a, b) run together
-    attn = sum(attention_gflop_per_token(model, (a + b + 1) / 2) * (b - a) for a, b in spans)  # mean causal context
-    return sum(b - a for a, b in spans) * layers + len(prompt_lens) * head + attn
-
-
-def ceiling(
-    gen_tokens: int, kept: int, gflop: float, prefill: float, rate: float, baseline: float, prefill_rate: float
-) -> dict:
-    """The best any engine could do on this host at these FLOPs: every matmul (decode and prefill) at the roofline
-    `rate` (prefill's at `prefill_rate`), attention's memory traffic, sampling and Python free. Its seconds, the
-    roofline share and the ratio to `baseline` kept tok/s it would reach: the share's cap is below 100 % because
-    prefill is work the share does not count (long refine prompts: ~30 % of the ideal call)."""
-    decode, pre = gen_tokens * gflop / rate, prefill / prefill_rate
-    return {"seconds": decode + pre, "share": decode / (decode + pre), "ratio": kept / (decode + pre) / baseline}
 
 
 def kept_tokens(tok, completions: list[list[str]]) -> int:
@@ -184,6 +93,28 @@ def prompt_sets(names, tok, data_dir: str | None, count: int) -> dict[str, list[
     return out
 
 
+def engine_call(engine, prompts, params, model, tok, plen) -> dict:
+    """One timed engine call with its own phase profile, then the roofline measured right after it at the call's
+    mean decode rows (on a host whose speed drifts, each call is set against the host as it was then)."""
+    engine.phases = Phases()
+    t0 = time.perf_counter()
+    out = engine.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    stats = engine.last_stats
+    gen_tokens, kept = int(stats["generated_tokens"]), kept_tokens(tok, out)
+    rows = max(1, round(stats.get("rows_mean", stats["batch_size"])))  # mean active rows per decode step
+    # the roofline is the host's fastest fp32 matmul at each decode shape: F.linear's (MKL), or oneDNN's with the
+    # weight packed (what the engine calls by default) where this torch has it; before session 11 F.linear's only
+    rates, lin_gflop = roofline(model, rows, ("aten", "onednn") if onednn_available() else ("aten",))
+    context = sum(plen) / len(plen) + gen_tokens / (len(prompts) * params.n) / 2
+    gflop = lin_gflop + attention_gflop_per_token(model, context)
+    mm = rates["best"]  # per shape, the faster kind
+    return {"out": out, "seconds": dt, "stats": stats, "rows": rows, "gen_tokens": gen_tokens, "kept": kept,
+            "value": kept / dt, "gen_rate": gen_tokens / dt, "mm": mm, "mm_aten": rates["aten"],
+            "mm_onednn": rates.get("onednn"), "lin_gflop": lin_gflop, "context": context, "gflop": gflop,
+            "share": gen_tokens / dt * gflop / mm, "phases": engine.phases}
+
+
 def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     """`sampler` samples (the model, or its int8 copy); `model` runs the baseline and sets the roofline."""
     from ilf_lab.data.prompts import stop_sequences
@@ -208,23 +139,19 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     engine = HFEngine(sampler, tok, batch_size=args.batch_size, prompt_kv=args.prompt_kv, cpu_linear=args.cpu_linear,
                       attention=args.attention, common_prefix=args.common_prefix)
     shared = shared_prefix_len(ids) if engine.common_prefix == "once" else 0  # prefilled once (slots.py)
-    engine.phases = Phases()
-    t0 = time.perf_counter()
-    out = engine.generate(prompts, params)
-    dt = time.perf_counter() - t0
-    stats = engine.last_stats
-    gen_tokens = int(stats["generated_tokens"])
-    kept = kept_tokens(tok, out)
-    value, gen_rate = kept / dt, gen_tokens / dt
-    rows = max(1, round(stats.get("rows_mean", stats["batch_size"])))  # mean active rows per decode step
-    # the roofline is the host's fastest fp32 matmul at each decode shape: F.linear's (MKL), or oneDNN's with the
-    # weight packed (what the engine calls by default) where this torch has it; before session 11 F.linear's only
-    rates, lin_gflop = roofline(model, rows, ("aten", "onednn") if onednn_available() else ("aten",))
-    mm, mm_aten, mm_onednn = rates["best"], rates["aten"], rates.get("onednn")  # best: per shape, the faster
-    mean_gen = gen_tokens / (len(prompts) * args.n)
-    context = sum(plen) / len(plen) + mean_gen / 2
-    gflop = lin_gflop + attention_gflop_per_token(model, context)
-    share = gen_rate * gflop / mm
+    runs = [engine_call(engine, prompts, params, model, tok, plen) for _ in range(args.repeats)]
+    same = all(r["out"] == runs[0]["out"] for r in runs)  # the same seed: the same samples, every call
+    run = sorted(runs, key=lambda r: r["share"])[len(runs) // 2]  # the median call by roofline share
+    if len(runs) > 1:
+        for i, r in enumerate(runs, 1):
+            print(f"call {i}/{len(runs)}: {r['seconds']:.1f} s, {r['gen_rate']:.1f} generated tok/s, roofline "
+                  f"{r['mm']:.1f} GFLOP/s at {r['rows']} rows = {100 * r['share']:.1f}%")
+        print(f"median call by share: {runs.index(run) + 1}; samples {'identical' if same else 'DIFFERENT'} "
+              f"across the {len(runs)} calls")
+    dt, stats, rows = run["seconds"], run["stats"], run["rows"]
+    gen_tokens, kept, value, gen_rate = run["gen_tokens"], run["kept"], run["value"], run["gen_rate"]
+    mm, mm_aten, mm_onednn, gflop, share = run["mm"], run["mm_aten"], run["mm_onednn"], run["gflop"], run["share"]
+    lin_gflop, context = run["lin_gflop"], run["context"]
     print(
         f"roofline: the fastest fp32 matmul at the decode shapes ({rows} rows = the mean per decode step), "
         f"FLOP-weighted: {mm:.1f} GFLOP/s (F.linear {mm_aten:.1f}, oneDNN packed "
@@ -246,7 +173,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
               f"generated tok/s = {100 * share8:.0f}% of it")
     print("profile (seconds, share of the call):")
     profile = {}
-    for phase, sec, frac in engine.phases.table(dt):
+    for phase, sec, frac in run["phases"].table(dt):
         print(f"  {phase:<44} {sec:8.2f}  {100 * frac:5.1f}%")
         profile[phase] = round(sec, 2)
     nb = min(args.baseline_prompts, len(prompts))
@@ -302,6 +229,8 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         "ceiling_share": round(cap["share"], 3),
         "ceiling_ratio": round(cap["ratio"], 2),
         "profile_s": profile,
+        "calls": [{k: round(r[k], 3) for k in ("seconds", "gen_rate", "mm", "share")} for r in runs],
+        "same_samples_across_calls": same,
     }
 
 
@@ -316,6 +245,9 @@ def main() -> None:
     ap.add_argument(
         "--baseline-prompts", type=int, default=4, help="plain generate is slow: run it on a subset"
     )
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="engine calls per set, each with its roofline measured right after it; the median call by "
+                    "roofline share is reported (this project's hosts drift by several %% within minutes)")
     ap.add_argument("--batch-size", type=int, default=None, help="engine rows (default: automatic)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
@@ -361,6 +293,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=os.environ.get("ILF_LAB_CACHE_DIR", ".cache/ilf_lab"))
     ap.add_argument("--data-dir", default=os.environ.get("ILF_LAB_DATA_DIR"), help="dir with mbpp/ and ilf/")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
 
     from ilf_lab.models.loading import load_model, model_config, resolve_model_dir
@@ -400,10 +334,14 @@ def main() -> None:
                 "attention": worst["attention"],  # the engine's (--attention or its default)
                 "common_prefix": worst["common_prefix"],  # the engine's (--common-prefix or its default)
                 "load_avg_1m": round(os.getloadavg()[0], 2),
+                "repeats": args.repeats,
                 "sets": results,
             }
         )
     )
+    differ = [name for name, r in results.items() if not r["same_samples_across_calls"]]
+    if differ:
+        raise SystemExit(f"error: the engine's calls gave different samples with the same seed on: {', '.join(differ)}")
 
 
 if __name__ == "__main__":
