@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # One session's measurements for issue 20, run alone on the host, from the repository root (sessions 16 on; sessions
 # 12-15 kept their own copies of this logic as their record):
-#   bash results/sampling/measure.sh BEFORE TAG [bench|final|numerics|default]...
+#   bash results/sampling/measure.sh BEFORE TAG [bench|final|final_default|numerics|default]...
 # BEFORE: the commit of the code before, checked out in a worktree; after = this checkout; TAG names the files.
 # bench: benchmarks/sampling.py, before then after (TAG_before.txt, TAG_after.txt);
 # final: the benchmark again on this checkout alone (TAG_final.txt);
+# final_default: the default run on this checkout alone (appended to TAG_default.txt);
 # numerics: zero-shot on all of MBPPTest x 10, fp32, default engine, seed 0 (zero_shot_seed0_float32_TAG.json);
 # default: the default `python -m ilf_lab` from a cold stage cache (model already converted), before then after
 #   (appended to TAG_default.txt).
 set -euo pipefail
-[ $# -ge 2 ] || { echo "usage: measure.sh BEFORE TAG [bench|final|numerics|default]..." >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: measure.sh BEFORE TAG [bench|final|final_default|numerics|default]..." >&2; exit 2; }
 rev=$1 tag=$2; shift 2
 cd "$(dirname "$0")/../.."
 export ILF_LAB_DATA_DIR=${ILF_LAB_DATA_DIR:-$(realpath ../shared/data)}
 cache=${ILF_LAB_CACHE_DIR:-/work/cache20}  # holds the converted SmolLM2
 out=$(pwd)/results/sampling
 before=/tmp/${tag}_before
-[ -d "$before" ] || git worktree add -f "$before" "$rev" >/dev/null
 parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(bench numerics default)
+if [[ " ${parts[*]} " == *" bench "* || " ${parts[*]} " == *" default "* ]]; then
+  [ -d "$before" ] || git worktree add -f "$before" "$rev" >/dev/null
+fi
 for part in "${parts[@]}"; do
   case $part in
     bench)
@@ -30,11 +33,15 @@ for part in "${parts[@]}"; do
       (cd "$before" && PYTHONPATH=$before bash "$out/cold_default_run.sh" "$cache" "$out/${tag}_default.txt")
       bash "$out/cold_default_run.sh" "$cache" "$out/${tag}_default.txt"
       ;;
+    final_default)
+      echo "final code ($(git rev-parse --short HEAD)), alone:" >> "$out/${tag}_default.txt"
+      bash "$out/cold_default_run.sh" "$cache" "$out/${tag}_default.txt"
+      ;;
     numerics)
       ILF_LAB_CACHE_DIR=$cache python -m ilf_lab experiment=zero_shot logger=none data.max_test_tasks=null \
         sampling.n=10 model.dtype=float32 seed=0 hydra.run.dir="/tmp/${tag}_zero_shot_0"
       cp "/tmp/${tag}_zero_shot_0/results.json" "$out/zero_shot_seed0_float32_${tag}.json"
       ;;
-    *) echo "error: unknown part $part (bench, final, numerics or default)" >&2; exit 2 ;;
+    *) echo "error: unknown part $part (bench, final, final_default, numerics or default)" >&2; exit 2 ;;
   esac
 done
