@@ -7,9 +7,9 @@ Two prompt sets, both as the pipeline builds them: MBPP chat prompts (evaluation
   (the engine's batch rows x each linear layer), and the FLOPs per generated token (2 x parameters + attention
   at the run's mean context length);
 * the engine's kept and generated tokens/s and the generated rate as a share of that roofline, over `--repeats`
-  calls (3 by default), each with its roofline measured right after it: the median call by share is reported,
-  every call's share listed, and the calls' samples compared (the same seed must give the same samples; the
-  script exits 1 if they differ);
+  calls (3 by default), each with its roofline measured right after it: the median call by share is reported (of
+  an even number, the lower of the two), every call's share listed, and the calls' samples compared (the same
+  seed must give the same samples; the script exits 1 if they differ);
 * the per-phase profile of the engine's call (prefill, the decode step's parts, token choice, stop checks);
 * the baseline, `model.generate` at 16 sequences per call on the first `--baseline-prompts` prompts, and the
   ratio in kept tokens/s (kept = tokens of the returned completions after the stop cut, counted the same way);
@@ -141,7 +141,7 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     shared = shared_prefix_len(ids) if engine.common_prefix == "once" else 0  # prefilled once (slots.py)
     runs = [engine_call(engine, prompts, params, model, tok, plen) for _ in range(args.repeats)]
     same = all(r["out"] == runs[0]["out"] for r in runs)  # the same seed: the same samples, every call
-    run = sorted(runs, key=lambda r: r["share"])[len(runs) // 2]  # the median call by roofline share
+    run = sorted(runs, key=lambda r: r["share"])[(len(runs) - 1) // 2]  # the median call by share (even: the lower)
     if len(runs) > 1:
         for i, r in enumerate(runs, 1):
             print(f"call {i}/{len(runs)}: {r['seconds']:.1f} s, {r['gen_rate']:.1f} generated tok/s, roofline "

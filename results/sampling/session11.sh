@@ -34,7 +34,7 @@ for part in "${parts[@]}"; do
       python - > $out/session11_int8_probe.txt <<'PY'
 import sys; sys.path.insert(0, "benchmarks")
 import torch
-from sampling import mm_gflops
+from roofline import mm_gflops
 print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, 2 threads, 128 rows")
 for k, n in ((576, 576), (576, 1536), (1536, 576), (576, 49152)):
     r = {kind: mm_gflops(128, k, n, kind=kind) for kind in ("aten", "onednn", "int8")}
