@@ -1,9 +1,9 @@
 """The roofline the sampling benchmark measures against: fp32 matmul GFLOP/s at a decode step's own shapes on this
 host, and the FLOPs a generated token (and a prompt's prefill) costs (benchmarks/sampling.py).
 
-The rates are measured with each weight hot in cache, a few short trials, the best kept, so a moment of contention
-from another process does not define the roofline; the engine streams its weights from memory, so its matmuls
-reach ~90 % of this at best.
+The rates are measured with one weight per shape, a few short trials, the best kept, so a moment of contention
+from another process does not define the roofline (thirty distinct weights cycled as the layers stream them ran at
+the same rate, session 17; the engine's matmul phases run ~14 % under it: results/sampling/README.md).
 """
 
 from __future__ import annotations

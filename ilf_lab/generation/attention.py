@@ -181,13 +181,13 @@ def prefill_attention(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     b, heads, t, hd = q.shape
     kvh = k.shape[1] if k.dim() == 4 else 0
     qt = q.transpose(1, 2)
-    shaped = (kvh > 0 and hd in HEAD_DIMS and k.shape == v.shape and k.dim() == 4 and k.shape[0] == b and k.shape[2] >= t and k.shape[3] == hd
-              and heads % kvh == 0 and lens.shape == (b,) and lens.dtype == torch.int64 and lens.is_contiguous())
+    shaped = (kvh > 0 and hd in HEAD_DIMS and k.shape == v.shape and k.shape[0] == b and k.shape[2] >= t
+              and k.shape[3] == hd and heads % kvh == 0 and lens.shape == (b,) and lens.dtype == torch.int64 and lens.is_contiguous())
     if not shaped or not all(x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
                              for x in (qt, k, v)) or lens.device.type != "cpu":
         raise ValueError(f"the prefill attention kernel takes contiguous fp32 CPU q [b, t, heads, hd], k, v [b, kv "
-                         f"heads, c + t, hd] (hd in {HEAD_DIMS}) and int64 lens [b]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"lens {tuple(lens.shape)}")
+                         f"heads, c + t, hd] (hd in {HEAD_DIMS}) and int64 lens [b]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, lens {tuple(lens.shape)}")
     out = torch.empty(b, t, heads, hd, dtype=torch.float32)
     rc = fn(qt.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr(), b, t, k.shape[2] - t, kvh,
             heads // kvh, hd, scaling, torch.get_num_threads())

@@ -58,7 +58,8 @@ class SlotCache:
         self.rope_kernel = (kernel("ilf_rope_qkv") if fp32_cpu and linears is not None and self.head_dim % 2 == 0
                             and kernel_error("ilf_rope_qkv") is None else None)
         # prefill's causal attention in C++, only the half torch's masked attention computes in full (attention.py)
-        ok = self.rope_kernel is not None and self.head_dim in HEAD_DIMS and kernel_error("ilf_prefill_attention") is None
+        ok = (self.rope_kernel is not None and self.head_dim in HEAD_DIMS
+              and kernel_error("ilf_prefill_attention") is None)
         self.prefill_kernel = kernel("ilf_prefill_attention") if ok else None
         self.prefix: list[int] = []  # the tokens every prompt starts with, run once (set_prefix)
         self.prefix_kv: torch.Tensor | None = None
