@@ -82,3 +82,20 @@ def test_sampling_ceiling_counts_prefill_at_the_roofline():
     assert abs(prefill_gflop(SimpleNamespace(config=cfg), [3, 5], shared=2) * 1e9 - want) < 1e-6
     cap = ceiling(gen_tokens=100, kept=90, gflop=2.0, prefill=100.0, rate=10.0, baseline=1.5, prefill_rate=20.0)
     assert cap == {"seconds": 25.0, "share": 20.0 / 25.0, "ratio": 90 / 25.0 / 1.5}
+
+
+def test_decode_attention_benchmark_compares_the_host_width_with_8_lanes():
+    """Both builds of the decode kernel (the host's width and 8 lanes) at a toy size: contract 6's line, a ratio
+    per pair, and outputs that agree to float rounding (on a host without AVX-512 the two builds are the same)."""
+    args = ["--pairs", "2", "--prompts", "3", "--rows", "2", "--prompt-len", "40", "--own", "5", "--layers", "2",
+            "--threads", "1"]
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_attention.py"), *args],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert {"metric", "value", "baseline", "ratio", "unit"} <= set(last)
+    assert last["value"] > 0 and last["baseline"] > 0 and abs(last["ratio"] - last["value"] / last["baseline"]) < 1e-2
+    assert last["lanes"] in (8, 16) and len(last["pair_ratios"]) == 2 and last["max_abs_diff"] < 1e-5
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_attention.py"), "--own", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--own must be >= 1" in bad.stderr

@@ -8,7 +8,7 @@
 // In-cache, at 21 queries a prompt, its scores took 0.30 ms against 0.39 and its softmax 0.14 against 0.19
 // (session 16). In both a query's arithmetic is the same whatever the number of queries and its place in a tile or
 // lane, so a row's result does not depend on the batch. GCC/Clang vector extensions (vec.h: 8 floats, AVX on x86,
-// two NEON registers on arm64).
+// two NEON registers on arm64; `attend` in the decode kernel on 16 where the host has AVX-512: attenders_for).
 #pragma once
 #include <cstdlib>
 
@@ -40,56 +40,64 @@ inline void sum4(v8 a0, v8 a1, v8 a2, v8 a3, float* s) {
 #endif
 }
 
+// The same for 16 lanes: each accumulator's halves added, then as sum4 of the four sums.
+inline void sum4(v16 a0, v16 a1, v16 a2, v16 a3, float* s) {
+  sum4(low8(a0) + high8(a0), low8(a1) + high8(a1), low8(a2) + high8(a2), low8(a3) + high8(a3), s);
+}
+
 // Scores of QT queries (rows of q, stride hd) against keys k0..k3: one vector FMA chain per (query, key) over the
-// head dimension, its lanes summed by sum4; the same arithmetic for every query whatever QT is.
-template <int C8, int QT>
+// head dimension (C vectors V of W lanes), its lanes summed by sum4; the same arithmetic for every query whatever QT.
+template <typename V, int C, int QT>
 inline void score_tile(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, float* s) {
-  constexpr int64_t hd = 8 * C8;
-  v8 acc[QT][4];
+  constexpr int W = lanes<V>;
+  constexpr int64_t hd = W * C;
+  V acc[QT][4];
   for (int x = 0; x < QT; ++x)
-    for (int u = 0; u < 4; ++u) acc[x][u] = splat(0.f);
-  for (int c = 0; c < C8; ++c) {
-    const v8 w0 = load(k0 + 8 * c), w1 = load(k1 + 8 * c), w2 = load(k2 + 8 * c), w3 = load(k3 + 8 * c);
+    for (int u = 0; u < 4; ++u) acc[x][u] = splat_as<V>(0.f);
+  for (int c = 0; c < C; ++c) {
+    const V w0 = load_as<V>(k0 + W * c), w1 = load_as<V>(k1 + W * c), w2 = load_as<V>(k2 + W * c),
+            w3 = load_as<V>(k3 + W * c);
     for (int x = 0; x < QT; ++x) {
-      const v8 qx = load(q + x * hd + 8 * c);
+      const V qx = load_as<V>(q + x * hd + W * c);
       acc[x][0] += qx * w0, acc[x][1] += qx * w1, acc[x][2] += qx * w2, acc[x][3] += qx * w3;
     }
   }
   for (int x = 0; x < QT; ++x) sum4(acc[x][0], acc[x][1], acc[x][2], acc[x][3], s + x * BLOCK);
 }
 
-// acc rows of queries [0, QV) += p x values, CW vectors of the head dimension from chunk c0, where query x's
+// acc rows of queries [0, QV) += p x values, CW vectors V of the head dimension from chunk c0, where query x's
 // probability of key i is s[x * qs + i * ks]: one FMA chain per accumulator lane over the keys in order, whatever QV.
-template <int C8, int QV, int CW>
+template <typename V, int C, int QV, int CW>
 inline void value_tile(const float* s, int64_t qs, int64_t ks, float* const* acc, const float* vb, int64_t b, int c0) {
-  constexpr int64_t hd = 8 * C8;
-  v8 a[QV][CW];
+  constexpr int W = lanes<V>;
+  constexpr int64_t hd = W * C;
+  V a[QV][CW];
   for (int x = 0; x < QV; ++x)
-    for (int c = 0; c < CW; ++c) a[x][c] = load(acc[x] + 8 * (c0 + c));
+    for (int c = 0; c < CW; ++c) a[x][c] = load_as<V>(acc[x] + W * (c0 + c));
   for (int64_t i = 0; i < b; ++i) {
-    v8 vv[CW];
-    for (int c = 0; c < CW; ++c) vv[c] = load(vb + i * hd + 8 * (c0 + c));
+    V vv[CW];
+    for (int c = 0; c < CW; ++c) vv[c] = load_as<V>(vb + i * hd + W * (c0 + c));
     for (int x = 0; x < QV; ++x) {
-      const v8 p = splat(s[x * qs + i * ks]);
+      const V p = splat_as<V>(s[x * qs + i * ks]);
       for (int c = 0; c < CW; ++c) a[x][c] += p * vv[c];
     }
   }
   for (int x = 0; x < QV; ++x)
-    for (int c = 0; c < CW; ++c) store(acc[x] + 8 * (c0 + c), a[x][c]);
+    for (int c = 0; c < CW; ++c) store(acc[x] + W * (c0 + c), a[x][c]);
 }
 
 // Every query's accumulator acc[x] (x < nq) += its probabilities (s, strides as value_tile's) x the block's b values
 // vb, in tiles of 3 queries x 4 vectors (fewer at the end); acc_at(x): query x's accumulator.
-template <int C8, typename AccAt>
+template <typename V, int C, typename AccAt>
 inline void add_values(const float* s, int64_t qs, int64_t ks, AccAt acc_at, int64_t nq, const float* vb, int64_t b) {
-  constexpr int CW = C8 < 4 ? C8 : 4;
+  constexpr int CW = C < 4 ? C : 4;
   for (int64_t x = 0; x < nq; x += 3) {
     const int64_t left = nq - x;
     float* const acc[3] = {acc_at(x), left > 1 ? acc_at(x + 1) : nullptr, left > 2 ? acc_at(x + 2) : nullptr};
-    for (int c0 = 0; c0 < C8; c0 += CW) {
-      if (left >= 3) value_tile<C8, 3, CW>(s + x * qs, qs, ks, acc, vb, b, c0);
-      else if (left == 2) value_tile<C8, 2, CW>(s + x * qs, qs, ks, acc, vb, b, c0);
-      else value_tile<C8, 1, CW>(s + x * qs, qs, ks, acc, vb, b, c0);
+    for (int c0 = 0; c0 < C; c0 += CW) {
+      if (left >= 3) value_tile<V, C, 3, CW>(s + x * qs, qs, ks, acc, vb, b, c0);
+      else if (left == 2) value_tile<V, C, 2, CW>(s + x * qs, qs, ks, acc, vb, b, c0);
+      else value_tile<V, C, 1, CW>(s + x * qs, qs, ks, acc, vb, b, c0);
     }
   }
 }
@@ -97,46 +105,49 @@ inline void add_values(const float* s, int64_t qs, int64_t ks, AccAt acc_at, int
 alignas(32) inline const float ZERO_ROW[128] = {};  // the missing keys of a block's last tile (scored, then masked)
 static_assert(sizeof(ZERO_ROW) / sizeof(float) >= 8 * 16, "ZERO_ROW must cover the largest head size (attenders_for)");
 
-// Attend queries q[0..nq) (rows of hd = 8 * C8 floats, pre-scaled) to keys and values [0, n) (rows of hd floats), a
+// Attend queries q[0..nq) (rows of hd floats, pre-scaled) to keys and values [0, n) (rows of hd floats), a
 // block of keys at a time: scores in register tiles of 3 queries x 4 keys (K and q loads shared across the tile),
 // each query's online-softmax update (running max, sum of exponentials, rescaled accumulator), then the values in
 // tiles of 3 queries x 4 vectors. Each query's arithmetic is the same whatever nq and its place in a tile, so a
-// row's result does not depend on the batch. s: nq * BLOCK floats of scratch.
-template <int C8>
+// row's result does not depend on the batch. V: v8, or v16 on AVX-512 (attenders_for); hd = C vectors of W lanes.
+// s: nq * BLOCK floats of scratch.
+template <typename V, int C>
 void attend(const float* q, State* st, int64_t nq, const float* k, const float* v, int64_t n, float* s) {
-  constexpr int64_t hd = 8 * C8;
+  constexpr int W = lanes<V>;
+  constexpr int64_t hd = W * C;
+  static_assert(BLOCK % W == 0, "a block's scores must fill whole vectors");
   for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
-    const int64_t b = std::min(BLOCK, n - j0), b8 = (b + 7) / 8;
+    const int64_t b = std::min(BLOCK, n - j0), bw = (b + W - 1) / W;
     const float* kb = k + j0 * hd;
     for (int64_t j = 0; j < b; j += 4) {
       const float* kr[4];
       for (int u = 0; u < 4; ++u) kr[u] = j + u < b ? kb + (j + u) * hd : ZERO_ROW;
       int64_t x = 0;
-      for (; x + 3 <= nq; x += 3) score_tile<C8, 3>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j);
-      for (; x < nq; ++x) score_tile<C8, 1>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j);
+      for (; x + 3 <= nq; x += 3) score_tile<V, C, 3>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j);
+      for (; x < nq; ++x) score_tile<V, C, 1>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j);
     }
     for (int64_t x = 0; x < nq; ++x) {  // online softmax: rescale to the new running max, exponentiate, sum
       float* sx = s + x * BLOCK;
       State& t = st[x];
-      for (int64_t i = b; i < 8 * b8; ++i) sx[i] = -3.0e38f;  // the last vector's unused lanes: exp -> 0
-      v8 mx = load(sx);
-      for (int64_t i = 1; i < b8; ++i) mx = vmax(mx, load(sx + 8 * i));
+      for (int64_t i = b; i < W * bw; ++i) sx[i] = -3.0e38f;  // the last vector's unused lanes: exp -> 0
+      V mx = load_as<V>(sx);
+      for (int64_t i = 1; i < bw; ++i) mx = vmax(mx, load_as<V>(sx + W * i));
       const float top = std::max(t.m, hmax(mx));
       if (top > t.m) {
-        const v8 cf = splat(exp_nonpos(splat(t.m - top))[0]);
+        const V cf = splat_as<V>(exp_nonpos(splat(t.m - top))[0]);
         t.l *= cf[0];
-        for (int c = 0; c < C8; ++c) store(t.acc + 8 * c, load(t.acc + 8 * c) * cf);
+        for (int c = 0; c < C; ++c) store(t.acc + W * c, load_as<V>(t.acc + W * c) * cf);
         t.m = top;
       }
-      v8 sum = splat(0.f);
-      for (int64_t i = 0; i < b8; ++i) {
-        const v8 e = exp_nonpos(load(sx + 8 * i) - splat(top));
-        store(sx + 8 * i, e);
+      V sum = splat_as<V>(0.f);
+      for (int64_t i = 0; i < bw; ++i) {
+        const V e = exp_nonpos(load_as<V>(sx + W * i) - splat_as<V>(top));
+        store(sx + W * i, e);
         sum += e;
       }
       t.l += hsum(sum);
     }
-    add_values<C8>(s, BLOCK, 1, [st](int64_t x) { return st[x].acc; }, nq, v + j0 * hd, b);
+    add_values<V, C>(s, BLOCK, 1, [st](int64_t x) { return st[x].acc; }, nq, v + j0 * hd, b);
   }
 }
 
@@ -197,7 +208,7 @@ void attend_wide(const float* qt, int64_t nq, int64_t nqp, float* m, float* l, f
         if (top[x] > old[x])
           for (int c = 0; c < C8; ++c) store(acc[8 * w + x] + 8 * c, load(acc[8 * w + x] + 8 * c) * splat(cf[x]));
     }
-    add_values<C8>(s, 1, nqp, [acc](int64_t x) { return acc[x]; }, nq, v + j0 * hd, b);
+    add_values<v8, C8>(s, 1, nqp, [acc](int64_t x) { return acc[x]; }, nq, v + j0 * hd, b);
   }
 }
 
@@ -206,20 +217,31 @@ using WideFn = void (*)(const float*, int64_t, int64_t, float*, float*, float* c
                         int64_t, float*);
 
 // Both forms compiled for a head size of the Llama family (SmolLM2: 64) or of the tests' tiny models; nullptrs
-// for others.
+// for others. `decode` (the decode kernel's `attend`) runs 16 lanes where the host has AVX-512 and the head size
+// fills them: its sums are then grouped differently from the 8-lane form's (the host's own numerics, fixed for
+// every row and batch). Prefill keeps 8 lanes: the wide form's lanes are a block's 8 positions x a group's heads,
+// and its short diagonal blocks (1-8 keys a query) ran slower at 16 (session 18: prefill 8.6 -> 10.5 s on refine).
 struct Attenders {
   AttendFn attend;
   WideFn wide;
+  AttendFn decode;
 };
 
+#if defined(__AVX512F__) && !defined(ILF_DECODE_V8)  // ILF_DECODE_V8: 8 lanes anyway (benchmarks/decode_attention.py)
+using VA = v16;  // the decode kernel's vector
+#else
+using VA = v8;
+#endif
+
 inline Attenders attenders_for(int64_t hd) {
+  constexpr int WA = lanes<VA>;
   switch (hd) {
-    case 8: return {attend<1>, attend_wide<1>};
-    case 16: return {attend<2>, attend_wide<2>};
-    case 32: return {attend<4>, attend_wide<4>};
-    case 64: return {attend<8>, attend_wide<8>};
-    case 128: return {attend<16>, attend_wide<16>};
-    default: return {nullptr, nullptr};
+    case 8: return {attend<v8, 1>, attend_wide<1>, attend<v8, 1>};
+    case 16: return {attend<v8, 2>, attend_wide<2>, attend<VA, 16 / WA>};
+    case 32: return {attend<v8, 4>, attend_wide<4>, attend<VA, 32 / WA>};
+    case 64: return {attend<v8, 8>, attend_wide<8>, attend<VA, 64 / WA>};
+    case 128: return {attend<v8, 16>, attend_wide<16>, attend<VA, 128 / WA>};
+    default: return {nullptr, nullptr, nullptr};
   }
 }
 

@@ -25,7 +25,7 @@ int ilf_decode_attention(const float* q, float* out, const float* pk, const floa
                          const float* ok, const float* ov, const int64_t* os, const int64_t* order,
                          const int64_t* starts, const int64_t* plen, const int64_t* own, int64_t a, int64_t m,
                          int64_t kvh, int64_t g, int64_t hd, float scale, int64_t threads) {
-  const AttendFn attend = attenders_for(hd).attend;
+  const AttendFn attend = attenders_for(hd).decode;
   if (!attend || a < 0 || m < 0 || kvh < 1 || g < 1 || threads < 1 || starts[0] != 0 || starts[m] != a) return 1;
   int64_t most = 0;  // rows of the prompt with the most
   for (int64_t p = 0; p < m; ++p) {

@@ -1,5 +1,6 @@
 // Vector helpers shared by the CPU kernels (decode_attention.cpp, top_p.cpp): GCC/Clang vector extensions of
-// 8 floats (AVX on x86, two NEON registers on arm64) and a vectorised exp.
+// 8 floats (AVX on x86, two NEON registers on arm64), of 16 where the host has AVX-512 (attend.h), and a
+// vectorised exp for either.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -17,27 +18,46 @@ inline v8 vmax(v8 a, v8 b) { return a > b ? a : b; }
 inline float hmax(v8 v) { return std::max(std::max(std::max(v[0], v[4]), std::max(v[1], v[5])), std::max(std::max(v[2], v[6]), std::max(v[3], v[7]))); }
 inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
+typedef float v16 __attribute__((vector_size(64)));
+
+// Width-generic forms (V: v8 or v16); on v8 the same arithmetic as the helpers above.
+template <typename V> constexpr int lanes = sizeof(V) / sizeof(float);
+template <typename V> inline V splat_as(float x) {
+  V v;
+  for (int i = 0; i < lanes<V>; ++i) v[i] = x;
+  return v;
+}
+template <typename V> inline V load_as(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+inline v8 low8(v16 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+inline v8 high8(v16 v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline float hmax(v16 v) { return hmax(vmax(low8(v), high8(v))); }  // fixed trees: halves first, then as v8's
+inline float hsum(v16 v) { return hsum(low8(v) + high8(v)); }
+inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+
 // exp for x <= 0 (a score minus its running max): 2^n p(r), r = x - n ln2, |r| <= ln2 / 2, with Cephes' expf
 // polynomial (~1 ulp); 0 below -87, where expf underflows anyway.
-inline v8 exp_nonpos(v8 x) {
-  const v8 lo = splat(-87.0f);
-  const i8 under = x < lo;
+template <typename V>
+inline V exp_nonpos(V x) {
+  using I = decltype(x < x);  // the lanes' int vector
+  const V lo = splat_as<V>(-87.0f);
+  const I under = x < lo;
   x = under ? lo : x;
-  const v8 big = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  const v8 n = (x * splat(1.44269504088896341f) + big) - big;
-  v8 r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  v8 p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  i8 bits;
+  const V big = splat_as<V>(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const V n = (x * splat_as<V>(1.44269504088896341f) + big) - big;
+  V r = x - n * splat_as<V>(0.693359375f);
+  r = r - n * splat_as<V>(-2.12194440e-4f);
+  V p = splat_as<V>(1.9875691500e-4f);
+  p = p * r + splat_as<V>(1.3981999507e-3f);
+  p = p * r + splat_as<V>(8.3334519073e-3f);
+  p = p * r + splat_as<V>(4.1665795894e-2f);
+  p = p * r + splat_as<V>(1.6666665459e-1f);
+  p = p * r + splat_as<V>(5.0000001201e-1f);
+  p = p * r * r + r + splat_as<V>(1.0f);
+  I bits;
   std::memcpy(&bits, &p, sizeof bits);
-  bits += __builtin_convertvector(n, i8) << 23;
-  bits = under ? i8{} : bits;  // 0.0f
+  bits += __builtin_convertvector(n, I) << 23;
+  bits = under ? I{} : bits;  // 0.0f
   std::memcpy(&p, &bits, sizeof p);
   return p;
 }

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 # gate and up in one matmul with torch's SiLU after it, q/k/v in one matmul in prefill too, and prefill's last
 # layer past K and V at each prompt's last position only (float rounding); 9: SiLU(gate) * up in a C++ pass, and
 # prefill's norms through the RMSNorm kernel and its rotary embedding through the rope kernel (float rounding); 10:
-# prefill's causal attention through a C++ kernel, only the unmasked half (float rounding).
-SAMPLING_VERSION = 10
+# prefill's causal attention through a C++ kernel, only the unmasked half (float rounding); 11: on AVX-512 hosts the
+# decode attention kernel on 16 lanes, its sums grouped differently (float rounding).
+SAMPLING_VERSION = 11
 
 
 @dataclass(frozen=True)
