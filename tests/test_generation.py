@@ -329,6 +329,39 @@ def test_freed_prompt_slots_give_their_pages_back():
     assert cache.pkv[:, :, 2].abs().sum() == 0 and cache.pkv[:, :, 1, :, :10].abs().sum() > 0
 
 
+def test_zeroed_cpu_pages_are_mapped_on_touch_and_given_back():
+    """The CPU cache's memory (pages.py): zero, private (a fork's child writes do not reach it), pages resident
+    only once written, and released pages read as zero and leave the process's resident set."""
+    import os
+    import sys
+
+    from ilf_lab.generation.pages import release_cpu, zeroed_cpu
+
+    if sys.platform != "linux":
+        pytest.skip("resident pages read from /proc")
+
+    def resident_mb() -> float:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    t = zeroed_cpu((64, 1 << 18), torch.float32)  # 64 MiB
+    assert t.abs().sum() == 0
+    before = resident_mb()
+    t.fill_(1.0)
+    assert resident_mb() - before > 48
+    filled = resident_mb()
+    release_cpu(t[:32])
+    assert filled - resident_mb() > 24  # read before any temporary below
+    assert t[:32].abs().sum() == 0 and t[32:].sum() == 32 * (1 << 18)
+    pid = os.fork()
+    if pid == 0:  # the child's write stays the child's (ctypes: torch's thread pool does not survive a fork)
+        import ctypes
+
+        ctypes.memset(t[40].data_ptr(), 0x7F, 4096)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert t[40].max() == 1.0
+
+
 def test_prompt_runs_set_a_long_prompt_apart():
     """One long prompt among short ones gets a run of its own, so the others are not attended at its width;
     equal neighbours share one; the runs are recomputed when the prompts change."""

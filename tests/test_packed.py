@@ -163,3 +163,21 @@ def test_onednn_engine_samples_like_aten_and_independently_of_the_batch(peaked_l
     assert together[2] == one.generate([PROMPTS[2]], p)[0]
     big = HFEngine(model, tok, batch_size=12, prompt_kv=prompt_kv, cpu_linear="onednn")
     assert together == big.generate(PROMPTS, p)
+
+
+def test_large_logits_in_row_chunks_sample_the_same(peaked_llama, monkeypatch):
+    """Logits past glibc's mmap ceiling run the packed LM head in row chunks into the cache's buffer (no fresh
+    mapping a step): the same samples as one matmul, since the packed matmul is row-independent."""
+    from ilf_lab.generation import slots
+
+    _, model, tok = peaked_llama
+    p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)
+    whole = [HFEngine(model, tok, batch_size=7, cpu_linear="onednn").generate(PROMPTS, q) for q in (p, greedy)]
+    vocab = model.lm_head.out_features
+    monkeypatch.setattr(slots, "LOGITS_MMAP_BYTES", 4 * vocab * 4)  # past 4 rows, in chunks of 4 (and a partial one)
+    calls = []
+    real = slots.SlotCache._head_in_chunks
+    monkeypatch.setattr(slots.SlotCache, "_head_in_chunks", lambda self, h: calls.append(h.shape[0]) or real(self, h))
+    chunked = [HFEngine(model, tok, batch_size=7, cpu_linear="onednn").generate(PROMPTS, q) for q in (p, greedy)]
+    assert chunked == whole and len(calls) > 5 and all(c > 4 for c in calls) and any(c % 4 for c in calls)

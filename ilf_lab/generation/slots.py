@@ -18,6 +18,11 @@ from ilf_lab.generation.quantize import is_quantized
 
 # vocabulary rows per LM-head matmul on CPU: 1.3x the GFLOP/s of one [rows x 49152] matmul (results/sampling)
 LM_HEAD_CHUNK = 2048
+# glibc serves an allocation past its largest mmap threshold (32 MiB on 64-bit) with a fresh mapping, every page
+# faulted in as it is written: at 256 rows the packed LM head's 50 MB of logits took 12k page faults a step, 54 ms
+# against 40 ms (session 18). Logits past that size are computed in row chunks no larger (once one is freed, glibc
+# raises its threshold to that size and serves the next from the heap) into a buffer the cache keeps for its life.
+LOGITS_MMAP_BYTES = 32 << 20
 
 
 class SlotCache:
@@ -62,6 +67,7 @@ class SlotCache:
               and kernel_error("ilf_prefill_attention") is None)
         self.prefill_kernel = kernel("ilf_prefill_attention") if ok else None
         self.prefix: list[int] = []  # the tokens every prompt starts with, run once (set_prefix)
+        self._logits: torch.Tensor | None = None  # the large logits' buffer (lm_head), allocated on first need
         self.prefix_kv: torch.Tensor | None = None
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
         self.kv = zeroed(shape, self.dtype, self.device)
@@ -195,12 +201,29 @@ class SlotCache:
     def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
         return mlp(x) if self.linears is None else self.linears.mlp(mlp, x)
 
-    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+    def lm_head(self, h: torch.Tensor, reuse: bool = False) -> torch.Tensor:
+        """Next-token logits [rows, vocab] for h [rows, hidden]. `reuse` (decode): past LOGITS_MMAP_BYTES with packed
+        linears on CPU, a view of the cache's own buffer, valid until the next such call (the engine samples a
+        step's logits before the next step; prefill's, concatenated across runs, are never such views)."""
         if self.linears is not None:  # packed: one call is faster than MKL's chunks
+            vocab = getattr(self.model.lm_head, "out_features", 0)
+            if reuse and self.device.type == "cpu" and h.dim() == 2 and h.shape[0] * vocab * 4 > LOGITS_MMAP_BYTES:
+                return self._head_in_chunks(h)
             return self.linears.linear(self.model.lm_head, h).float()
         if len(self.head_chunks) <= 1:
             return self.model.lm_head(h).float()
         return torch.cat([F.linear(h, w) for w in self.head_chunks], dim=-1).float()
+
+    def _head_in_chunks(self, h: torch.Tensor) -> torch.Tensor:
+        """The packed LM head in row chunks into the cache's logits buffer: the same values (the packed matmul is
+        row-independent, tests/test_packed.py), no fresh mapping a step."""
+        rows, vocab = h.shape[0], self.model.lm_head.out_features
+        if self._logits is None or self._logits.shape[0] < rows:
+            self._logits = torch.empty(max(rows, self.kv.shape[2]), vocab, dtype=torch.float32)
+        out, step = self._logits[:rows], max(1, LOGITS_MMAP_BYTES // (vocab * 4))
+        for r in range(0, rows, step):
+            out[r : r + step] = self.linears.linear(self.model.lm_head, h[r : r + step])
+        return out
 
     def decode(self, tokens: torch.Tensor, lens: torch.Tensor, width: int) -> torch.Tensor:
         """One step for rows 0..A-1: token i goes to position lens[i] of slot i; `width` = max(lens) + 1."""
@@ -231,7 +254,7 @@ class SlotCache:
         with ph("decode: norms, residual"):
             h = self._add_norm(x, pending, self.inner.norm)
         with ph("decode: lm_head"):
-            return self.lm_head(h[:, 0])
+            return self.lm_head(h[:, 0], reuse=True)
 
     def _project(self, i: int, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, flat: torch.Tensor):
         """A decode step's rotated q, k and v. With the rope kernel (fp32 on CPU, packed linears, q/k/v fusable):
