@@ -2,9 +2,10 @@
 
 On an AVX-512 host `csrc/attend.h` runs the decode kernel's `attend` on 16 float lanes (elsewhere on 8, and both
 builds below are then the same code). This builds `csrc/decode_attention.cpp` twice with the engine's flags, once
-with `-DILF_DECODE_V8` (8 lanes anyway), loads both, and times one decode step's 30 layers in alternating pairs on
-the same random cache (a refine-like shape by default: 32 prompts x 8 rows, prompt lengths around 354, 64 generated
-columns a row). The host's speed drifts within minutes, so each pair is a ratio and the median ratio is reported.
+with `-DILF_DECODE_V8` (8 lanes anyway), loads both, and times one decode step's 30 layers in pairs on the same
+random cache, each build first in every other pair (a refine-like shape by default: 32 prompts x 8 rows, prompt
+lengths around 354, 64 generated columns a row). The host's speed drifts within minutes, so each pair is a ratio
+and the median ratio is reported.
 
     python benchmarks/decode_attention.py [--pairs 8] [--prompts 32] [--rows 8] [--prompt-len 354] [--own 64]
 
@@ -39,9 +40,11 @@ def build(out: Path, extra: tuple[str, ...]):
     return fn
 
 
-def avx512() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return " avx512f" in flags
+def build_lanes() -> int:
+    """The decode kernel's lanes in the host build: 16 where the compiler's flags define __AVX512F__ (attend.h)."""
+    p = subprocess.run([_compiler(), *FLAGS[:2], "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
+                       text=True, timeout=60)
+    return 16 if "#define __AVX512F__ 1" in p.stdout else 8
 
 
 def main() -> None:
@@ -72,14 +75,14 @@ def main() -> None:
         outs = {k: att[k](0, q, plans[k], 0.125) for k in att}
         diff = (outs["host"] - outs["v8"]).abs().max().item()
         times: dict[str, list[float]] = {k: [] for k in att}
-        for _ in range(args.pairs):
-            for k in att:
+        for pair in range(args.pairs):
+            for k in (("host", "v8") if pair % 2 == 0 else ("v8", "host")):  # each build first in half the pairs
                 t0 = time.perf_counter()
                 for i in range(args.layers):
                     att[k](i, q, plans[k], 0.125)
                 times[k].append(time.perf_counter() - t0)
     ratios = [b / a for a, b in zip(times["host"], times["v8"], strict=True)]
-    lanes = 16 if avx512() else 8
+    lanes = build_lanes()
     print(f"decode attention, {args.prompts} prompts x {args.rows} rows, prompt length ~{args.prompt_len}, "
           f"{args.own} own columns, {args.layers} layers, {args.threads} threads; host width {lanes} lanes")
     for k in att:

@@ -354,12 +354,22 @@ def test_zeroed_cpu_pages_are_mapped_on_touch_and_given_back():
     assert t[:32].abs().sum() == 0 and t[32:].sum() == 32 * (1 << 18)
     pid = os.fork()
     if pid == 0:  # the child's write stays the child's (ctypes: torch's thread pool does not survive a fork)
-        import ctypes
+        code = 1
+        try:
+            import ctypes
 
-        ctypes.memset(t[40].data_ptr(), 0x7F, 4096)
-        os._exit(0)
-    os.waitpid(pid, 0)
+            ctypes.memset(t[40].data_ptr(), 0x7F, 4096)
+            code = 0 if ctypes.c_uint8.from_address(t[40].data_ptr()).value == 0x7F else 2
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0  # the child wrote
     assert t[40].max() == 1.0
+    # never transparent huge pages (pages.py): one float written a MiB apart maps 4 KiB pages, not 2 MiB ones
+    sparse = zeroed_cpu((64, 1 << 18), torch.float32)
+    before = resident_mb()
+    for i in range(64):
+        sparse[i, 0] = 1.0
+    assert resident_mb() - before < 16
 
 
 def test_prompt_runs_set_a_long_prompt_apart():

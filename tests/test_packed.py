@@ -176,8 +176,16 @@ def test_large_logits_in_row_chunks_sample_the_same(peaked_llama, monkeypatch):
     whole = [HFEngine(model, tok, batch_size=7, cpu_linear="onednn").generate(PROMPTS, q) for q in (p, greedy)]
     vocab = model.lm_head.out_features
     monkeypatch.setattr(slots, "LOGITS_MMAP_BYTES", 4 * vocab * 4)  # past 4 rows, in chunks of 4 (and a partial one)
-    calls = []
+    calls, buffers = [], set()
     real = slots.SlotCache._head_in_chunks
-    monkeypatch.setattr(slots.SlotCache, "_head_in_chunks", lambda self, h: calls.append(h.shape[0]) or real(self, h))
+
+    def spy(self, h):
+        out = real(self, h)
+        calls.append(h.shape[0])
+        buffers.add(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(slots.SlotCache, "_head_in_chunks", spy)
     chunked = [HFEngine(model, tok, batch_size=7, cpu_linear="onednn").generate(PROMPTS, q) for q in (p, greedy)]
     assert chunked == whole and len(calls) > 5 and all(c > 4 for c in calls) and any(c % 4 for c in calls)
+    assert len(buffers) <= 2  # one buffer per call's cache, reused step after step

@@ -30,6 +30,7 @@ def _madvise() -> object | None:
 
 _MADVISE = _madvise()
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)  # private anonymous pages: freed, read as zero again
+_MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
 
 
 # Linux's MAP_NORESERVE (in Python's mmap module from 3.13): no swap reserved up front, so a large mostly-untouched
@@ -41,12 +42,19 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux"
 def zeroed_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor in private anonymous mmap memory: the kernel guarantees zero pages and maps them on first
     touch. Private, not shared (shmem, until session 18): a shmem page's first-touch fault cost more, and a decode
-    step's cache writes are where those faults land (refine: the q/k/v phase 5.9-7.0 s -> 5.0-5.5 s, session 18)."""
+    step's cache writes are where those faults land (refine: the q/k/v phase 5.9-7.0 s -> 5.0-5.5 s, session 18).
+    Never transparent huge pages (where THP is `always`, private memory would get them): a 2 MiB page would make a
+    whole prompt-store block resident at its first write, past what the batch sizing counts (hf.py)."""
     count, size = math.prod(shape), math.prod(shape) * dtype.itemsize
     try:
         buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
     except (AttributeError, OSError):  # no such flags here, or strict overcommit: a plain mapping
         buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if size and hasattr(buf, "madvise"):
+        try:
+            buf.madvise(_MADV_NOHUGEPAGE)
+        except OSError:  # a kernel without THP: nothing to opt out of
+            pass
     return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)  # the tensor keeps `buf` alive
 
 

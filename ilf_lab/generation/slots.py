@@ -20,9 +20,10 @@ from ilf_lab.generation.quantize import is_quantized
 LM_HEAD_CHUNK = 2048
 # glibc serves an allocation past its largest mmap threshold (32 MiB on 64-bit) with a fresh mapping, every page
 # faulted in as it is written: at 256 rows the packed LM head's 50 MB of logits took 12k page faults a step, 54 ms
-# against 40 ms (session 18). Logits past that size are computed in row chunks no larger (once one is freed, glibc
-# raises its threshold to that size and serves the next from the heap) into a buffer the cache keeps for its life.
-LOGITS_MMAP_BYTES = 32 << 20
+# against 40 ms (session 18). Logits past LOGITS_MMAP_BYTES (the ceiling less 1 MiB for the allocator's header,
+# alignment and page rounding) are computed in row chunks no larger (once one is freed, glibc raises its threshold
+# to that size and serves the next from the heap) into a buffer the cache keeps for its life.
+LOGITS_MMAP_BYTES = (32 << 20) - (1 << 20)
 
 
 class SlotCache:

@@ -4,8 +4,9 @@
 #   bash results/sampling/session18.sh [decode_attention|final|final_default]...
 # decode_attention: the decode kernel at the host's width (16 lanes) against 8 lanes, alternating pairs
 #   (session18_decode_attention.txt);
-# final: the benchmark, 3 engine calls per set (session18_final.txt); session18_before.txt is the same command on
-#   c562061 (the code before this session), run at the session's start on the same host;
+# final: the benchmark, 3 engine calls per set (session18_final.txt). session18_before.txt was the same benchmark
+#   command (python benchmarks/sampling.py --cache-dir /work/cache20) run by hand at the session's start, on
+#   c562061 (the code before this session), on the same host; this script does not re-make it;
 # final_default: the default `python -m ilf_lab` from a cold stage cache, model converted (session18_default.txt).
 set -euo pipefail
 [ $# -gt 0 ] || set -- decode_attention final final_default

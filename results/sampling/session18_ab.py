@@ -1,5 +1,7 @@
 """Session 18's same-process before/after of the engine's two memory changes, alternating calls on one engine
-(the host's speed drifted by 30 % within the session, so separate runs could not show a few percent):
+(the host's speed drifted by 30 % within the session, so separate runs could not show a few percent); each arm
+runs first in every other pair. (The run recorded in session18_ab.txt predates two fixes: its before arm released
+pages with MADV_DONTNEED, which on shared memory only unmaps them, and ran first in every pair.)
   before: logits always from one matmul (a fresh mapping a step past 32 MiB), the KV cache in shared memory;
   after:  the code as committed (large logits in row chunks into the cache's buffer, the cache in private memory).
     PYTHONPATH=. python results/sampling/session18_ab.py [refine|chat] [pairs] [--cache-dir DIR]
@@ -25,6 +27,8 @@ from ilf_lab.generation.hf import HFEngine  # noqa: E402
 from ilf_lab.generation.phases import Phases  # noqa: E402
 from ilf_lab.models.loading import load_model, model_config, resolve_model_dir  # noqa: E402
 
+MADV_REMOVE = 9  # release_cpu's advice before session 18 (shmem pages freed)
+
 
 def shared_zeroed(shape, dtype):  # pages.zeroed_cpu before session 18
     count, size = math.prod(shape), math.prod(shape) * dtype.itemsize
@@ -42,11 +46,12 @@ model, tok = load_model(resolve_model_dir(model_config("smollm2_135m_instruct"),
 prompts = prompt_sets([args.set], tok, os.environ.get("ILF_LAB_DATA_DIR"), 32)[args.set]
 params = SamplingParams(n=8, temperature=0.8, top_p=0.95, max_new_tokens=128, stop=stop_sequences("chat"))
 engine = HFEngine(model, tok)
-arms = {"before": (1 << 62, shared_zeroed), "after": (slots.LOGITS_MMAP_BYTES, pages.zeroed_cpu)}
+arms = {"before": (1 << 62, shared_zeroed, MADV_REMOVE),
+        "after": (slots.LOGITS_MMAP_BYTES, pages.zeroed_cpu, pages._MADV_DONTNEED)}
 secs, outs = {k: [] for k in arms}, {}
-for _ in range(args.pairs):
-    for tag, (ceiling, zeroed) in arms.items():
-        slots.LOGITS_MMAP_BYTES, pages.zeroed_cpu = ceiling, zeroed
+for pair in range(args.pairs):
+    for tag in ("before", "after") if pair % 2 == 0 else ("after", "before"):  # each arm first in every other pair
+        slots.LOGITS_MMAP_BYTES, pages.zeroed_cpu, pages._MADV_DONTNEED = arms[tag]
         engine.phases = Phases()
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         out = engine.generate(prompts, params)

@@ -22,8 +22,9 @@ extern "C" {
 // take, 2 when out of memory.
 int ilf_prefill_attention(const float* q, float* out, const float* k, const float* v, const int64_t* lens, int64_t b,
                           int64_t t, int64_t c, int64_t kvh, int64_t g, int64_t hd, float scale, int64_t threads) {
-  const auto [attend, wide, decode] = attenders_for(hd);
-  (void)decode;
+  const Attenders forms = attenders_for(hd);
+  const AttendFn attend = forms.attend;
+  const WideFn wide = forms.wide;
   if (!attend || !wide || b < 0 || t < 0 || c < 0 || kvh < 1 || g < 1 || threads < 1) return 1;
   for (int64_t p = 0; p < b; ++p)
     if (lens[p] < 0 || lens[p] > t) return 1;

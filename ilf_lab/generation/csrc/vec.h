@@ -28,8 +28,9 @@ template <typename V> inline V splat_as(float x) {
   return v;
 }
 template <typename V> inline V load_as(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
-inline v8 low8(v16 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
-inline v8 high8(v16 v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+// a v16's halves (memcpy, not __builtin_shufflevector, which GCC has only from 12; compiled to one extract)
+inline v8 low8(v16 v) { v8 h; std::memcpy(&h, &v, sizeof h); return h; }
+inline v8 high8(v16 v) { v8 h; std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof h, sizeof h); return h; }
 inline float hmax(v16 v) { return hmax(vmax(low8(v), high8(v))); }  // fixed trees: halves first, then as v8's
 inline float hsum(v16 v) { return hsum(low8(v) + high8(v)); }
 inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
