@@ -209,16 +209,16 @@ class SlotCache:
         if self.linears is not None:  # packed: one call is faster than MKL's chunks
             vocab = getattr(self.model.lm_head, "out_features", 0)
             if reuse and self.device.type == "cpu" and h.dim() == 2 and h.shape[0] * vocab * 4 > LOGITS_MMAP_BYTES:
-                return self._head_in_chunks(h)
+                return self._head_in_chunks(h, vocab)
             return self.linears.linear(self.model.lm_head, h).float()
         if len(self.head_chunks) <= 1:
             return self.model.lm_head(h).float()
         return torch.cat([F.linear(h, w) for w in self.head_chunks], dim=-1).float()
 
-    def _head_in_chunks(self, h: torch.Tensor) -> torch.Tensor:
+    def _head_in_chunks(self, h: torch.Tensor, vocab: int) -> torch.Tensor:
         """The packed LM head in row chunks into the cache's logits buffer: the same values (the packed matmul is
         row-independent, tests/test_packed.py), no fresh mapping a step."""
-        rows, vocab = h.shape[0], self.model.lm_head.out_features
+        rows = h.shape[0]
         if self._logits is None or self._logits.shape[0] < rows:
             self._logits = torch.empty(max(rows, self.kv.shape[2]), vocab, dtype=torch.float32)
         out, step = self._logits[:rows], max(1, LOGITS_MMAP_BYTES // (vocab * 4))

@@ -2,7 +2,8 @@
 //
 // Work item = (prompt slot p, kv head h). Its queries are the group's query heads of every row sampling from p:
 // they read the prompt's keys together, one block of keys at a time while it sits in L1 (as the batched matmul
-// over the grid shares the prompt's KV); then each row reads its own generated columns (attend.h `attend`, both).
+// over the grid shares the prompt's KV); then each row reads its own generated columns (attend.h `attend`, both;
+// 16 lanes on AVX-512).
 // Online softmax (running max, sum of exponentials, rescaled accumulator) over blocks of keys: no score tensor, no
 // mask, no padding. Each row's result is computed in a fixed order from its own inputs only: it does not depend on
 // the batch. (attend.h's `attend_wide` is not used here: a prompt's live rows fall to a few as its samples end,
