@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ilf_lab.generation.attention import DecodeAttention
+from ilf_lab.generation.attention import DecodeAttention, kernel_store
 from ilf_lab.generation.kernels import CSRC, FLAGS, SIGNATURES, _compiler
 
 
@@ -64,7 +64,7 @@ def main() -> None:
     torch.manual_seed(0)
     kvh, g, hd = 3, 3, 64  # SmolLM2-135M: 9 query heads over 3 kv heads of 64
     lens = [max(1, args.prompt_len + (p * 37) % 300 - 150) for p in range(args.prompts)]
-    pkv = torch.randn(args.layers, 2, args.prompts, kvh, max(lens), hd)
+    pkv = kernel_store(torch.randn(args.layers, 2, args.prompts, kvh, max(lens), hd))  # keys blocked
     kv = torch.randn(args.layers, 2, args.prompts * args.rows, kvh, args.own, hd)
     q = torch.randn(args.prompts * args.rows, kvh * g, 1, hd)
     row_prompt = [p for p in range(args.prompts) for _ in range(args.rows)]

@@ -13,6 +13,8 @@ from ilf_lab.generation.attention import (
     DecodeAttention,
     KernelUnavailable,
     kernel_error,
+    kernel_store,
+    keys_blocked,
     load_kernel,
     reference,
     resolve_attention,
@@ -44,7 +46,7 @@ def test_kernel_is_torch_attention_to_rounding(kvh, group, hd):
     own = [int(n) for n in torch.randint(1, 101, (20,), generator=gen)]
     own[:3] = [1, 64, 100]
     q = torch.randn(20, kvh * group, 1, hd, generator=gen)
-    att = DecodeAttention(pkv, kv, kvh * group)
+    att = DecodeAttention(kernel_store(pkv), kv, kvh * group)
     got = att(1, q, att.plan(row_prompt, prompt_len, own), hd**-0.5)
     want = reference(q, pkv[1, 0], pkv[1, 1], kv[1, 0], kv[1, 1], row_prompt, prompt_len, own, hd**-0.5)
     assert got.shape == (20 * kvh, group, hd)
@@ -60,13 +62,13 @@ def test_a_rows_result_does_not_depend_on_the_batch(group):
     heads = 3 * group
     pkv, kv = caches(gen, 3, 6, 3, 64, 150, 30)
     q = torch.randn(6, heads, 1, 64, generator=gen)
-    att = DecodeAttention(pkv, kv, heads)
+    att = DecodeAttention(kernel_store(pkv), kv, heads)
     lens, own = [150, 90, 7], [30, 1, 12, 5, 19, 2]
     full = att(0, q, att.plan([0, 1, 2, 1, 0, 2], lens, own), 0.125).view(6, 3, group, 64)
 
     alone_pkv, alone_kv = torch.zeros_like(pkv), torch.zeros_like(kv)
     alone_pkv[:, :, 0], alone_kv[:, :, 0] = pkv[:, :, 1], kv[:, :, 3]  # row 3 (prompt 1) as the only row
-    alone = DecodeAttention(alone_pkv, alone_kv, heads)
+    alone = DecodeAttention(kernel_store(alone_pkv), alone_kv, heads)
     assert torch.equal(alone(0, q[3:4], alone.plan([0], [90], [5]), 0.125).view(3, group, 64), full[3])
 
     kv[:, :, 5] = kv[:, :, 3]  # row 3 again, now also at index 5, beside the others, on one thread
@@ -80,32 +82,46 @@ def test_a_rows_result_does_not_depend_on_the_batch(group):
     assert torch.equal(moved[5], full[3]) and torch.equal(moved[:5], full[:5])
 
 
+def test_keys_are_blocked_by_64_positions_each_transposed():
+    k = torch.arange(2 * 128 * 8, dtype=torch.float32).view(2, 128, 8)  # [head, position, head_dim]
+    b = keys_blocked(k)
+    assert b.shape == k.shape
+    flat = b.reshape(2, 2, 8, 64)  # [head, block, head_dim, position in block]
+    assert torch.equal(flat[1, 1, 3, 5], k[1, 64 + 5, 3]) and torch.equal(flat[0, 0, 7], k[0, :64, 7])
+    with pytest.raises(ValueError, match="whole blocks of 64"):
+        keys_blocked(k[:, :100])
+    store = kernel_store(torch.randn(1, 2, 1, 2, 70, 8))  # padded to 128, the padding zero
+    assert store.shape[4] == 128 and store[0, 1, 0, :, 70:].abs().sum() == 0
+
+
 @needs_kernel
 def test_plan_rejects_rows_the_caches_cannot_hold():
     gen = torch.Generator().manual_seed(2)
     pkv, kv = caches(gen, 2, 4, 1, 16, 10, 5)
-    att = DecodeAttention(pkv, kv, 2)
+    att = DecodeAttention(kernel_store(pkv), kv, 2)
     with pytest.raises(ValueError, match="out of range"):
         att.plan([0, 2], [4, 4], [1, 1])  # prompt slot 2 of 2
     with pytest.raises(ValueError, match="out of range"):
         att.plan([0, 1], [4, 4], [1, 6])  # 6 own columns of 5
     with pytest.raises(ValueError, match="prompt length"):
-        att.plan([0, 1], [4, 11], [1, 1])
+        att.plan([0, 1], [4, 65], [1, 1])  # the store holds 64 positions (one block)
     with pytest.raises(ValueError, match="do not fit"):
         att.plan([0] * 6, [4], [1] * 6)
     with pytest.raises(ValueError, match="do not match"):
         att(0, torch.randn(3, 2, 1, 16), att.plan([0, 1], [4, 4], [1, 1]), 0.25)
     with pytest.raises(ValueError, match="fp32"):
-        DecodeAttention(pkv.double(), kv, 2)
+        DecodeAttention(kernel_store(pkv).double(), kv, 2)
     with pytest.raises(ValueError, match="differ"):
-        DecodeAttention(torch.zeros(2, 2, 3, 1, 10, 8), kv, 2)  # another head_dim
+        DecodeAttention(torch.zeros(2, 2, 3, 1, 64, 8), kv, 2)  # another head_dim
     with pytest.raises(ValueError, match="contiguous"):
-        DecodeAttention(pkv.transpose(4, 5).contiguous().transpose(4, 5), kv, 2)
+        DecodeAttention(kernel_store(pkv).transpose(4, 5).contiguous().transpose(4, 5), kv, 2)
     with pytest.raises(ValueError, match="head_dim in"):
-        DecodeAttention(torch.zeros(2, 2, 2, 1, 4, 24), torch.zeros(2, 2, 2, 1, 4, 24), 2)
+        DecodeAttention(torch.zeros(2, 2, 2, 1, 64, 24), torch.zeros(2, 2, 2, 1, 4, 24), 2)
     with pytest.raises(ValueError, match="multiple of kv heads"):
-        DecodeAttention(torch.zeros(2, 2, 2, 2, 4, 16), torch.zeros(2, 2, 2, 2, 4, 16), 3)
-    other = DecodeAttention(pkv.clone(), kv.clone(), 2)
+        DecodeAttention(torch.zeros(2, 2, 2, 2, 64, 16), torch.zeros(2, 2, 2, 2, 4, 16), 3)
+    with pytest.raises(ValueError, match="blocks of 64 positions"):
+        DecodeAttention(pkv, kv, 2)  # keys as rows, 10 positions
+    other = DecodeAttention(kernel_store(pkv), kv.clone(), 2)
     with pytest.raises(ValueError, match="made by the DecodeAttention"):
         att(0, torch.randn(2, 2, 1, 16), other.plan([0, 1], [4, 4], [1, 1]), 0.25)
 

@@ -31,6 +31,32 @@ log = logging.getLogger(__name__)
 
 ATTENTIONS = ("matmul", "kernel")
 HEAD_DIMS = (8, 16, 32, 64, 128)  # the kernel's compiled head sizes
+KEY_BLOCK = 64  # the kernel's block of keys (attend.h BLOCK)
+
+
+def padded(positions: int) -> int:
+    """Positions rounded up to whole key blocks: the prompt store's length for the kernel."""
+    return -(-positions // KEY_BLOCK) * KEY_BLOCK
+
+
+def keys_blocked(k: torch.Tensor) -> torch.Tensor:
+    """K [..., positions, head_dim] (positions a multiple of KEY_BLOCK) in the kernel's prompt-store layout, same
+    shape: each block of 64 positions transposed to [head_dim][64], so that a block's scores are vector FMAs over
+    the head dimension with the keys in the lanes (no horizontal sums; attend.h `attend_blocked`)."""
+    *lead, t, hd = k.shape
+    if t % KEY_BLOCK:
+        raise ValueError(f"keys are blocked in whole blocks of {KEY_BLOCK} positions, got {t}")
+    return k.reshape(*lead, t // KEY_BLOCK, KEY_BLOCK, hd).transpose(-1, -2).reshape(*lead, t, hd)
+
+
+def kernel_store(pkv: torch.Tensor) -> torch.Tensor:
+    """A prompt store [layer, k|v, slot, kv_head, position, head_dim] with keys as rows, as the kernel reads it:
+    positions padded to whole blocks (zeros), keys blocked (a copy; for tests and benchmarks)."""
+    t = pkv.shape[4]
+    out = torch.zeros(*pkv.shape[:4], padded(t), pkv.shape[5], dtype=pkv.dtype)
+    out[..., :t, :] = pkv
+    out[:, 0] = keys_blocked(out[:, 0])
+    return out
 
 
 def head_dim(cfg: Any) -> int:
@@ -83,7 +109,8 @@ class Plan:
 
 
 class DecodeAttention:
-    """The kernel bound to one cache's prompt store and own-column cache (their layouts checked once)."""
+    """The kernel bound to one cache's prompt store and own-column cache (their layouts checked once). The store's
+    keys are blocked (`keys_blocked`, positions a multiple of KEY_BLOCK); its values and the own cache are rows."""
 
     def __init__(self, pkv: torch.Tensor, kv: torch.Tensor, heads: int, fn: Any = None) -> None:
         self.fn = fn or load_kernel()
@@ -95,6 +122,9 @@ class DecodeAttention:
         if pkv.shape[3] != kv.shape[3] or pkv.shape[5] != kv.shape[5] or pkv.shape[:2] != kv.shape[:2]:
             raise ValueError(f"prompt store {tuple(pkv.shape)} and cache {tuple(kv.shape)} differ in layers, kv heads "
                              "or head_dim")
+        if pkv.shape[4] % KEY_BLOCK:
+            raise ValueError(f"the attention kernel reads its prompt store's keys in blocks of {KEY_BLOCK} positions "
+                             f"(keys_blocked), got {pkv.shape[4]} positions")
         if kv.shape[5] not in HEAD_DIMS or heads % kv.shape[3]:
             raise ValueError(f"the attention kernel takes head_dim in {HEAD_DIMS} and heads a multiple of kv heads "
                              f"(head_dim {kv.shape[5]}, {heads} heads, {kv.shape[3]} kv heads)")
@@ -144,7 +174,8 @@ class DecodeAttention:
 
 
 def reference(q, pk, pv, ok, ov, row_prompt, prompt_len, own, scale) -> torch.Tensor:
-    """Plain torch attention for one layer, per row: its prompt's columns then its own (the kernel's contract)."""
+    """Plain torch attention for one layer, per row: its prompt's columns then its own (the kernel's contract;
+    here every key is a row)."""
     a, heads, hd = q.shape[0], q.shape[1], q.shape[-1]
     kvh = pk.shape[1]
     out = torch.empty(a * kvh, heads // kvh, hd, dtype=torch.float64)
@@ -167,7 +198,7 @@ def _self_check(fn: Any, hd: int) -> float:
     kv = torch.randn(layers, 2, slots, kvh, 70, hd, generator=gen)
     q = torch.randn(slots, kvh * g, 1, hd, generator=gen)
     row_prompt, prompt_len, own = [1, 0, 1, 2, 1], [70, 130, 3], [1, 70, 7, 2, 66]
-    att = DecodeAttention(pkv, kv, kvh * g, fn=fn)
+    att = DecodeAttention(kernel_store(pkv), kv, kvh * g, fn=fn)
     got = att(0, q, att.plan(row_prompt, prompt_len, own), 0.25)
     want = reference(q, pkv[0, 0], pkv[0, 1], kv[0, 0], kv[0, 1], row_prompt, prompt_len, own, 0.25)
     return float((got.double() - want).abs().max())

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ilf_lab.generation.attention import DecodeAttention
+from ilf_lab.generation.attention import DecodeAttention, keys_blocked, padded
 from ilf_lab.generation.packed import PackedLinears
 from ilf_lab.generation.pages import release_cpu, zeroed
 from ilf_lab.generation.phases import OFF, Phases
@@ -28,7 +28,8 @@ from ilf_lab.generation.slots import SlotCache
 
 class SharedPromptCache(SlotCache):
     """Own cache [layer, k|v, row slot, kv_head, new token, head_dim] (SlotCache's, `max_new` columns) plus a
-    prompt store [layer, k|v, prompt slot, kv_head, position, head_dim]. Active prompts occupy prompt slots
+    prompt store [layer, k|v, prompt slot, kv_head, position, head_dim] (for the kernel, keys blocked and the
+    positions whole blocks: attention.keys_blocked). Active prompts occupy prompt slots
     0..m-1: when prompts lose their last row, live prompts from slots past the new count move into the holes.
     Rows move and leave only through `compact` (it keeps the row -> prompt map in step)."""
 
@@ -41,9 +42,13 @@ class SharedPromptCache(SlotCache):
     ) -> None:
         super().__init__(model, slots, max(1, max_new), phases, linears)
         cfg = model.config
+        # attention=kernel: the C++ kernel (attention.py) in place of the grid matmuls below; it reads the store's
+        # keys in blocks of 64 positions, each transposed (keys_blocked), so the store holds whole blocks
+        self.blocked = attention == "kernel"
         # a prompt has at least one active row, so `slots` prompt slots always suffice (on CPU untouched pages
         # cost nothing; on GPU the engine sizes the batch for prompt + new tokens per row, as for SlotCache)
-        shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_prompt, self.head_dim)
+        positions = padded(max_prompt) if self.blocked else max_prompt
+        shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, positions, self.head_dim)
         self.pkv = zeroed(shape, self.dtype, self.device)
         self.row_prompt: list[int] = []  # prompt slot of each active row
         self.row_sample: list[int] = []  # its column on the grid (the sample's index within its prompt)
@@ -52,8 +57,7 @@ class SharedPromptCache(SlotCache):
         self.grid = 1  # samples per prompt (the grid's width)
         self._runs_of: tuple[tuple[int, ...], list[tuple[int, int]]] = ((), [])  # prompt lengths -> runs
         self._first_prompt = 0  # the prompt slot the current prefill starts at
-        # attention=kernel: the C++ kernel (attention.py) in place of the grid matmuls below
-        self.kernel = DecodeAttention(self.pkv, self.kv, self.heads) if attention == "kernel" else None
+        self.kernel = DecodeAttention(self.pkv, self.kv, self.heads) if self.blocked else None
 
     def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
         if row0 != len(self.row_prompt):
@@ -70,8 +74,11 @@ class SharedPromptCache(SlotCache):
 
     def _store_prompt(self, i: int, k: torch.Tensor, v: torch.Tensor, row0: int, copies: int) -> None:
         p0, b, t = self._first_prompt, k.shape[0], k.shape[2]
-        self.pkv[i, 0, p0 : p0 + b, :, :t] = k
         self.pkv[i, 1, p0 : p0 + b, :, :t] = v
+        if self.blocked:  # whole blocks, the last one's unused columns zero
+            t = padded(t)
+            k = keys_blocked(torch.nn.functional.pad(k, (0, 0, 0, t - k.shape[2])))
+        self.pkv[i, 0, p0 : p0 + b, :, :t] = k
 
     def _step(self, lens: torch.Tensor, width: int):
         """What every layer of the step shares, from the host-side row map (`width`, the copied cache's, does not
@@ -197,7 +204,8 @@ class SharedPromptCache(SlotCache):
         for s, d in remap.items():
             t = self.prompt_len[s]
             self._release(d)  # what the hole's last prompt touched past this one's length
-            self.pkv[:, :, d, :, :t].copy_(self.pkv[:, :, s, :, :t])
+            w = padded(t) if self.blocked else t  # blocked keys: whole blocks
+            self.pkv[:, :, d, :, :w].copy_(self.pkv[:, :, s, :, :w])
             self.prompt_len[d] = t
         for p in range(keep, len(self.prompt_len)):
             self._release(p)  # so the store holds only live prompts (the batch sizing counts those)

@@ -1,14 +1,17 @@
 // Online-softmax attention of a group of queries over blocks of keys, fp32 on CPU, shared by the decode kernel
 // (decode_attention.cpp) and the prefill kernel (prefill_attention.cpp).
 //
-// Two forms. `attend`: queries as rows, scores in register tiles of 3 queries x 4 keys whose lanes (8, or 16 in the
-// decode kernel on AVX-512) are summed in a fixed tree; any number of queries. `attend_wide`: queries transposed into the vector lanes (8 per vector),
-// scores in tiles of 4 keys x 3 query vectors with no horizontal sums and the softmax over 8 queries at once; for
-// many queries sharing their keys (prefill: a block of 8 positions x a group's heads against the keys before it).
-// In-cache, at 21 queries a prompt, its scores took 0.30 ms against 0.39 and its softmax 0.14 against 0.19
-// (session 16). In both a query's arithmetic is the same whatever the number of queries and its place in a tile or
-// lane, so a row's result does not depend on the batch. GCC/Clang vector extensions (vec.h: 8 floats, AVX on x86,
-// two NEON registers on arm64; `attend` in the decode kernel on 16 where the host has AVX-512: attenders_for).
+// Three forms. `attend`: queries as rows, scores in register tiles of 3 queries x 4 keys whose lanes (8, or 16 in
+// the decode kernel on AVX-512) are summed in a fixed tree; any number of queries. `attend_blocked` (the decode
+// kernel's prompt part): the same over keys stored in transposed blocks, the keys in the lanes, so no horizontal
+// sums and a block's scores stay in registers through the softmax. `attend_wide`: queries transposed into the
+// vector lanes (8 per vector), scores in tiles of 4 keys x 3 query vectors with no horizontal sums and the softmax
+// over 8 queries at once; for many queries sharing their keys (prefill: a block of 8 positions x a group's heads
+// against the keys before it). In-cache, at 21 queries a prompt, its scores took 0.30 ms against 0.39 and its
+// softmax 0.14 against 0.19 (session 16). In all three a query's arithmetic is the same whatever the number of
+// queries and its place in a tile or lane, so a row's result does not depend on the batch. GCC/Clang vector
+// extensions (vec.h: 8 floats, AVX on x86, two NEON registers on arm64; the decode kernel's forms on 16 where the
+// host has AVX-512: attenders_for).
 #pragma once
 #include <cstdlib>
 
@@ -87,11 +90,17 @@ inline void value_tile(const float* s, int64_t qs, int64_t ks, float* const* acc
 }
 
 // Every query's accumulator acc[x] (x < nq) += its probabilities (s, strides as value_tile's) x the block's b values
-// vb, in tiles of 3 queries x 4 vectors (fewer at the end); acc_at(x): query x's accumulator.
-template <typename V, int C, typename AccAt>
+// vb, in tiles of QV queries x 4 vectors, then of 3 (fewer at the end); acc_at(x): query x's accumulator.
+template <typename V, int C, int QV = 3, typename AccAt>
 inline void add_values(const float* s, int64_t qs, int64_t ks, AccAt acc_at, int64_t nq, const float* vb, int64_t b) {
   constexpr int CW = C < 4 ? C : 4;
-  for (int64_t x = 0; x < nq; x += 3) {
+  int64_t x = 0;
+  for (; x + QV <= nq; x += QV) {
+    float* acc[QV];
+    for (int y = 0; y < QV; ++y) acc[y] = acc_at(x + y);
+    for (int c0 = 0; c0 < C; c0 += CW) value_tile<V, C, QV, CW>(s + x * qs, qs, ks, acc, vb, b, c0);
+  }
+  for (; x < nq; x += 3) {
     const int64_t left = nq - x;
     float* const acc[3] = {acc_at(x), left > 1 ? acc_at(x + 1) : nullptr, left > 2 ? acc_at(x + 2) : nullptr};
     for (int c0 = 0; c0 < C; c0 += CW) {
@@ -100,6 +109,21 @@ inline void add_values(const float* s, int64_t qs, int64_t ks, AccAt acc_at, int
       else value_tile<V, C, 1, CW>(s + x * qs, qs, ks, acc, vb, b, c0);
     }
   }
+}
+
+// A query's state moved to the larger of its running max and a block's largest score: its sum and accumulator
+// rescaled by exp(old - new) when the max rises. Returns the new max.
+template <typename V, int C>
+inline float raise_max(State& t, float block_max) {
+  constexpr int W = lanes<V>;
+  const float top = std::max(t.m, block_max);
+  if (top > t.m) {
+    const V cf = splat_as<V>(exp_nonpos(splat(t.m - top))[0]);
+    t.l *= cf[0];
+    for (int c = 0; c < C; ++c) store(t.acc + W * c, load_as<V>(t.acc + W * c) * cf);
+    t.m = top;
+  }
+  return top;
 }
 
 alignas(32) inline const float ZERO_ROW[128] = {};  // the missing keys of a block's last tile (scored, then masked)
@@ -132,13 +156,7 @@ void attend(const float* q, State* st, int64_t nq, const float* k, const float* 
       for (int64_t i = b; i < W * bw; ++i) sx[i] = -3.0e38f;  // the last vector's unused lanes: exp -> 0
       V mx = load_as<V>(sx);
       for (int64_t i = 1; i < bw; ++i) mx = vmax(mx, load_as<V>(sx + W * i));
-      const float top = std::max(t.m, hmax(mx));
-      if (top > t.m) {
-        const V cf = splat_as<V>(exp_nonpos(splat(t.m - top))[0]);
-        t.l *= cf[0];
-        for (int c = 0; c < C; ++c) store(t.acc + W * c, load_as<V>(t.acc + W * c) * cf);
-        t.m = top;
-      }
+      const float top = raise_max<V, C>(t, hmax(mx));
       V sum = splat_as<V>(0.f);
       for (int64_t i = 0; i < bw; ++i) {
         const V e = exp_nonpos(load_as<V>(sx + W * i) - splat_as<V>(top));
@@ -148,6 +166,86 @@ void attend(const float* q, State* st, int64_t nq, const float* k, const float* 
       t.l += hsum(sum);
     }
     add_values<V, C>(s, BLOCK, 1, [st](int64_t x) { return st[x].acc; }, nq, v + j0 * hd, b);
+  }
+}
+
+#if defined(__AVX512F__)
+constexpr int VREGS = 32;  // vector registers the tiles below may fill
+#else
+constexpr int VREGS = 16;
+#endif
+
+// Online-softmax update of QT queries from a block's scores held in registers (acc[x][u]: keys W u .. W u + W - 1;
+// keys from b on masked), their probabilities to s (row x at s + x * BLOCK).
+template <typename V, int C, int QT, int NV>
+inline void softmax_tile(V (&acc)[QT][NV], State* st, int64_t b, float* s) {
+  constexpr int W = lanes<V>;
+  for (int x = 0; x < QT; ++x) {
+    if (b < BLOCK)
+      for (int u = 0; u < NV; ++u)
+        for (int i = 0; i < W; ++i)
+          if (W * u + i >= b) acc[x][u][i] = -3.0e38f;  // exp -> 0, whatever the block's unused columns hold
+    V mx = acc[x][0];
+    for (int u = 1; u < NV; ++u) mx = vmax(mx, acc[x][u]);
+    State& t = st[x];
+    const float top = raise_max<V, C>(t, hmax(mx));
+    V sum = splat_as<V>(0.f);
+    for (int u = 0; u < NV; ++u) {
+      const V e = exp_nonpos(acc[x][u] - splat_as<V>(top));
+      store(s + x * BLOCK + W * u, e);
+      sum += e;
+    }
+    t.l += hsum(sum);
+  }
+}
+
+// Scores of QT queries (rows of q, stride hd) against a block of keys stored transposed (kt: [hd][BLOCK]), the keys in
+// the vector lanes: one FMA chain per (query, key) over the head dimension in order, no horizontal sums; then the
+// softmax update in registers. A query's arithmetic is the same whatever QT and its place in the tile.
+template <typename V, int C, int QT>
+inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, float* s) {
+  constexpr int W = lanes<V>, NV = BLOCK / W;
+  constexpr int64_t hd = W * C;
+  constexpr int NH = NV < 4 ? NV : 4;  // key vectors per pass over the head dimension (8 lanes: two passes)
+  V acc[QT][NV];
+  for (int u0 = 0; u0 < NV; u0 += NH) {
+    V part[QT][NH];
+    for (int x = 0; x < QT; ++x)
+      for (int u = 0; u < NH; ++u) part[x][u] = splat_as<V>(0.f);
+    for (int64_t d = 0; d < hd; ++d) {
+      V kd[NH];
+      for (int u = 0; u < NH; ++u) kd[u] = load_as<V>(kt + d * BLOCK + W * (u0 + u));
+      for (int x = 0; x < QT; ++x) {
+        const V qx = splat_as<V>(q[x * hd + d]);
+        for (int u = 0; u < NH; ++u) part[x][u] += qx * kd[u];
+      }
+    }
+    for (int x = 0; x < QT; ++x)
+      for (int u = 0; u < NH; ++u) acc[x][u0 + u] = part[x][u];
+  }
+  softmax_tile<V, C, QT, NV>(acc, st, b, s);
+}
+
+// `attend` over keys held in blocks of BLOCK positions, each transposed ([hd][BLOCK]: keys_blocked in attention.py;
+// the last block's unused columns any finite or not), values as rows: a block's scores for a tile of queries stay
+// in registers through the softmax, and the values go in taller tiles. The decode kernel's prompt part, where a
+// prompt's rows x a group's heads share each block (session 19: 2 x the rows form's speed at 24 queries).
+template <typename V, int C>
+void attend_blocked(const float* q, State* st, int64_t nq, const float* kt, const float* v, int64_t n, float* s) {
+  constexpr int W = lanes<V>, NV = BLOCK / W;
+  constexpr int64_t hd = W * C;
+  // tile heights, measured (session 19, 24 queries x 354 keys): scores 8 x 4 vectors on 16 lanes (4 or 6 were
+  // slower), 3 x 4 on 8; values 6 x 4 vectors where there are 32 registers
+  constexpr int QT = W == 16 ? 8 : 3, QV = VREGS == 32 ? 6 : 3;
+  static_assert(BLOCK % W == 0, "a block's keys must fill whole vectors");
+  for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
+    const int64_t b = std::min(BLOCK, n - j0);
+    const float* kb = kt + j0 * hd;
+    int64_t x = 0;
+    for (; x + QT <= nq; x += QT) blocked_tile<V, C, QT>(q + x * hd, st + x, kb, b, s + x * BLOCK);
+    for (; x + 3 <= nq; x += 3) blocked_tile<V, C, 3>(q + x * hd, st + x, kb, b, s + x * BLOCK);
+    for (; x < nq; ++x) blocked_tile<V, C, 1>(q + x * hd, st + x, kb, b, s + x * BLOCK);
+    add_values<V, C, QV>(s, BLOCK, 1, [st](int64_t y) { return st[y].acc; }, nq, v + j0 * hd, b);
   }
 }
 
@@ -225,6 +323,7 @@ struct Attenders {
   AttendFn attend;
   WideFn wide;
   AttendFn decode;
+  AttendFn prompt;  // the decode kernel's prompt part: attend_blocked, keys in blocks ([hd][BLOCK] each)
 };
 
 #if defined(__AVX512F__) && !defined(ILF_DECODE_V8)  // ILF_DECODE_V8: 8 lanes anyway (benchmarks/decode_attention.py)
@@ -236,12 +335,12 @@ using VA = v8;
 inline Attenders attenders_for(int64_t hd) {
   constexpr int WA = lanes<VA>;
   switch (hd) {
-    case 8: return {attend<v8, 1>, attend_wide<1>, attend<v8, 1>};
-    case 16: return {attend<v8, 2>, attend_wide<2>, attend<VA, 16 / WA>};
-    case 32: return {attend<v8, 4>, attend_wide<4>, attend<VA, 32 / WA>};
-    case 64: return {attend<v8, 8>, attend_wide<8>, attend<VA, 64 / WA>};
-    case 128: return {attend<v8, 16>, attend_wide<16>, attend<VA, 128 / WA>};
-    default: return {nullptr, nullptr, nullptr};
+    case 8: return {attend<v8, 1>, attend_wide<1>, attend<v8, 1>, attend_blocked<v8, 1>};
+    case 16: return {attend<v8, 2>, attend_wide<2>, attend<VA, 16 / WA>, attend_blocked<VA, 16 / WA>};
+    case 32: return {attend<v8, 4>, attend_wide<4>, attend<VA, 32 / WA>, attend_blocked<VA, 32 / WA>};
+    case 64: return {attend<v8, 8>, attend_wide<8>, attend<VA, 64 / WA>, attend_blocked<VA, 64 / WA>};
+    case 128: return {attend<v8, 16>, attend_wide<16>, attend<VA, 128 / WA>, attend_blocked<VA, 128 / WA>};
+    default: return {nullptr, nullptr, nullptr, nullptr};
   }
 }
 

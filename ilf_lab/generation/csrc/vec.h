@@ -22,11 +22,9 @@ typedef float v16 __attribute__((vector_size(64)));
 
 // Width-generic forms (V: v8 or v16); on v8 the same arithmetic as the helpers above.
 template <typename V> constexpr int lanes = sizeof(V) / sizeof(float);
-template <typename V> inline V splat_as(float x) {
-  V v;
-  for (int i = 0; i < lanes<V>; ++i) v[i] = x;
-  return v;
-}
+template <typename V> inline V splat_as(float x);  // one broadcast (a per-lane loop compiles to 16 masked ones)
+template <> inline v8 splat_as<v8>(float x) { return splat(x); }
+template <> inline v16 splat_as<v16>(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 template <typename V> inline V load_as(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
 // a v16's halves (memcpy, not __builtin_shufflevector, which GCC has only from 12; compiled to one extract)
 inline v8 low8(v16 v) { v8 h; std::memcpy(&h, &v, sizeof h); return h; }

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 # layer past K and V at each prompt's last position only (float rounding); 9: SiLU(gate) * up in a C++ pass, and
 # prefill's norms through the RMSNorm kernel and its rotary embedding through the rope kernel (float rounding); 10:
 # prefill's causal attention through a C++ kernel, only the unmasked half (float rounding); 11: on AVX-512 hosts the
-# decode attention kernel on 16 lanes, its sums grouped differently (float rounding).
-SAMPLING_VERSION = 11
+# decode attention kernel on 16 lanes, its sums grouped differently (float rounding); 12: the decode kernel's prompt
+# part over blocked keys, a score summed over the head dimension in order (float rounding).
+SAMPLING_VERSION = 12
 
 
 @dataclass(frozen=True)
