@@ -1,8 +1,10 @@
 """Benchmark: the decode attention kernel at the host's vector width against the same kernel at 8 lanes, same run.
 
-On an AVX-512 host `csrc/attend.h` runs the decode kernel's `attend` on 16 float lanes (elsewhere on 8, and both
-builds below are then the same code). This builds `csrc/decode_attention.cpp` twice with the engine's flags, once
-with `-DILF_DECODE_V8` (8 lanes anyway), loads both, and times one decode step's 30 layers in pairs on the same
+On an AVX-512 host `csrc/attend.h` runs the decode kernel's forms (`attend`, `attend_blocked`) on 16 float lanes
+with tiles sized for 32 vector registers (elsewhere on 8 lanes and 16 registers, and both builds below are then the
+same code). This builds `csrc/decode_attention.cpp` twice with the engine's flags, once with `-DILF_DECODE_V8` (8
+lanes and the 16-register tiles anyway: an AVX2 host's code, though the compiler may still use all 32 registers),
+loads both, and times one decode step's 30 layers in pairs on the same
 random cache, each build first in every other pair (a refine-like shape by default: 32 prompts x 8 rows, prompt
 lengths around 354, 64 generated columns a row). The host's speed drifts within minutes, so each pair is a ratio
 and the median ratio is reported.

@@ -37,7 +37,8 @@ def caches(gen, prompts: int, rows: int, kvh: int, hd: int, longest: int, new: i
 @needs_kernel
 @pytest.mark.parametrize("kvh,group,hd", [(3, 3, 64), (2, 1, 16), (1, 4, 32), (2, 2, 128), (1, 1, 8)])
 def test_kernel_is_torch_attention_to_rounding(kvh, group, hd):
-    """Prompts and own columns shorter and longer than a key block (64), 1-9 rows a prompt."""
+    """Prompts and own columns shorter and longer than a key block (64), 1-9 rows a prompt; NaN and inf in the
+    prompt store past each prompt (the last key block's unused columns among them) are never read."""
     gen = torch.Generator().manual_seed(hd + group)
     pkv, kv = caches(gen, 4, 20, kvh, hd, 200, 100)
     row_prompt = [int(p) for p in torch.randint(0, 4, (20,), generator=gen)]
@@ -46,6 +47,8 @@ def test_kernel_is_torch_attention_to_rounding(kvh, group, hd):
     own = [int(n) for n in torch.randint(1, 101, (20,), generator=gen)]
     own[:3] = [1, 64, 100]
     q = torch.randn(20, kvh * group, 1, hd, generator=gen)
+    for p, n in enumerate(prompt_len):  # what a slot may hold past its prompt (a longer prompt's, or worse)
+        pkv[1, 0, p, :, n:], pkv[1, 1, p, :, n:] = float("nan"), float("inf")
     att = DecodeAttention(kernel_store(pkv), kv, kvh * group)
     got = att(1, q, att.plan(row_prompt, prompt_len, own), hd**-0.5)
     want = reference(q, pkv[1, 0], pkv[1, 1], kv[1, 0], kv[1, 1], row_prompt, prompt_len, own, hd**-0.5)
@@ -54,7 +57,7 @@ def test_kernel_is_torch_attention_to_rounding(kvh, group, hd):
 
 
 @needs_kernel
-@pytest.mark.parametrize("group", [3, 2])  # 2: a row's queries straddle the kernel's 3-query tiles
+@pytest.mark.parametrize("group", [3, 2])  # 2: a row's queries straddle the kernel's 3-query tiles (and 8, 6)
 def test_a_rows_result_does_not_depend_on_the_batch(group):
     """A row (its prompt's columns, its own columns, its query) gives bitwise the same output alone, at another row
     index beside other rows, and under another thread count: whatever tile of the kernel its queries land in."""

@@ -100,13 +100,18 @@ def test_backends_agree_on_samples(peaked_llama):
         assert _engine(peaked_llama, "slots-shared", batch_size).generate(PROMPTS, p) == slots
 
 
+# the C++ attention over the shared prompt KV, where the kernels build (its keys blocked: attention.keys_blocked)
+KERNEL = pytest.param("kernel", marks=pytest.mark.skipif(unbuildable() is not None, reason="no CPU kernels here"))
+
+
+@pytest.mark.parametrize("attention", ["matmul", KERNEL])
 @pytest.mark.parametrize("run_cost", [1024, 0])  # 1024: one run of prompt slots here; 0: a run per width
-def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(run_cost):
+def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(run_cost, attention):
     """prompt_kv=shared splits each step's attention into the prompt part (one matmul per run of prompts for
-    all their rows) and the row's own part, merged as one softmax: the same logits as the copied cache to float
-    rounding, with grouped-query heads, prompts of different lengths, prompts admitted mid-run with another n,
-    rows finishing, several prompts freed at once (live prompts moving into their slots), and the grid
-    narrowing."""
+    all their rows, or the kernel) and the row's own part, merged as one softmax: the same logits as the copied
+    cache to float rounding, with grouped-query heads, prompts of different lengths (past a key block of 64, and
+    exactly two), prompts admitted mid-run with another n, rows finishing, several prompts freed at once (live
+    prompts moving into slots last held by longer and shorter ones), and the grid narrowing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ilf_lab.generation.prefix import SharedPromptCache
@@ -114,12 +119,14 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(run_cos
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(cfg).eval()
-    first, later = [[5, 9, 2], [7] * 11, [3, 4, 5, 6, 7, 8], [1, 2]], [[8] * 9, [4, 4, 2]]
+    first = [[5, 9, 2], [7] * 70, [(3 + i) % 97 for i in range(128)], [1, 2]]
+    later = [[8] * 64, [4, 4, 2]]
     new = 10
-    copied = SlotCache(model, 16, 12 + new)
-    shared = SharedPromptCache(model, 16, 12, new)
+    copied = SlotCache(model, 16, 128 + new)
+    shared = SharedPromptCache(model, 16, 128, new, attention=attention)
+    assert (shared.kernel is not None) == (attention == "kernel")
     shared.RUN_COST = run_cost
     lens: list[int] = []
     owner: list[tuple[int, ...]] = []  # each row's prompt
@@ -158,7 +165,7 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(run_cos
             if step == 4:  # prompt 1 ends, and a row of each other prompt: no prompt keeps 3 rows
                 finish([0, 1, 3, len(lens) - 1])
                 assert shared.grid == 2
-    assert sorted(shared.prompt_len) == [2, 3, 9], shared.prompt_len  # prompt 1 (11 tokens) left at step 4
+    assert sorted(shared.prompt_len) == [2, 3, 64], shared.prompt_len  # prompt 1 (70 tokens) left at step 4
     runs = shared._runs()
     assert [r for run in runs for r in range(*run)] == [0, 1, 2]  # contiguous, every prompt slot once
     assert len(runs) == (1 if run_cost else 3)
@@ -166,7 +173,7 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(run_cos
         shared.move([0], [1], [lens[1]])
 
 
-@pytest.mark.parametrize("shared_kv", [False, True])
+@pytest.mark.parametrize("shared_kv", [False, True, KERNEL])
 def test_a_common_start_prefilled_once_matches_whole_prompts(shared_kv):
     """sampling.common_prefix=once: the start all prompts share is run once and its KV copied in front of each
     prompt's, which then runs only its own tokens (at their positions, attending to the held KV): the prefill
@@ -183,7 +190,8 @@ def test_a_common_start_prefilled_once_matches_whole_prompts(shared_kv):
     model = LlamaForCausalLM(cfg).eval()
     start = [(7 * i) % 97 for i in range(1, 21)]
     prompts = [start + [5, 9], start + [7] * 11, start + [3]]
-    make = (lambda: SharedPromptCache(model, 8, 40, 4)) if shared_kv else (lambda: SlotCache(model, 8, 40))
+    make = (lambda: SharedPromptCache(model, 8, 40, 4, attention="kernel" if shared_kv == "kernel" else "matmul")
+            ) if shared_kv else (lambda: SlotCache(model, 8, 40))
     with torch.inference_mode():
         whole, split = make(), make()
         want = whole.prefill(prompts, 0, 2)

@@ -110,7 +110,9 @@ class Plan:
 
 class DecodeAttention:
     """The kernel bound to one cache's prompt store and own-column cache (their layouts checked once). The store's
-    keys are blocked (`keys_blocked`, positions a multiple of KEY_BLOCK); its values and the own cache are rows."""
+    keys are blocked (`keys_blocked`, positions a multiple of KEY_BLOCK); its values and the own cache are rows.
+    The check cannot tell blocked keys from rows in a store of whole blocks: its writer (SharedPromptCache,
+    `kernel_store`) blocks them."""
 
     def __init__(self, pkv: torch.Tensor, kv: torch.Tensor, heads: int, fn: Any = None) -> None:
         self.fn = fn or load_kernel()

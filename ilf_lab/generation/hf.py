@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ilf_lab.generation.attention import head_dim, resolve_attention
+from ilf_lab.generation.attention import head_dim, padded, resolve_attention
 from ilf_lab.generation.packed import PackedLinears, resolve_cpu_linear
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
@@ -331,7 +331,8 @@ class HFEngine:
                 # prompts held once each, at most the longest CPU_MAX_ROWS of them (one long prompt no longer
                 # sizes every row: MBPPTrain refine prompts, mean ~490 tokens with one of ~4,300)
                 max_len = max(self._budget)
-                held = sorted(map(len, ids), reverse=True)[:CPU_MAX_ROWS]
+                whole = padded if self.attention == "kernel" else int  # the kernel's store: whole key blocks
+                held = sorted((whole(len(p)) for p in ids), reverse=True)[:CPU_MAX_ROWS]
                 fixed = kv_bytes_per_token(self.model) * sum(held)
             else:  # allocated in full: every row's slot as long as the longest prompt plus the largest budget
                 max_len = longest + max(self._budget)

@@ -204,8 +204,9 @@ class SharedPromptCache(SlotCache):
         for s, d in remap.items():
             t = self.prompt_len[s]
             self._release(d)  # what the hole's last prompt touched past this one's length
-            w = padded(t) if self.blocked else t  # blocked keys: whole blocks
-            self.pkv[:, :, d, :, :w].copy_(self.pkv[:, :, s, :, :w])
+            w = padded(t) if self.blocked else t  # blocked keys: whole blocks (values: rows)
+            self.pkv[:, 0, d, :, :w].copy_(self.pkv[:, 0, s, :, :w])
+            self.pkv[:, 1, d, :, :t].copy_(self.pkv[:, 1, s, :, :t])
             self.prompt_len[d] = t
         for p in range(keep, len(self.prompt_len)):
             self._release(p)  # so the store holds only live prompts (the batch sizing counts those)

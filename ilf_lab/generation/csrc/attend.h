@@ -169,7 +169,7 @@ void attend(const float* q, State* st, int64_t nq, const float* k, const float* 
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && !defined(ILF_DECODE_V8)  // ILF_DECODE_V8: as an 8-lane (AVX2) host would
 constexpr int VREGS = 32;  // vector registers the tiles below may fill
 #else
 constexpr int VREGS = 16;
@@ -232,7 +232,7 @@ inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, 
 // prompt's rows x a group's heads share each block (session 19: 2 x the rows form's speed at 24 queries).
 template <typename V, int C>
 void attend_blocked(const float* q, State* st, int64_t nq, const float* kt, const float* v, int64_t n, float* s) {
-  constexpr int W = lanes<V>, NV = BLOCK / W;
+  constexpr int W = lanes<V>;
   constexpr int64_t hd = W * C;
   // tile heights, measured (session 19, 24 queries x 354 keys): scores 8 x 4 vectors on 16 lanes (4 or 6 were
   // slower), 3 x 4 on 8; values 6 x 4 vectors where there are 32 registers

@@ -4,9 +4,9 @@
 // they read the prompt's keys together, one block of keys at a time while it sits in L1 (as the batched matmul
 // over the grid shares the prompt's KV; attend.h `attend_blocked`: the store's keys are blocked, each block of 64
 // positions transposed, so scores need no horizontal sums); then each row reads its own generated columns, held as
-// rows (`attend`). Both run 16 lanes on AVX-512.
-// Online softmax (running max, sum of exponentials, rescaled accumulator) over blocks of keys: no score tensor, no
-// mask, no padding. Each row's result is computed in a fixed order from its own inputs only: it does not depend on
+// rows (`attend`). Both run 16 lanes on AVX-512 (8 at head_dim 8).
+// Online softmax (running max, sum of exponentials, rescaled accumulator) over blocks of keys: no score tensor and
+// no mask in memory (only the last block's unused lanes are masked, in registers). Each row's result is computed in a fixed order from its own inputs only: it does not depend on
 // the batch. (attend.h's `attend_wide` is not used here: a prompt's live rows fall to a few as its samples end,
 // leaving most of its lanes empty; on session 16's refine benchmark it was no faster.)
 // A plain C ABI (loaded with ctypes, no torch headers, so it builds in about a second); threads: OpenMP, linked by
@@ -63,7 +63,7 @@ int ilf_decode_attention(const float* q, float* out, const float* pk, const floa
       const int64_t r = order[r0 + i], obase = r * os[0] + h * os[1];
       attend(w.q + i * g * hd, w.st + i * g, g, ok + obase, ov + obase, own[r], w.s);
       for (int64_t x = 0; x < g; ++x) w.finish(i * g + x, out + ((r * kvh + h) * g + x) * hd);
-      if (i < next) ahead -= bytes(i);
+      ahead -= bytes(i);  // requested already: fetch keeps at least the next row in flight
       fetch();
     }
   });
