@@ -6,6 +6,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -335,6 +338,42 @@ def test_freed_prompt_slots_give_their_pages_back():
     assert torch.equal(cache.pkv[:, :, 0, :, :30], kept)
     assert cache.pkv[:, :, 0, :, 30:].abs().sum() == 0  # nothing left of the 120-token prompt
     assert cache.pkv[:, :, 2].abs().sum() == 0 and cache.pkv[:, :, 1, :, :10].abs().sum() > 0
+
+
+_HEAP_PROBE = """
+import ctypes, resource, sys
+if sys.argv[1] == "keep":
+    from ilf_lab.generation.pages import keep_heap_pages
+    assert keep_heap_pages()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+faults = []
+for _ in range(3):  # three 24 MB buffers written and freed, as a prefill layer's temporaries are
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ps = [libc.malloc(24 << 20) for _ in range(3)]
+    for p in ps:
+        libc.memset(p, 1, 24 << 20)
+    for p in ps:
+        libc.free(p)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_the_heap_keeps_its_pages_for_repeated_large_buffers():
+    """keep_heap_pages (set by a CPU engine): large buffers freed and allocated again reuse the heap's pages, where
+    glibc's default gives them back and faults them in anew each time (fresh processes, no torch state)."""
+    def faults(mode: str) -> list[int]:
+        p = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return [int(x) for x in p.stdout.split()]
+
+    pages = 3 * (24 << 20) // 4096
+    default, kept = faults("default"), faults("keep")
+    assert min(default[1:]) > pages // 2  # given back, faulted in again
+    assert kept[0] > pages // 2 and max(kept[1:]) < pages // 20  # faulted once, then reused
 
 
 def test_zeroed_cpu_pages_are_mapped_on_touch_and_given_back():

@@ -31,6 +31,7 @@ import torch
 
 from ilf_lab.generation.attention import head_dim, padded, resolve_attention
 from ilf_lab.generation.packed import PackedLinears, resolve_cpu_linear
+from ilf_lab.generation.pages import keep_heap_pages
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
 from ilf_lab.generation.prefix import SharedPromptCache
@@ -289,6 +290,8 @@ class HFEngine:
         self.eos = eos_token_ids(model, tokenizer)
         self._budget: list[int] = []  # new tokens each prompt of the current call may take (fit_context)
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_heap_pages()  # prefill's large temporaries reuse heap pages instead of faulting fresh ones
         self.last_stats: dict[str, float] = {}
         self._rows_mean = 0.0
         self.phases = OFF  # set to a Phases() to time a call's phases (benchmarks/sampling.py)
