@@ -342,6 +342,7 @@ def test_freed_prompt_slots_give_their_pages_back():
 
 _HEAP_PROBE = """
 import ctypes, resource, sys
+ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: one fault per base page, whatever THP is set to
 if sys.argv[1] == "keep":
     from ilf_lab.generation.pages import keep_heap_pages
     assert keep_heap_pages()
@@ -364,13 +365,18 @@ print(*faults)
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_the_heap_keeps_its_pages_for_repeated_large_buffers():
     """keep_heap_pages (set by a CPU engine): large buffers freed and allocated again reuse the heap's pages, where
-    glibc's default gives them back and faults them in anew each time (fresh processes, no torch state)."""
+    glibc's default gives them back and faults them in anew each time (fresh processes, glibc's own defaults: no
+    MALLOC_* or tunables from the environment)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "PYTHONMALLOC")}
+
     def faults(mode: str) -> list[int]:
-        p = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, timeout=120)
+        p = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, timeout=120,
+                           env=env)
         assert p.returncode == 0, p.stderr[-2000:]
         return [int(x) for x in p.stdout.split()]
 
-    pages = 3 * (24 << 20) // 4096
+    pages = 3 * (24 << 20) // os.sysconf("SC_PAGE_SIZE")
     default, kept = faults("default"), faults("keep")
     assert min(default[1:]) > pages // 2  # given back, faulted in again
     assert kept[0] > pages // 2 and max(kept[1:]) < pages // 20  # faulted once, then reused

@@ -77,8 +77,10 @@ def release_cpu(t: torch.Tensor) -> None:
 
 # glibc's mallopt parameters (malloc.h) and this engine's values
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+# the mmap threshold first: it is the one glibc may refuse (32-bit), and trim or top pad set alone would freeze the
+# threshold at its 128 KiB start (worse than the default), so a refusal applies nothing
 HEAP_SETTINGS = (
-    (_M_MMAP_THRESHOLD, 32 << 20),  # allocations up to 32 MiB (glibc's ceiling) from the heap, not a fresh mapping
+    (_M_MMAP_THRESHOLD, 32 << 20),  # allocations up to 32 MiB (the default's ceiling) from the heap, not a new mapping
     (_M_TRIM_THRESHOLD, 256 << 20),  # up to 256 MiB of freed heap kept mapped, not returned to the kernel
     (_M_TOP_PAD, 64 << 20),  # and the heap grown 64 MiB at a time
 )
@@ -86,16 +88,26 @@ HEAP_SETTINGS = (
 
 def keep_heap_pages() -> bool:
     """Make glibc keep the heap pages it has for the engine's repeated large temporaries (prefill's per-layer
-    activations, ~25 MB at 2,048 tokens; the decode step's logits). By default its thresholds adapt: an allocation
-    past the current one gets a fresh mapping, and freed memory past twice it goes back to the kernel, so such
-    buffers kept coming back as fresh pages, each a fault that zeroes it (~1.4 us, ~8 us where the hypervisor
+    activations, ~25 MB at 2,048 tokens; the decode step's logits up to ~170 rows). By default its thresholds
+    adapt: an allocation past the current one gets a fresh mapping, and freed memory past twice it goes back to the
+    kernel, so such buffers kept coming back as fresh pages, each a fault that zeroes it (~1.4 us, ~8 us where the hypervisor
     backs it anew). Refine benchmark call: 0.9 M -> 0.66 M page faults, 31-32 s -> 29.6-30.4 s (session 19).
-    Process-wide and idempotent; a no-op (False) off glibc."""
+    Process-wide and idempotent, and it stays for the process's life (up to 256 MiB of freed heap plus the top pad
+    stay resident); a no-op (False) off glibc."""
+    if _MALLOPT is None:
+        return False
+    return all(_MALLOPT(option, value) == 1 for option, value in HEAP_SETTINGS)
+
+
+def _mallopt() -> object | None:
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(option, value) == 1 for option, value in HEAP_SETTINGS)
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_MALLOPT = _mallopt()
