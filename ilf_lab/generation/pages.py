@@ -90,8 +90,8 @@ def keep_heap_pages() -> bool:
     """Make glibc keep the heap pages it has for the engine's repeated large temporaries (prefill's per-layer
     activations, ~25 MB at 2,048 tokens; the decode step's logits up to ~170 rows). By default its thresholds
     adapt: an allocation past the current one gets a fresh mapping, and freed memory past twice it goes back to the
-    kernel, so such buffers kept coming back as fresh pages, each a fault that zeroes it (~1.4 us, ~8 us where the hypervisor
-    backs it anew). Refine benchmark call: 0.9 M -> 0.66 M page faults, 31-32 s -> 29.6-30.4 s (session 19).
+    kernel, so such buffers kept coming back as fresh pages, each a fault that zeroes it (~1.4 us, ~8 us where the
+    hypervisor backs it anew). Refine benchmark call: 0.9 M -> 0.66 M page faults, 31-32 s -> 29.6-30.4 s (session 19).
     Process-wide and idempotent, and it stays for the process's life (up to 256 MiB of freed heap plus the top pad
     stay resident); a no-op (False) off glibc."""
     if _MALLOPT is None:
