@@ -9,7 +9,9 @@ Two prompt sets, both as the pipeline builds them: MBPP chat prompts (evaluation
 * the engine's kept and generated tokens/s and the generated rate as a share of that roofline, over `--repeats`
   calls (3 by default), each with its roofline measured right after it: the median call by share is reported (of
   an even number, the lower of the two), every call's share listed, and the calls' samples compared (the same
-  seed must give the same samples; the script exits 1 if they differ);
+  seed must give the same samples; the script exits 1 if they differ). Each call's page faults and system
+  seconds are listed too: a call after the first reuses the cache memory an earlier one left (pages.KEPT), as
+  the pipeline's later stages do, and `--cold` unmaps it before every call (as before session 20);
 * the per-phase profile of the engine's call (prefill, the decode step's parts, token choice, stop checks);
 * the baseline, `model.generate` at 16 sequences per call on the first `--baseline-prompts` prompts, and the
   ratio in kept tokens/s (kept = tokens of the returned completions after the stop cut, counted the same way);
@@ -22,6 +24,7 @@ The last line is one JSON object (metric, value, baseline, ratio, unit, per-set 
     python benchmarks/sampling.py --sets chat --prompts 8 --n 4 --max-new-tokens 64
     python benchmarks/sampling.py --quantize int8             # the engine in int8 (baseline, roofline: fp32)
     python benchmarks/sampling.py --prompt-kv copy            # a prompt's KV copied into each sample's slot
+    python benchmarks/sampling.py --cold                      # no call reuses an earlier call's cache memory
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 
 import torch
 from roofline import PREFILL_ROWS, attention_gflop_per_token, ceiling, prefill_gflop, roofline
 
 from ilf_lab.generation.packed import onednn_available
+from ilf_lab.generation.pages import KEPT
 from ilf_lab.generation.phases import Phases
 
 
@@ -97,9 +102,9 @@ def engine_call(engine, prompts, params, model, tok, plen) -> dict:
     """One timed engine call with its own phase profile, then the roofline measured right after it at the call's
     mean decode rows (on a host whose speed drifts, each call is set against the host as it was then)."""
     engine.phases = Phases()
-    t0 = time.perf_counter()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     out = engine.generate(prompts, params)
-    dt = time.perf_counter() - t0
+    dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     stats = engine.last_stats
     gen_tokens, kept = int(stats["generated_tokens"]), kept_tokens(tok, out)
     rows = max(1, round(stats.get("rows_mean", stats["batch_size"])))  # mean active rows per decode step
@@ -112,7 +117,8 @@ def engine_call(engine, prompts, params, model, tok, plen) -> dict:
     return {"out": out, "seconds": dt, "stats": stats, "rows": rows, "gen_tokens": gen_tokens, "kept": kept,
             "value": kept / dt, "gen_rate": gen_tokens / dt, "mm": mm, "mm_aten": rates["aten"],
             "mm_onednn": rates.get("onednn"), "lin_gflop": lin_gflop, "context": context, "gflop": gflop,
-            "share": gen_tokens / dt * gflop / mm, "phases": engine.phases}
+            "share": gen_tokens / dt * gflop / mm, "phases": engine.phases,
+            "faults": r1.ru_minflt - r0.ru_minflt, "sys": r1.ru_stime - r0.ru_stime}
 
 
 def bench_set(name, prompts, model, sampler, tok, args) -> dict:
@@ -139,13 +145,18 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     engine = HFEngine(sampler, tok, batch_size=args.batch_size, prompt_kv=args.prompt_kv, cpu_linear=args.cpu_linear,
                       attention=args.attention, common_prefix=args.common_prefix)
     shared = shared_prefix_len(ids) if engine.common_prefix == "once" else 0  # prefilled once (slots.py)
-    runs = [engine_call(engine, prompts, params, model, tok, plen) for _ in range(args.repeats)]
+    runs = []
+    for _ in range(args.repeats):
+        if args.cold:
+            KEPT.drop()
+        runs.append(engine_call(engine, prompts, params, model, tok, plen))
     same = all(r["out"] == runs[0]["out"] for r in runs)  # the same seed: the same samples, every call
     run = sorted(runs, key=lambda r: r["share"])[(len(runs) - 1) // 2]  # the median call by share (even: the lower)
     if len(runs) > 1:
         for i, r in enumerate(runs, 1):
             print(f"call {i}/{len(runs)}: {r['seconds']:.1f} s, {r['gen_rate']:.1f} generated tok/s, roofline "
-                  f"{r['mm']:.1f} GFLOP/s at {r['rows']} rows = {100 * r['share']:.1f}%")
+                  f"{r['mm']:.1f} GFLOP/s at {r['rows']} rows = {100 * r['share']:.1f}%; {r['faults']} page faults, "
+                  f"{r['sys']:.1f} s system")
         print(f"median call by share: {runs.index(run) + 1}; samples {'identical' if same else 'DIFFERENT'} "
               f"across the {len(runs)} calls")
     dt, stats, rows = run["seconds"], run["stats"], run["rows"]
@@ -229,7 +240,8 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         "ceiling_share": round(cap["share"], 3),
         "ceiling_ratio": round(cap["ratio"], 2),
         "profile_s": profile,
-        "calls": [{k: round(r[k], 3) for k in ("seconds", "gen_rate", "mm", "share")} for r in runs],
+        "calls": [{k: round(r[k], 3) for k in ("seconds", "gen_rate", "mm", "share", "faults", "sys")} for r in runs],
+        "cold": args.cold,
         "same_samples_across_calls": same,
     }
 
@@ -249,6 +261,8 @@ def main() -> None:
                     help="engine calls per set, each with its roofline measured right after it; the median call by "
                     "roofline share is reported (this project's hosts drift by several %% within minutes)")
     ap.add_argument("--batch-size", type=int, default=None, help="engine rows (default: automatic)")
+    ap.add_argument("--cold", action="store_true",
+                    help="unmap the kept cache memory (pages.KEPT) before every call: no call reuses an earlier one's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--dtype",

@@ -43,7 +43,7 @@ def test_sampling_benchmark_runs_both_prompt_sets_with_a_copied_prompt_kv(tmp_pa
     if not data_dir:
         pytest.skip("ILF_LAB_DATA_DIR is not set (the prompts come from MBPP and the ILF annotations)")
     args = ["--prompts", "2", "--n", "3", "--max-new-tokens", "8", "--baseline-prompts", "1", "--threads", "1",
-            "--prompt-kv", "copy", "--repeats", "2", "--data-dir", data_dir,
+            "--prompt-kv", "copy", "--repeats", "2", "--cold", "--data-dir", data_dir,
             "--cache-dir", os.environ.get("ILF_LAB_CACHE_DIR", str(tmp_path / "cache"))]
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampling.py"), *args],
                        capture_output=True, text=True, timeout=900)
@@ -57,6 +57,7 @@ def test_sampling_benchmark_runs_both_prompt_sets_with_a_copied_prompt_kv(tmp_pa
         assert 0 < s["ceiling_share"] < 1 and s["ceiling_ratio"] > 0 and s["ceiling_seconds"] > 0
         # two calls, each with its own roofline; the reported share is the median call's; same seed, same samples
         assert len(s["calls"]) == 2 and s["same_samples_across_calls"] is True
+        assert s["cold"] is True and all(c["faults"] > 0 and c["sys"] >= 0 for c in s["calls"])  # no reuse: faults
         assert round(s["roofline_share"], 2) in {round(c["share"], 2) for c in s["calls"]}
     assert "prompt KV copy" in p.stdout and "samples identical across the 2 calls" in p.stdout
 

@@ -318,9 +318,9 @@ def test_engine_prefills_the_common_start_once(peaked_llama, monkeypatch):
 
 
 def test_freed_prompt_slots_give_their_pages_back():
-    """On CPU the batch sizing counts the shared store's live prompts only: a prompt slot freed at compaction (or
-    vacated by a prompt moving down) returns its pages, and a hole keeps nothing of its last prompt past the
-    new one's length; the moved prompt's KV is intact."""
+    """On CPU the batch sizing counts one prompt's extent per slot of the shared store: a slot vacated by a prompt
+    moving down returns its pages, a hole keeps nothing of its last prompt past the new one's length (its pages
+    below are reused), a drained prompt's slot keeps its pages for the next prompt; the moved KV is intact."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ilf_lab.generation.prefix import SharedPromptCache
@@ -336,8 +336,15 @@ def test_freed_prompt_slots_give_their_pages_back():
         cache.compact([0], [2], [30], 2)  # prompt 0 (row 0) ends: prompt 2 moves into slot 0, slot 2 is freed
     assert cache.prompt_len == [30, 10]
     assert torch.equal(cache.pkv[:, :, 0, :, :30], kept)
-    assert cache.pkv[:, :, 0, :, 30:].abs().sum() == 0  # nothing left of the 120-token prompt
+    per_page = os.sysconf("SC_PAGE_SIZE") // (64 * 4)  # positions per page of a head's block
+    past = -(-30 // per_page) * per_page  # the hole's pages past the moved prompt's last one are given back
+    assert cache.pkv[:, :, 0, :, past:].abs().sum() == 0  # nothing left there of the 120-token prompt
     assert cache.pkv[:, :, 2].abs().sum() == 0 and cache.pkv[:, :, 1, :, :10].abs().sum() > 0
+    with torch.inference_mode():
+        cache.compact([], [], [], 1)  # prompt 1 (row 1) ends: nothing moves, its slot keeps its pages
+        assert cache.prompt_len == [30] and cache.pkv[:, :, 1, :, :10].abs().sum() > 0
+        cache.prefill([[9] * 4], 1, 1)  # the next prompt takes slot 1
+    assert cache.prompt_len == [30, 4] and cache.row_prompt == [0, 1]
 
 
 _HEAP_PROBE = """
@@ -423,6 +430,70 @@ def test_zeroed_cpu_pages_are_mapped_on_touch_and_given_back():
     for i in range(64):
         sparse[i, 0] = 1.0
     assert resident_mb() - before < 16
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mincore and mremap")
+def test_kept_mappings_are_reused_only_when_free_and_always_zero():
+    """pages.KEPT: a cache mapping is reused once no tensor (or view) of it lives, its resident pages zeroed; a
+    smaller request gives the pages past it back, a larger one grows the largest free mapping; the default
+    zeroed_cpu never takes a kept mapping."""
+    from ilf_lab.generation.pages import KEPT, zeroed_cpu
+
+    KEPT.drop()
+    page_floats = os.sysconf("SC_PAGE_SIZE") // 4
+    t = zeroed_cpu((256, 1024), torch.float32, reuse=True)  # 1 MiB
+    t[::3] = float("nan")
+    t[-1, -1] = float("inf")
+    first, view = t.data_ptr(), t[5]
+    del t
+    busy = zeroed_cpu((256, 1024), torch.float32, reuse=True)
+    assert busy.data_ptr() != first and busy.count_nonzero() == 0  # a view keeps the mapping in use
+    del view, busy
+    assert KEPT.resident_bytes() >= (1 << 20) // 3  # the NaN pages, still mapped and counted as free memory
+    plain = zeroed_cpu((256, 1024), torch.float32)
+    assert plain.data_ptr() not in (first,) and plain.count_nonzero() == 0
+    again = zeroed_cpu((256, 1024), torch.float32, reuse=True)
+    assert again.count_nonzero() == 0  # NaN and inf pages zeroed, not given back
+    del again
+    KEPT.drop()
+    one = zeroed_cpu((256, 1024), torch.float32, reuse=True)
+    one.fill_(7.0)
+    ptr = one.data_ptr()
+    del one
+    small = zeroed_cpu((64, 1024), torch.float32, reuse=True)  # a quarter of the one free mapping
+    assert small.data_ptr() == ptr and small.count_nonzero() == 0
+    del small
+    assert KEPT.resident_bytes() <= (1 << 18) + 4 * page_floats  # the pages past the request given back
+    big = zeroed_cpu((2048, 1024), torch.float32, reuse=True)  # 8 MiB: the largest free one, grown
+    assert big.data_ptr() != 0 and big.count_nonzero() == 0
+    big.fill_(1.0)
+    assert big.sum() == big.numel()
+    del big
+    KEPT.drop()
+    assert KEPT.resident_bytes() == 0
+
+
+@pytest.mark.parametrize("attention", ["matmul", KERNEL])
+def test_a_second_call_reuses_the_caches_memory_and_samples_the_same(peaked_llama, attention):
+    """The second call on an engine takes the first's cache mappings (pages.KEPT), poisoned here with NaN: the
+    matmul attention reads unwritten columns (masked: 0 x V), so anything but zero there would show in the
+    samples."""
+    from ilf_lab.generation.pages import KEPT, _free
+
+    _, model, tok = peaked_llama
+    KEPT.drop()
+    engine = HFEngine(model, tok, batch_size=6, prompt_kv="shared", attention=attention)
+    p = SamplingParams(n=3, temperature=0.8, top_p=0.95, max_new_tokens=12, seed=5)
+    first = engine.generate(PROMPTS, p)
+    free = [b for b in KEPT._held if _free(b)]
+    assert len(free) >= 2  # the own cache and the prompt store
+    for b in free:
+        junk = torch.frombuffer(memoryview(b), dtype=torch.uint8)
+        junk.view(-1)[:: 4096] = 0xFF  # a NaN byte pattern in every page
+        junk[: len(b) // 4 * 4].view(torch.float32)[::97] = float("nan")
+        del junk
+    assert engine.generate(PROMPTS, p) == first
+    assert not [b for b in free if not _free(b)]  # handed back after the call
 
 
 def test_prompt_runs_set_a_long_prompt_apart():

@@ -1,5 +1,6 @@
 """CPU memory for the engine: the KV caches' zero pages mapped on first touch and given back when a slot is freed
-(so the batch sizing can count only what rows touch), and the C heap told to keep the pages it has."""
+(so the batch sizing can count only what rows touch), those mappings kept for the next sampling call in the
+process, and the C heap told to keep the pages it has."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import math
 import mmap
 import platform
 import sys
+import threading
 
+import numpy as np
 import torch
 
 
@@ -17,18 +20,20 @@ def _x86_or_arm() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64")
 
 
-def _madvise() -> object | None:
+def _linux_libc(name: str, *argtypes: object) -> object | None:
+    """libc's `name` (returning int) on Linux, else None."""
     if sys.platform != "linux":
         return None
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
     return fn
 
 
-_MADVISE = _madvise()
+_MADVISE = _linux_libc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_MINCORE = _linux_libc("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)  # private anonymous pages: freed, read as zero again
 _MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
 
@@ -39,28 +44,144 @@ _MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" and _x86_or_arm() else 0)
 
 
-def zeroed_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def zeroed_cpu(shape: tuple[int, ...], dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
     """A zero tensor in private anonymous mmap memory: the kernel guarantees zero pages and maps them on first
     touch. Private, not shared (shmem, until session 18): a shmem page's first-touch fault cost more, and a decode
     step's cache writes are where those faults land (refine: the q/k/v phase 5.9-7.0 s -> 5.0-5.5 s, session 18).
     Never transparent huge pages (where THP is `always`, private memory would get them): a 2 MiB page would make a
-    whole prompt-store block resident at its first write, past what the batch sizing counts (hf.py)."""
+    whole prompt-store block resident at its first write, past what the batch sizing counts (hf.py).
+    `reuse`: from a mapping an earlier tensor left (`KEPT`), its resident pages zeroed, where one is free."""
     count, size = math.prod(shape), math.prod(shape) * dtype.itemsize
+    view = KEPT.take(size) if reuse else None
+    if view is None:
+        buf = _map(size)
+        view = memoryview(buf)  # an export of `buf` for the tensor's life: how KEPT tells the mapping is in use
+        if reuse:
+            KEPT.hold(buf)
+    return torch.frombuffer(view, dtype=dtype, count=count).view(shape)  # the tensor keeps `view` alive
+
+
+def _map(size: int) -> mmap.mmap:
     try:
-        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
     except (AttributeError, OSError):  # no such flags here, or strict overcommit: a plain mapping
-        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if size and hasattr(buf, "madvise"):
+        buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(buf, "madvise"):
         try:
             buf.madvise(_MADV_NOHUGEPAGE)
         except OSError:  # a kernel without THP: nothing to opt out of
             pass
-    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)  # the tensor keeps `buf` alive
+    return buf
 
 
-def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+class KeptMappings:
+    """The KV caches' mappings, kept after their tensors die for the next sampling call in this process to reuse.
+
+    Why: a page the process has not touched before costs a fault that zeroes it, and on a VM whose host takes
+    freed guest memory back (free page reporting: this project's hosts) one the host must back anew: 8-26 us a
+    page, against ~0.3 us to zero a resident one. A refine call writes ~0.5 M fresh pages (its prompts' KV, every
+    generated token's KV, the logits), 5-13 s of system time on such a host. A later call (the benchmark's
+    repeats, the evaluate stage after the refine stage, a sweep's next job, the feedback server) reuses them.
+
+    A mapping is free once no tensor uses it: Python's mmap refuses to resize while a buffer is exported, and a
+    tensor from `torch.frombuffer` holds one for its life. Reused, its resident pages are zeroed (mincore: the
+    others read as zero) and those past the request given back. At most `limit` free mappings are kept, the most
+    recently used; `drop` unmaps them."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._held: list[mmap.mmap] = []  # most recently used last
+        self._lock = threading.Lock()
+
+    def hold(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            self._held.append(buf)
+            if len(self._held) > 2 * self.limit:  # forget the oldest free ones (in use: their tensors keep them)
+                free = [b for b in self._held if _free(b)]
+                for b in free[: len(free) - self.limit]:
+                    self._held.remove(b)
+
+    def take(self, size: int) -> memoryview | None:
+        """A view of a free mapping of at least `size` bytes (the smallest; else the largest, grown), zeroed; else
+        None. The view is taken under the lock: from then on the mapping reads as in use."""
+        if _MINCORE is None:
+            return None
+        with self._lock:
+            free = [b for b in self._held if _free(b)]
+            if not free:
+                return None
+            fits = [b for b in free if len(b) >= size]
+            buf = min(fits, key=len) if fits else max(free, key=len)
+            self._held.remove(buf)
+            try:
+                if len(buf) < size:
+                    buf.resize(size)  # mremap: the resident pages move with it, the new tail is zero
+                _zero_resident(buf, size)
+            except (OSError, ValueError, BufferError, SystemError):
+                return None  # forgotten: unmapped once unreferenced
+            self._held.append(buf)
+            return memoryview(buf)
+
+    def resident_bytes(self) -> int:
+        """Bytes resident in the free mappings: memory a new cache reuses (the batch sizing counts it as free)."""
+        with self._lock:
+            free = [b for b in self._held if _free(b)]
+        return sum(int(_resident(b, len(b)).sum()) for b in free) * mmap.PAGESIZE if _MINCORE else 0
+
+    def drop(self) -> None:
+        """Forget every free mapping (unmapped once unreferenced): their pages go back to the kernel."""
+        with self._lock:
+            self._held = [b for b in self._held if not _free(b)]
+
+
+def _free(buf: mmap.mmap) -> bool:
+    """No tensor uses `buf`: resizing to its own size is refused while a buffer is exported."""
+    if buf.closed:
+        return False
+    try:
+        buf.resize(len(buf))
+    except BufferError:
+        return False
+    except (OSError, ValueError, SystemError):  # cannot resize here at all: never reused
+        return False
+    return True
+
+
+def _address(buf: mmap.mmap) -> int:
+    view = ctypes.c_char.from_buffer(buf)  # a transient export, released below
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
+
+
+def _resident(buf: mmap.mmap, size: int) -> np.ndarray:
+    """One byte per page of buf's first `size` bytes, 1 where the page is resident."""
+    vec = np.zeros(-(-size // mmap.PAGESIZE), dtype=np.uint8)
+    if size and _MINCORE(ctypes.c_void_p(_address(buf)), ctypes.c_size_t(size), vec.ctypes.data) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return vec & 1
+
+
+def _zero_resident(buf: mmap.mmap, size: int) -> None:
+    """Zero buf's resident pages below `size` and give back those from `size` on (others read as zero)."""
+    page, addr = mmap.PAGESIZE, _address(buf)
+    edges = np.flatnonzero(np.diff(_resident(buf, len(buf)), prepend=0, append=0))
+    for start, end in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+        lo, hi = start * page, min(end * page, len(buf))
+        if lo < size:
+            ctypes.memset(addr + lo, 0, min(hi, size) - lo)
+        if hi > size and _MADVISE is not None:
+            cut = max(lo, -(-size // page) * page)
+            if hi > cut:
+                _MADVISE(ctypes.c_void_p(addr + cut), ctypes.c_size_t(hi - cut), _MADV_DONTNEED)
+
+
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, reuse: bool = False) -> torch.Tensor:
     """A zero tensor: on CPU from `zeroed_cpu` (pages touched only as they are written), elsewhere torch.zeros."""
-    return zeroed_cpu(shape, dtype) if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
+    if device.type == "cpu":
+        return zeroed_cpu(shape, dtype, reuse)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def release_cpu(t: torch.Tensor) -> None:
@@ -111,3 +232,5 @@ def _mallopt() -> object | None:
 
 
 _MALLOPT = _mallopt()
+
+KEPT = KeptMappings()  # the process's kept cache mappings (zeroed_cpu's `reuse`)

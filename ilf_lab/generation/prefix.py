@@ -49,7 +49,7 @@ class SharedPromptCache(SlotCache):
         # cost nothing; on GPU the engine sizes the batch for prompt + new tokens per row, as for SlotCache)
         positions = padded(max_prompt) if self.blocked else max_prompt
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, positions, self.head_dim)
-        self.pkv = zeroed(shape, self.dtype, self.device)
+        self.pkv = zeroed(shape, self.dtype, self.device, reuse=True)
         self.row_prompt: list[int] = []  # prompt slot of each active row
         self.row_sample: list[int] = []  # its column on the grid (the sample's index within its prompt)
         self.row_own: list[int] = []  # generated tokens in each row's own cache (host-side: no device sync)
@@ -177,12 +177,17 @@ class SharedPromptCache(SlotCache):
         out = op.mul_(ap).add_(oo.mul_(ao)).div_(zp.mul(ap).add_(zo.mul_(ao)))
         return out.to(self.dtype)
 
-    def _release(self, p: int) -> None:
-        """Free prompt slot p's pages on CPU (each [kv_head, position, head_dim] block per layer, K and V)."""
+    def _release(self, p: int, keys: int = 0, values: int = 0) -> None:
+        """Free prompt slot p's pages on CPU past position `keys` of its K and `values` of its V (whole pages
+        inside each [position, head_dim] block per layer and kv head)."""
         if self.device.type == "cpu":
             for i in range(self.pkv.shape[0]):
-                for kv in (0, 1):
-                    release_cpu(self.pkv[i, kv, p])
+                for kv, start in ((0, keys), (1, values)):
+                    if start == 0:  # the slot's [kv_head, position, head_dim] block at once
+                        release_cpu(self.pkv[i, kv, p])
+                        continue
+                    for h in range(self.kv_heads):
+                        release_cpu(self.pkv[i, kv, p, h, start:])
 
     def move(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int]) -> None:
         raise NotImplementedError("SharedPromptCache moves rows only through compact (it keeps the row map)")
@@ -203,13 +208,18 @@ class SharedPromptCache(SlotCache):
         remap = dict(zip(movers, holes, strict=True))
         for s, d in remap.items():
             t = self.prompt_len[s]
-            self._release(d)  # what the hole's last prompt touched past this one's length
             w = padded(t) if self.blocked else t  # blocked keys: whole blocks (values: rows)
+            # what the hole's last prompt touched past this one's extent; the pages below are overwritten in place
+            # (freeing them too would fault them in anew: ~4k page faults per refine prompt moved)
+            self._release(d, w, t)
             self.pkv[:, 0, d, :, :w].copy_(self.pkv[:, 0, s, :, :w])
             self.pkv[:, 1, d, :, :t].copy_(self.pkv[:, 1, s, :, :t])
             self.prompt_len[d] = t
-        for p in range(keep, len(self.prompt_len)):
-            self._release(p)  # so the store holds only live prompts (the batch sizing counts those)
+        for p in movers:
+            self._release(p)  # a prompt's pages in one slot only
+        # a drained prompt's slot keeps its pages for the next prompt admitted there (a fault each, anew, on a
+        # host that reclaims freed memory): each slot holds at most one prompt's extent, its own or its last
+        # one's, and the batch sizing counts the longest CPU_MAX_ROWS prompts (hf.py)
         del self.prompt_len[keep:]
         self.row_prompt = [remap.get(p, p) for p in self.row_prompt]
         # each prompt's rows take grid columns 0..c-1 (c: its live rows), so the grid narrows as prompts drain

@@ -71,7 +71,7 @@ class SlotCache:
         self._logits: torch.Tensor | None = None  # the large logits' buffer (lm_head), allocated on first need
         self.prefix_kv: torch.Tensor | None = None
         shape = (cfg.num_hidden_layers, 2, slots, self.kv_heads, max_len, self.head_dim)
-        self.kv = zeroed(shape, self.dtype, self.device)
+        self.kv = zeroed(shape, self.dtype, self.device, reuse=True)  # a mapping an earlier call left, if free
 
     def _qkv(self, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, t, _ = h.shape
@@ -220,7 +220,7 @@ class SlotCache:
         row-independent, tests/test_packed.py), no fresh mapping a step."""
         rows = h.shape[0]
         if self._logits is None or self._logits.shape[0] < rows:
-            self._logits = torch.empty(max(rows, self.kv.shape[2]), vocab, dtype=torch.float32)
+            self._logits = zeroed((max(rows, self.kv.shape[2]), vocab), torch.float32, self.device, reuse=True)
         out, step = self._logits[:rows], max(1, LOGITS_MMAP_BYTES // (vocab * 4))
         for r in range(0, rows, step):
             out[r : r + step] = self.linears.linear(self.model.lm_head, h[r : r + step])
