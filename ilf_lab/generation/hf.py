@@ -31,7 +31,7 @@ import torch
 
 from ilf_lab.generation.attention import head_dim, padded, resolve_attention
 from ilf_lab.generation.packed import PackedLinears, resolve_cpu_linear
-from ilf_lab.generation.pages import KEPT, keep_heap_pages
+from ilf_lab.generation.pages import keep_heap_pages
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
 from ilf_lab.generation.prefix import SharedPromptCache
@@ -67,8 +67,8 @@ def available_memory(device: torch.device) -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):  # plus what the kept cache mappings hold (pages.KEPT)
-                    return int(line.split()[1]) * 1024 + KEPT.resident_bytes()
+                if line.startswith("MemAvailable:"):  # without the kept cache pages (pages.KEPT): a cache
+                    return int(line.split()[1]) * 1024  # of another layout reuses only part of them
     except OSError:
         pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

@@ -218,8 +218,9 @@ class SharedPromptCache(SlotCache):
         for p in movers:
             self._release(p)  # a prompt's pages in one slot only
         # a drained prompt's slot keeps its pages for the next prompt admitted there (a fault each, anew, on a
-        # host that reclaims freed memory): each slot holds at most one prompt's extent, its own or its last
-        # one's, and the batch sizing counts the longest CPU_MAX_ROWS prompts (hf.py)
+        # host that reclaims freed memory): a slot holds the largest extent of the prompts admitted to it since it
+        # was last released, each a distinct prompt of the call, and the batch sizing counts the longest
+        # CPU_MAX_ROWS prompts (hf.py)
         del self.prompt_len[keep:]
         self.row_prompt = [remap.get(p, p) for p in self.row_prompt]
         # each prompt's rows take grid columns 0..c-1 (c: its live rows), so the grid narrows as prompts drain
