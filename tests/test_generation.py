@@ -317,28 +317,34 @@ def test_engine_prefills_the_common_start_once(peaked_llama, monkeypatch):
         HFEngine(model, tok, common_prefix="always")
 
 
-def test_freed_prompt_slots_give_their_pages_back():
+@pytest.mark.parametrize("attention", ["matmul", KERNEL])
+def test_freed_prompt_slots_give_their_pages_back(attention):
     """On CPU the batch sizing counts one prompt's extent per slot of the shared store: a slot vacated by a prompt
-    moving down returns its pages, a hole keeps nothing of its last prompt past the new one's length (its pages
-    below are reused), a drained prompt's slot keeps its pages for the next prompt; the moved KV is intact."""
+    moving down returns its pages, a hole keeps nothing of its last prompt past the new one's extent (its pages
+    below are reused; with the kernel, keys in whole blocks), a drained prompt's slot keeps its pages for the next
+    prompt; the moved KV is intact."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from ilf_lab.generation.attention import padded
     from ilf_lab.generation.prefix import SharedPromptCache
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(cfg).eval()
-    cache = SharedPromptCache(model, 4, 128, 4)  # a slot's block per layer: 2 heads x 128 x 64 fp32 = 16 pages
+    # a slot's block per layer: 2 heads x 128 x 64 fp32 = 16 pages
+    cache = SharedPromptCache(model, 4, 128, 4, attention=attention)
+    keys = padded(30) if attention == "kernel" else 30  # the moved prompt's key extent
     with torch.inference_mode():
         cache.prefill([[3] * 120, [5] * 10, [7] * 30], 0, 1)
-        kept = cache.pkv[:, :, 2, :, :30].clone()
+        kept_k, kept_v = cache.pkv[:, 0, 2, :, :keys].clone(), cache.pkv[:, 1, 2, :, :30].clone()
         cache.compact([0], [2], [30], 2)  # prompt 0 (row 0) ends: prompt 2 moves into slot 0, slot 2 is freed
     assert cache.prompt_len == [30, 10]
-    assert torch.equal(cache.pkv[:, :, 0, :, :30], kept)
+    assert torch.equal(cache.pkv[:, 0, 0, :, :keys], kept_k) and torch.equal(cache.pkv[:, 1, 0, :, :30], kept_v)
     per_page = os.sysconf("SC_PAGE_SIZE") // (64 * 4)  # positions per page of a head's block
-    past = -(-30 // per_page) * per_page  # the hole's pages past the moved prompt's last one are given back
-    assert cache.pkv[:, :, 0, :, past:].abs().sum() == 0  # nothing left there of the 120-token prompt
+    for kv, extent in ((0, keys), (1, 30)):  # the hole's pages past the moved prompt's last one are given back
+        past = -(-extent // per_page) * per_page
+        assert cache.pkv[:, kv, 0, :, past:].abs().sum() == 0  # nothing left there of the 120-token prompt
     assert cache.pkv[:, :, 2].abs().sum() == 0 and cache.pkv[:, :, 1, :, :10].abs().sum() > 0
     with torch.inference_mode():
         cache.compact([], [], [], 1)  # prompt 1 (row 1) ends: nothing moves, its slot keeps its pages
