@@ -92,9 +92,9 @@ class KeptMappings:
     A reused mapping's pages help only where the new cache's layout lands on them (the same shape does; another
     reuses part), so the batch sizing does not count kept pages as free. They stay resident until the next call
     takes them or `drop` unmaps them, through a training stage in between too (the evaluate stage after the refine
-    stage reuses them: 66.1 -> 61.0 s in the default run, session 20). Pages only read (the zero page, which the
-    matmul attention maps for columns nobody wrote) count as resident and become real ones when zeroed. Free
-    mappings past `limit` are forgotten, the least recently used first, when a new one is held."""
+    stage reuses them). Pages only read (the zero page, which the matmul attention maps for columns nobody wrote)
+    count as resident and become real ones when zeroed. Free mappings past `limit` are forgotten, the least
+    recently used first, when a new one is held."""
 
     def __init__(self, limit: int = 8) -> None:
         self.limit = limit
