@@ -31,7 +31,7 @@ import torch
 
 from ilf_lab.generation.attention import head_dim, padded, resolve_attention
 from ilf_lab.generation.packed import PackedLinears, resolve_cpu_linear
-from ilf_lab.generation.pages import keep_heap_pages
+from ilf_lab.generation.pages import keep_heap_pages, meminfo_bytes
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
 from ilf_lab.generation.prefix import SharedPromptCache
@@ -64,13 +64,9 @@ def available_memory(device: torch.device) -> int:
     """Bytes free for the KV cache on `device` (CUDA: free device memory; CPU: MemAvailable)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):  # without the kept cache pages (pages.KEPT): a cache
-                    return int(line.split()[1]) * 1024  # of another layout reuses only part of them
-    except OSError:
-        pass
+    free = meminfo_bytes("MemAvailable")  # without the kept cache pages (pages.KEPT): a cache of another layout
+    if free is not None:  # reuses only part of them
+        return free
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 

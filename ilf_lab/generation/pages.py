@@ -111,7 +111,7 @@ class KeptMappings:
     def possible(self) -> bool:
         """Whether mappings can be reused here: Linux (mincore, mremap) without swap (a swapped-out page is not
         resident and not zero)."""
-        return _MINCORE is not None and _swap_bytes() == 0
+        return _MINCORE is not None and not meminfo_bytes("SwapTotal")
 
     def take(self, size: int) -> memoryview | None:
         """A view of a free mapping of at least `size` bytes (the smallest; else the largest, grown), zeroed; else
@@ -146,16 +146,16 @@ class KeptMappings:
             self._held = [b for b in self._held if not _free(b)]
 
 
-def _swap_bytes() -> int:
-    """SwapTotal from /proc/meminfo (0 where it cannot be read: not Linux)."""
+def meminfo_bytes(field: str) -> int | None:
+    """A /proc/meminfo field ("MemAvailable", "SwapTotal") in bytes; None where it cannot be read (not Linux)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("SwapTotal:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
 
 
 def _free(buf: mmap.mmap) -> bool:
@@ -164,19 +164,13 @@ def _free(buf: mmap.mmap) -> bool:
         return False
     try:
         buf.resize(len(buf))
-    except BufferError:
-        return False
-    except (OSError, ValueError, SystemError):  # cannot resize here at all: never reused
+    except (BufferError, OSError, ValueError, SystemError):  # exported, or cannot resize here at all
         return False
     return True
 
 
 def _address(buf: mmap.mmap) -> int:
-    view = ctypes.c_char.from_buffer(buf)  # a transient export, released below
-    try:
-        return ctypes.addressof(view)
-    finally:
-        del view
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))  # a transient export, released with the temporary
 
 
 def _resident(buf: mmap.mmap, size: int) -> np.ndarray:
