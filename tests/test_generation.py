@@ -314,40 +314,116 @@ def test_engine_prefills_the_common_start_once(peaked_llama, monkeypatch):
         HFEngine(model, tok, common_prefix="always")
 
 
+def _resident_positions(cache) -> list[int]:
+    """Per prompt slot, the most store positions any (layer, k|v, kv head) block of it has resident (mincore)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    per_page = page // (cache.head_dim * 4)
+    out = []
+    for p in range(cache.pkv.shape[2]):
+        most = 0
+        layers, _, _, heads = cache.pkv.shape[:4]
+        for block in (cache.pkv[i, kv, p, h] for i in range(layers) for kv in (0, 1) for h in range(heads)):
+            addr, size = block.data_ptr(), block.numel() * 4  # a view: [position, head_dim]
+            assert addr % page == 0 and size % page == 0
+            vec = (ctypes.c_ubyte * (size // page))()
+            assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+            last = max((i for i, v in enumerate(vec) if v & 1), default=-1)
+            most = max(most, (last + 1) * per_page)
+        out.append(most)
+    return out
+
+
 @pytest.mark.parametrize("attention", ["matmul", KERNEL])
-def test_freed_prompt_slots_give_their_pages_back(attention):
-    """On CPU the batch sizing counts one prompt's extent per slot of the shared store: a slot vacated by a prompt
-    moving down returns its pages, a hole keeps nothing of its last prompt past the new one's extent (its pages
-    below are reused; with the kernel, keys in whole blocks), a drained prompt's slot keeps its pages for the next
-    prompt; the moved KV is intact."""
+def test_prompt_slots_keep_their_pages_within_the_cap(attention):
+    """On CPU a prompt slot keeps its pages after its prompt leaves (moved down or drained), for the next prompt
+    admitted there, while the slots' extents stay within `resident` (what the batch sizing counted); past it the
+    free slots' pages go first, then what live slots hold past their prompt. The extents bound the resident pages,
+    and the moved KV is intact."""
+    import sys
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ilf_lab.generation.attention import padded
+    from ilf_lab.generation.pages import KEPT
     from ilf_lab.generation.prefix import SharedPromptCache
 
+    if sys.platform != "linux":
+        pytest.skip("mincore")
+    KEPT.drop()  # fresh mappings: a kept one comes with resident (zeroed) pages the extents do not count
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(cfg).eval()
-    # a slot's block per layer: 2 heads x 128 x 64 fp32 = 16 pages
-    cache = SharedPromptCache(model, 4, 128, 4, attention=attention)
-    keys = padded(30) if attention == "kernel" else 30  # the moved prompt's key extent
-    with torch.inference_mode():
-        cache.prefill([[3] * 120, [5] * 10, [7] * 30], 0, 1)
-        kept_k, kept_v = cache.pkv[:, 0, 2, :, :keys].clone(), cache.pkv[:, 1, 2, :, :30].clone()
-        cache.compact([0], [2], [30], 2)  # prompt 0 (row 0) ends: prompt 2 moves into slot 0, slot 2 is freed
-    assert cache.prompt_len == [30, 10]
-    assert torch.equal(cache.pkv[:, 0, 0, :, :keys], kept_k) and torch.equal(cache.pkv[:, 1, 0, :, :30], kept_v)
+    whole = padded if attention == "kernel" else int  # the store positions a prompt writes (keys: whole blocks)
     per_page = os.sysconf("SC_PAGE_SIZE") // (64 * 4)  # positions per page of a head's block
-    for kv, extent in ((0, keys), (1, 30)):  # the hole's pages past the moved prompt's last one are given back
-        past = -(-extent // per_page) * per_page
-        assert cache.pkv[:, kv, 0, :, past:].abs().sum() == 0  # nothing left there of the 120-token prompt
-    assert cache.pkv[:, :, 2].abs().sum() == 0 and cache.pkv[:, :, 1, :, :10].abs().sum() > 0
-    with torch.inference_mode():
-        cache.compact([], [], [], 1)  # prompt 1 (row 1) ends: nothing moves, its slot keeps its pages
-        assert cache.prompt_len == [30] and cache.pkv[:, :, 1, :, :10].abs().sum() > 0
-        cache.prefill([[9] * 4], 1, 1)  # the next prompt takes slot 1
-    assert cache.prompt_len == [30, 4] and cache.row_prompt == [0, 1]
+
+    def pages(t: int) -> int:  # positions in the pages a block's first t positions touch
+        return -(-t // per_page) * per_page
+
+    cases = {  # cap: the extents after prompt 0 (200 tokens) ends and prompt 2 (130) moves into its slot
+        None: [whole(200), whole(10), whole(130)],  # no cap: the hole and the mover's slot keep theirs
+        whole(200) + whole(10) + whole(70): [whole(200), whole(10), whole(70)],  # the mover's slot cut to fit
+        whole(130) + whole(10): [whole(130), whole(10), 0],  # then the hole's tail past its new prompt
+    }
+    for cap, want in cases.items():
+        cache = SharedPromptCache(model, 4, 256, 4, attention=attention, resident=cap)
+        with torch.inference_mode():
+            cache.prefill([[3] * 200, [5] * 10, [7] * 130], 0, 1)
+            kept_k, kept_v = cache.pkv[:, 0, 2, :, :whole(130)].clone(), cache.pkv[:, 1, 2, :, :130].clone()
+            cache.compact([0], [2], [130], 2)  # prompt 0 (row 0) ends: prompt 2 moves into slot 0
+        assert cache.prompt_len == [130, 10] and cache.extent[:3] == want
+        assert torch.equal(cache.pkv[:, 0, 0, :, :whole(130)], kept_k) and torch.equal(cache.pkv[:, 1, 0, :, :130], kept_v)
+        held = _resident_positions(cache)  # the extents bound what is resident, to the page
+        assert all(h <= pages(e) for h, e in zip(held, cache.extent, strict=True))
+        assert held[0] >= pages(want[0]) - per_page and held[2] >= pages(want[2]) - per_page
+        assert cap is None or sum(cache.extent) <= cap
+        with torch.inference_mode():
+            cache.compact([], [], [], 1)  # prompt 1 (row 1) ends: nothing moves, its slot keeps its pages
+            assert cache.prompt_len == [130] and cache.pkv[:, :, 1, :, :10].abs().sum() > 0
+            cache.prefill([[9] * 4], 1, 1)  # the next prompt takes slot 1
+        assert cache.prompt_len == [130, 4] and cache.row_prompt == [0, 1]
+        assert cap is None or sum(cache.extent) <= cap
+
+
+def test_the_engine_caps_the_prompt_store_at_what_it_sized(peaked_llama, monkeypatch):
+    """Through an engine call of many prompts of unequal length and few slots (prompts admitted, moved and drained
+    over and over), the prompt store's extents never pass what the batch sizing counted for it, and bound the
+    pages it holds."""
+    import sys
+
+    from ilf_lab.generation.pages import KEPT
+    from ilf_lab.generation.prefix import SharedPromptCache
+
+    if sys.platform != "linux":
+        pytest.skip("mincore")
+    KEPT.drop()  # fresh mappings: a kept one comes with resident (zeroed) pages the extents do not count
+    _, model, tok = peaked_llama
+    from ilf_lab.generation import hf
+
+    seen = []
+    real = SharedPromptCache._trim
+
+    def checked(self):
+        real(self)
+        assert sum(self.extent) <= self.resident
+        seen.append(self)
+
+    monkeypatch.setattr(SharedPromptCache, "_trim", checked)
+    # the sizing counts the longest CPU_MAX_ROWS prompts: as many as the 4 rows here, so long prompts passing
+    # through every slot would leave more than that behind
+    monkeypatch.setattr(hf, "CPU_MAX_ROWS", 4)
+    prompts = [PROMPTS[0] * k for k in (9, 1, 8, 1, 1, 1, 2, 1, 1, 1, 1, 1)]
+    engine = HFEngine(model, tok, batch_size=4, prompt_kv="shared")
+    engine.generate(prompts, SamplingParams(n=1, temperature=1.0, max_new_tokens=6, seed=1))
+    cache = seen[-1]
+    lens = sorted((cache._whole(len(tok(p)["input_ids"])) for p in prompts), reverse=True)
+    assert cache.resident == sum(lens[:4]) and len(seen) > 5
+    per_page = os.sysconf("SC_PAGE_SIZE") // (cache.head_dim * 4)
+    held = _resident_positions(cache)
+    assert all(h <= -(-e // per_page) * per_page for h, e in zip(held, cache.extent, strict=True))
 
 
 @pytest.mark.parametrize("attention", ["matmul", KERNEL])

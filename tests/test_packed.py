@@ -189,3 +189,28 @@ def test_large_logits_in_row_chunks_sample_the_same(peaked_llama, monkeypatch):
     chunked = [HFEngine(model, tok, batch_size=7, cpu_linear="onednn").generate(PROMPTS, q) for q in (p, greedy)]
     assert chunked == whole and len(calls) > 5 and all(c > 4 for c in calls) and any(c % 4 for c in calls)
     assert len(buffers) <= 2  # one buffer per call's cache, reused step after step
+
+
+def test_prefill_mlp_in_row_chunks_is_the_same(peaked_llama, monkeypatch):
+    """Prefill's MLP runs in chunks of MLP_ROWS rows (its gate/up product stays in cache): the packed matmul is
+    row-independent, so the prompts' logits are bitwise those of one pass, and so are the samples."""
+    from ilf_lab.generation import slots
+    from ilf_lab.generation.prefix import SharedPromptCache
+
+    _, model, tok = peaked_llama
+    ids = [tok(t)["input_ids"] for t in PROMPTS]
+    p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
+
+    def logits():
+        cache = SharedPromptCache(model, 9, max(map(len, ids)), 4, linears=PackedLinears())
+        with torch.inference_mode():
+            return cache.prefill(ids, 0, 3)
+
+    whole, whole_samples = logits(), HFEngine(model, tok, batch_size=7, cpu_linear="onednn").generate(PROMPTS, p)
+    monkeypatch.setattr(slots, "MLP_ROWS", 3)
+    rows, real = [], PackedLinears.mlp
+    monkeypatch.setattr(PackedLinears, "mlp", lambda self, mlp, x: (rows.append(x.numel() // x.shape[-1]),
+                                                                    real(self, mlp, x))[1])
+    assert torch.equal(logits(), whole)
+    assert max(rows) == 3 and sum(r < 3 for r in rows) > 0  # chunks of 3, the last one partial
+    assert HFEngine(model, tok, batch_size=7, cpu_linear="onednn").generate(PROMPTS, p) == whole_samples

@@ -220,19 +220,22 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 # threshold at its 128 KiB start (worse than the default), so a refusal applies nothing
 HEAP_SETTINGS = (
     (_M_MMAP_THRESHOLD, 32 << 20),  # allocations up to 32 MiB (the default's ceiling) from the heap, not a new mapping
-    (_M_TRIM_THRESHOLD, 256 << 20),  # up to 256 MiB of freed heap kept mapped, not returned to the kernel
+    # up to 1 GiB of freed heap kept mapped, not returned to the kernel: the packed weights the engine makes each call
+    # (packed.py; SmolLM2-135M's take ~430 MB of heap) come back as the same pages. Packing in a warm process: 0.17-0.85
+    # s and 80-117 k faults a call at 256 MiB, 0.08-0.09 s and 28 k (the LM head's own mapping) at 512 MiB or more
+    (_M_TRIM_THRESHOLD, 1 << 30),
     (_M_TOP_PAD, 64 << 20),  # and the heap grown 64 MiB at a time
 )
 
 
 def keep_heap_pages() -> bool:
     """Make glibc keep the heap pages it has for the engine's repeated large temporaries (prefill's per-layer
-    activations, ~25 MB at 2,048 tokens; the decode step's logits up to ~170 rows). By default its thresholds
-    adapt: an allocation past the current one gets a fresh mapping, and freed memory past twice it goes back to the
-    kernel, so such buffers kept coming back as fresh pages, each a fault that zeroes it (~1.4 us, ~8 us where the
-    hypervisor backs it anew). Refine benchmark call: 0.9 M -> 0.66 M page faults, 31-32 s -> 29.6-30.4 s (session 19).
-    Process-wide and idempotent, and it stays for the process's life (up to 256 MiB of freed heap plus the top pad
-    stay resident); a no-op (False) off glibc."""
+    activations, ~25 MB at 2,048 tokens; the decode step's logits up to ~170 rows; each call's packed weights). By
+    default its thresholds adapt: an allocation past the current one gets a fresh mapping, and freed memory past
+    twice it goes back to the kernel, so such buffers kept coming back as fresh pages, each a fault that zeroes it
+    (~1.4 us, ~8 us where the hypervisor backs it anew). Refine benchmark call: 0.9 M -> 0.66 M page faults,
+    31-32 s -> 29.6-30.4 s (session 19). Process-wide and idempotent, and it stays for the process's life (up to
+    1 GiB of freed heap plus the top pad stay resident, reused by any later allocation); a no-op (False) off glibc."""
     if _MALLOPT is None:
         return False
     return all(_MALLOPT(option, value) == 1 for option, value in HEAP_SETTINGS)

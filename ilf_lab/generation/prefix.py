@@ -38,7 +38,7 @@ class SharedPromptCache(SlotCache):
 
     def __init__(
         self, model: Any, slots: int, max_prompt: int, max_new: int, phases: Phases = OFF,
-        linears: PackedLinears | None = None, attention: str = "matmul",
+        linears: PackedLinears | None = None, attention: str = "matmul", resident: int | None = None,
     ) -> None:
         super().__init__(model, slots, max(1, max_new), phases, linears)
         cfg = model.config
@@ -57,6 +57,14 @@ class SharedPromptCache(SlotCache):
         self.grid = 1  # samples per prompt (the grid's width)
         self._runs_of: tuple[tuple[int, ...], list[tuple[int, int]]] = ((), [])  # prompt lengths -> runs
         self._first_prompt = 0  # the prompt slot the current prefill starts at
+        self._lens: list[int] = []  # the lengths of the prompts being prefilled
+        # On CPU a prompt slot's pages stay mapped after its prompt leaves (moved down or drained), for the next
+        # prompt admitted there: a fresh page costs a fault, 8-26 us on a host that takes freed memory back, and
+        # refine's prompt store took ~50 k of them a call (session 21). `resident` caps the positions so held across
+        # all slots, live prompts included (the engine passes what its batch sizing counted for the store; None: no
+        # cap but the store's size); past it, stale pages are given back (`_trim`).
+        self.extent = [0] * slots  # positions of each prompt slot that may be resident (keys: whole blocks)
+        self.resident = slots * positions if resident is None else resident
         self.kernel = DecodeAttention(self.pkv, self.kv, self.heads) if self.blocked else None
 
     def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
@@ -70,15 +78,48 @@ class SharedPromptCache(SlotCache):
             self.row_sample.extend(range(copies))
             self.row_own.extend([0] * copies)
         self.grid = max(self.grid, copies)
+        self._lens = [len(ids) for ids in prompts]  # what _store_prompt writes of each (not the run's padding)
+        for p, t in enumerate(self._lens):
+            q = self._first_prompt + p
+            self.extent[q] = max(self.extent[q], self._whole(t))
+        self._trim()  # room first, from the free slots' pages
         return super().prefill(prompts, row0, copies)
 
+    def _whole(self, t: int) -> int:
+        """The store positions a prompt of t tokens writes (the kernel's keys: whole blocks)."""
+        return padded(t) if self.blocked else t
+
+    def _trim(self) -> None:
+        """Give back stale prompt-store pages while the slots' extents exceed `resident`, no more than that: from the
+        free slots' tails, the highest slot first (new prompts take the lowest), then what live slots hold past their
+        prompt. Partly: a longer prompt moved into a shorter one's hole goes over by their difference, and the next
+        prompt admitted to the slot it left then faults in only that much (a call's prompts are admitted shortest
+        first, so prompts moving down are the longer ones)."""
+        over = sum(self.extent) - self.resident
+        if over <= 0 or self.device.type != "cpu":
+            return
+        m = len(self.prompt_len)
+        for p in [q for q in range(len(self.extent) - 1, m - 1, -1) if self.extent[q]] + list(range(m)):
+            if over <= 0:
+                return
+            live = self._whole(self.prompt_len[p]) if p < m else 0
+            keep = max(live, self._whole(max(0, self.extent[p] - over)))  # keys: whole blocks
+            if self.extent[p] > keep:
+                self._release(p, keep, self.prompt_len[p] if keep == live and p < m else keep)
+                over -= self.extent[p] - keep
+                self.extent[p] = keep
+
     def _store_prompt(self, i: int, k: torch.Tensor, v: torch.Tensor, row0: int, copies: int) -> None:
-        p0, b, t = self._first_prompt, k.shape[0], k.shape[2]
-        self.pkv[i, 1, p0 : p0 + b, :, :t] = v
-        if self.blocked:  # whole blocks, the last one's unused columns zero
-            t = padded(t)
+        """Layer i's K and V of the prompts being prefilled (right-padded to the run's longest) into their slots,
+        each only as far as its own length (keys: whole blocks), so a slot's pages are what the sizing counts."""
+        p0 = self._first_prompt
+        if self.blocked:  # whole blocks, each transposed; a block's columns past the run's end zero
+            t = padded(k.shape[2])
             k = keys_blocked(torch.nn.functional.pad(k, (0, 0, 0, t - k.shape[2])))
-        self.pkv[i, 0, p0 : p0 + b, :, :t] = k
+        for p, t in enumerate(self._lens):
+            self.pkv[i, 1, p0 + p, :, :t] = v[p, :, :t]
+            w = self._whole(t)
+            self.pkv[i, 0, p0 + p, :, :w] = k[p, :, :w]
 
     def _step(self, lens: torch.Tensor, width: int):
         """What every layer of the step shares, from the host-side row map (`width`, the copied cache's, does not
@@ -208,20 +249,14 @@ class SharedPromptCache(SlotCache):
         remap = dict(zip(movers, holes, strict=True))
         for s, d in remap.items():
             t = self.prompt_len[s]
-            w = padded(t) if self.blocked else t  # blocked keys: whole blocks (values: rows)
-            # what the hole's last prompt touched past this one's extent; the pages below are overwritten in place
-            # (freeing them too would fault them in anew: ~4k page faults per refine prompt moved)
-            self._release(d, w, t)
+            w = self._whole(t)  # blocked keys: whole blocks (values: rows)
+            # overwritten in place: the hole's pages and the mover's stay mapped for later prompts (`_trim`)
             self.pkv[:, 0, d, :, :w].copy_(self.pkv[:, 0, s, :, :w])
             self.pkv[:, 1, d, :, :t].copy_(self.pkv[:, 1, s, :, :t])
             self.prompt_len[d] = t
-        for p in movers:
-            self._release(p)  # a prompt's pages in one slot only
-        # a drained prompt's slot keeps its pages for the next prompt admitted there (a fault each, anew, on a
-        # host that reclaims freed memory): a slot holds the largest extent of the prompts admitted to it since it
-        # was last released, each a distinct prompt of the call, and the batch sizing counts the longest
-        # CPU_MAX_ROWS prompts (hf.py)
+            self.extent[d] = max(self.extent[d], w)
         del self.prompt_len[keep:]
+        self._trim()
         self.row_prompt = [remap.get(p, p) for p in self.row_prompt]
         # each prompt's rows take grid columns 0..c-1 (c: its live rows), so the grid narrows as prompts drain
         count = [0] * keep

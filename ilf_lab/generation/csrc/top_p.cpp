@@ -6,10 +6,15 @@
 // exponentials. The k candidates become probabilities in double, sorted most likely first (ties: lower token id
 // first), and the token is chosen by inverse CDF over the nucleus as torch's path does (keep tokens while the mass
 // before them is below top_p, at least one). A row whose nucleus needs more than k tokens, or whose logits are not
-// finite, is left to torch's path (-1). Rows are independent and each is computed in a fixed order.
+// finite, is left to torch's path (-1). Rows are independent and each is computed in a fixed order. Where the
+// host has AVX-512 both passes run 16 lanes with the 8-lane form's arithmetic (the same sums, the same tokens).
 #include <cmath>
 
 #include "vec.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -32,7 +37,14 @@ float top_candidates(const float* x, int64_t n, int64_t k, float* val, int64_t* 
   }
   int64_t j = k;
   for (; j < n && j % 8; ++j) offer(j);
-  for (; j + 8 <= n; j += 8) {  // a vector compare per 8 logits; most blocks hold no candidate
+  // a vector compare per W logits (most blocks hold no candidate), a filter only: offer() checks each logit in
+  // order against the threshold as it stands, which only rises, so the candidates are the same at any W
+#if defined(__AVX512F__)
+  for (; j + 16 <= n; j += 16)
+    if (_mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), _mm512_set1_ps(val[low]), _CMP_GT_OQ))
+      for (int u = 0; u < 16; ++u) offer(j + u);
+#endif
+  for (; j + 8 <= n; j += 8) {
     const i8 above = load(x + j) > splat(val[low]);
     bool any = false;
     for (int u = 0; u < 8; ++u) any |= above[u] != 0;
@@ -48,6 +60,15 @@ float exp_sum(const float* x, int64_t n, float top, float inv_t) {
   v8 s0 = splat(0.f), s1 = s0, s2 = s0, s3 = s0;
   const v8 t = splat(top), it = splat(inv_t);
   int64_t j = 0;
+#if defined(__AVX512F__)  // the same sums on 16 lanes: a = [s0 | s1], b = [s2 | s3]
+  v16 a = splat_as<v16>(0.f), b = a;
+  const v16 t16 = splat_as<v16>(top), it16 = splat_as<v16>(inv_t);
+  for (; j + 32 <= n; j += 32) {
+    a += exp_nonpos((load_as<v16>(x + j) - t16) * it16);
+    b += exp_nonpos((load_as<v16>(x + j + 16) - t16) * it16);
+  }
+  s0 = low8(a), s1 = high8(a), s2 = low8(b), s3 = high8(b);
+#endif
   for (; j + 32 <= n; j += 32) {
     s0 += exp_nonpos((load(x + j) - t) * it);
     s1 += exp_nonpos((load(x + j + 8) - t) * it);
