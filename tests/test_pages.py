@@ -33,6 +33,48 @@ print(*faults)
 """
 
 
+_BIG_PROBE = """
+import ctypes, resource, sys
+ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
+from ilf_lab.generation.pages import heap_only, keep_heap_pages
+assert keep_heap_pages()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+faults = []
+for _ in range(3):  # a 100 MB block (past glibc's 32 MiB mmap ceiling, as the packed LM head is), written, freed
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    if sys.argv[1] == "heap":
+        with heap_only():
+            p = libc.malloc(100 << 20)
+    else:
+        p = libc.malloc(100 << 20)
+    libc.memset(p, 1, 100 << 20)
+    libc.free(p)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_blocks_past_the_mmap_ceiling_reuse_heap_pages_inside_heap_only():
+    """heap_only (around an engine call's weight packing): a block past glibc's mmap ceiling comes from the heap and,
+    freed, its pages serve the next one; outside, each is a fresh mapping faulted in anew."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "PYTHONMALLOC")}
+
+    def faults(mode: str) -> list[int]:
+        p = subprocess.run([sys.executable, "-c", _BIG_PROBE, mode], capture_output=True, text=True, timeout=120,
+                           env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return [int(x) for x in p.stdout.split()]
+
+    pages = (100 << 20) // os.sysconf("SC_PAGE_SIZE")
+    fresh, heap = faults("mmap"), faults("heap")
+    assert min(fresh) > pages // 2  # a new mapping each time
+    assert heap[0] > pages // 2 and max(heap[1:]) < pages // 20  # faulted once, then the heap's pages
+
+
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_the_heap_keeps_its_pages_for_repeated_large_buffers():
     """keep_heap_pages (set by a CPU engine): large buffers freed and allocated again reuse the heap's pages, where

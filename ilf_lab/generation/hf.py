@@ -31,7 +31,7 @@ import torch
 
 from ilf_lab.generation.attention import head_dim, padded, resolve_attention
 from ilf_lab.generation.packed import PackedLinears, resolve_cpu_linear
-from ilf_lab.generation.pages import keep_heap_pages, meminfo_bytes
+from ilf_lab.generation.pages import heap_only, keep_heap_pages, meminfo_bytes
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
 from ilf_lab.generation.prefix import SharedPromptCache
@@ -317,7 +317,8 @@ class HFEngine:
         seeds = prompt_seeds(prompts, params.seed, n)
         if self.cpu_linear == "onednn":  # packed now, before the batch is sized from free memory; dropped after
             self._linears = PackedLinears()
-            self._linears.pack(self.model)
+            with heap_only():  # the packed LM head too: the same heap pages call after call
+                self._linears.pack(self.model)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
         extra = fixed = 0
         self._store_positions: int | None = None
