@@ -146,7 +146,10 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(run_cos
         for d, s_ in zip(holes, movers, strict=True):
             lens[d], owner[d] = lens[s_], owner[s_]
         del lens[len(keep):], owner[len(keep):]
-        assert sorted(shared.prompt_len) == sorted(map(len, set(owner)))  # exactly the prompts with rows
+        live = [n for n, r in zip(shared.prompt_len, shared.prompt_rows, strict=True) if r]
+        assert sorted(live) == sorted(map(len, set(owner)))  # exactly the prompts with rows, in their slots
+        assert shared.prompt_rows == [shared.row_prompt.count(q) for q in range(len(shared.prompt_rows))]
+        assert not shared.prompt_rows or shared.prompt_rows[-1] > 0  # no hole at the end
         # the grid is as wide as the most live rows any prompt has (it narrows as prompts drain)
         assert shared.grid == max(map(owner.count, set(owner)), default=1)
 
@@ -165,10 +168,12 @@ def test_shared_prompt_kv_matches_copied_logits_with_grouped_query_heads(run_cos
             if step == 4:  # prompt 1 ends, and a row of each other prompt: no prompt keeps 3 rows
                 finish([0, 1, 3, len(lens) - 1])
                 assert shared.grid == 2
-    assert sorted(shared.prompt_len) == [2, 3, 64], shared.prompt_len  # prompt 1 (70 tokens) left at step 4
+    live = sorted(n for n, r in zip(shared.prompt_len, shared.prompt_rows, strict=True) if r)
+    assert live == [2, 3, 64], shared.prompt_len  # prompt 1 (70 tokens) left at step 4
     runs = shared._runs()
-    assert [r for run in runs for r in range(*run)] == [0, 1, 2]  # contiguous, every prompt slot once
-    assert len(runs) == (1 if run_cost else 3)
+    slots = list(range(len(shared.prompt_len)))
+    assert [r for run in runs for r in range(*run)] == slots  # contiguous, every prompt slot (holes too) once
+    assert len(runs) == (1 if run_cost else len(slots))
     with pytest.raises(NotImplementedError):
         shared.move([0], [1], [lens[1]])
 
@@ -314,84 +319,40 @@ def test_engine_prefills_the_common_start_once(peaked_llama, monkeypatch):
         HFEngine(model, tok, common_prefix="always")
 
 
-def _resident_positions(cache) -> list[int]:
-    """Per prompt slot, the most store positions any (layer, k|v, kv head) block of it has resident (mincore)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = os.sysconf("SC_PAGE_SIZE")
-    per_page = page // (cache.head_dim * 4)
-    out = []
-    for p in range(cache.pkv.shape[2]):
-        most = 0
-        layers, _, _, heads = cache.pkv.shape[:4]
-        for block in (cache.pkv[i, kv, p, h] for i in range(layers) for kv in (0, 1) for h in range(heads)):
-            addr, size = block.data_ptr(), block.numel() * 4  # a view: [position, head_dim]
-            assert addr % page == 0 and size % page == 0
-            vec = (ctypes.c_ubyte * (size // page))()
-            assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
-            last = max((i for i, v in enumerate(vec) if v & 1), default=-1)
-            most = max(most, (last + 1) * per_page)
-        out.append(most)
-    return out
-
-
 @pytest.mark.parametrize("attention", ["matmul", KERNEL])
-def test_prompt_slots_keep_their_pages_within_the_cap(attention):
-    """On CPU a prompt slot keeps its pages after its prompt leaves (moved down or drained), for the next prompt
-    admitted there, while the slots' extents stay within `resident` (what the batch sizing counted); past it the
-    free slots' pages go first, then what live slots hold past their prompt. The extents bound the resident pages,
-    and the moved KV is intact."""
-    import sys
-
+def test_a_drained_prompt_slot_is_a_hole_the_next_prompt_takes(attention):
+    """Prompts stay in their slots: one whose last row ends leaves a hole (its pages stay mapped, no copy, no page
+    given back) that the next prompt admitted takes; holes at the end are dropped; rows still move."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ilf_lab.generation.attention import padded
-    from ilf_lab.generation.pages import KEPT
     from ilf_lab.generation.prefix import SharedPromptCache
 
-    if sys.platform != "linux":
-        pytest.skip("mincore")
-    KEPT.drop()  # fresh mappings: a kept one comes with resident (zeroed) pages the extents do not count
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(cfg).eval()
-    whole = padded if attention == "kernel" else int  # the store positions a prompt writes (keys: whole blocks)
-    per_page = os.sysconf("SC_PAGE_SIZE") // (64 * 4)  # positions per page of a head's block
-
-    def pages(t: int) -> int:  # positions in the pages a block's first t positions touch
-        return -(-t // per_page) * per_page
-
-    cases = {  # cap: the extents after prompt 0 (200 tokens) ends and prompt 2 (130) moves into its slot
-        None: [whole(200), whole(10), whole(130)],  # no cap: the hole and the mover's slot keep theirs
-        whole(200) + whole(10) + whole(70): [whole(200), whole(10), whole(70)],  # the mover's slot cut to fit
-        whole(130) + whole(10): [whole(130), whole(10), 0],  # then the hole's tail past its new prompt
-    }
-    for cap, want in cases.items():
-        cache = SharedPromptCache(model, 4, 256, 4, attention=attention, resident=cap)
-        with torch.inference_mode():
-            cache.prefill([[3] * 200, [5] * 10, [7] * 130], 0, 1)
-            kept_k, kept_v = cache.pkv[:, 0, 2, :, :whole(130)].clone(), cache.pkv[:, 1, 2, :, :130].clone()
-            cache.compact([0], [2], [130], 2)  # prompt 0 (row 0) ends: prompt 2 moves into slot 0
-        assert cache.prompt_len == [130, 10] and cache.extent[:3] == want
-        assert torch.equal(cache.pkv[:, 0, 0, :, :whole(130)], kept_k) and torch.equal(cache.pkv[:, 1, 0, :, :130], kept_v)
-        held = _resident_positions(cache)  # the extents bound what is resident, to the page
-        assert all(h <= pages(e) for h, e in zip(held, cache.extent, strict=True))
-        assert held[0] >= pages(want[0]) - per_page and held[2] >= pages(want[2]) - per_page
-        assert cap is None or sum(cache.extent) <= cap
-        with torch.inference_mode():
-            cache.compact([], [], [], 1)  # prompt 1 (row 1) ends: nothing moves, its slot keeps its pages
-            assert cache.prompt_len == [130] and cache.pkv[:, :, 1, :, :10].abs().sum() > 0
-            cache.prefill([[9] * 4], 1, 1)  # the next prompt takes slot 1
-        assert cache.prompt_len == [130, 4] and cache.row_prompt == [0, 1]
-        assert cap is None or sum(cache.extent) <= cap
+    cache = SharedPromptCache(model, 4, 256, 4, attention=attention)
+    with torch.inference_mode():
+        cache.prefill([[3] * 200, [5] * 10, [7] * 130], 0, 1)
+        kept = cache.pkv[:, :, :3].clone()
+        cache.compact([0], [2], [130], 2)  # prompt 0's row ends: row 2 (prompt 2) moves into row 0
+    assert cache.row_prompt == [2, 1] and cache.prompt_rows == [0, 1, 1] and cache.prompt_len == [200, 10, 130]
+    assert torch.equal(cache.pkv[:, :, :3], kept)  # nothing copied, nothing given back
+    with torch.inference_mode():
+        cache.prefill([[9] * 4], 2, 1)  # the next prompt takes the hole
+    assert cache.row_prompt == [2, 1, 0] and cache.prompt_len == [4, 10, 130] and cache.prompt_rows == [1, 1, 1]
+    assert not torch.equal(cache.pkv[:, 1, 0, :, :4], kept[:, 1, 0, :, :4])  # written over
+    assert torch.equal(cache.pkv[:, 1, 0, :, 4:200], kept[:, 1, 0, :, 4:200])  # its last prompt's tail, read by no row
+    with torch.inference_mode():
+        cache.compact([0], [2], [4], 2)  # prompt 2's row ends: its slot is the last, so it goes
+    assert cache.row_prompt == [0, 1] and cache.prompt_len == [4, 10] and cache.prompt_rows == [1, 1]
 
 
-def test_the_engine_caps_the_prompt_store_at_what_it_sized(peaked_llama, monkeypatch):
-    """Through an engine call of many prompts of unequal length and few slots (prompts admitted, moved and drained
-    over and over), the prompt store's extents never pass what the batch sizing counted for it, and bound the
-    pages it holds."""
+def test_prompt_store_pages_stay_within_what_the_sizing_counted(peaked_llama, monkeypatch):
+    """Through an engine call of many prompts of unequal length and few slots (prompts admitted and drained over
+    and over), each prompt slot holds pages only as far as the longest prompt admitted to it, the slots used are no
+    more than the rows, so the store holds no more than the sizing's count (the longest prompts, one per row)."""
+    import ctypes
     import sys
 
     from ilf_lab.generation.pages import KEPT
@@ -399,31 +360,38 @@ def test_the_engine_caps_the_prompt_store_at_what_it_sized(peaked_llama, monkeyp
 
     if sys.platform != "linux":
         pytest.skip("mincore")
-    KEPT.drop()  # fresh mappings: a kept one comes with resident (zeroed) pages the extents do not count
+    KEPT.drop()  # fresh mappings: a kept one comes with resident (zeroed) pages of an earlier call
     _, model, tok = peaked_llama
-    from ilf_lab.generation import hf
+    caches, admitted = [], {}
+    real = SharedPromptCache.prefill
 
-    seen = []
-    real = SharedPromptCache._trim
+    def spy(self, prompts, row0, copies):
+        out = real(self, prompts, row0, copies)
+        caches.append(self)
+        for q, t in zip(self._new, self._lens, strict=True):
+            admitted[q] = max(admitted.get(q, 0), t)
+        return out
 
-    def checked(self):
-        real(self)
-        assert sum(self.extent) <= self.resident
-        seen.append(self)
-
-    monkeypatch.setattr(SharedPromptCache, "_trim", checked)
-    # the sizing counts the longest CPU_MAX_ROWS prompts: as many as the 4 rows here, so long prompts passing
-    # through every slot would leave more than that behind
-    monkeypatch.setattr(hf, "CPU_MAX_ROWS", 4)
+    monkeypatch.setattr(SharedPromptCache, "prefill", spy)
     prompts = [PROMPTS[0] * k for k in (9, 1, 8, 1, 1, 1, 2, 1, 1, 1, 1, 1)]
     engine = HFEngine(model, tok, batch_size=4, prompt_kv="shared")
     engine.generate(prompts, SamplingParams(n=1, temperature=1.0, max_new_tokens=6, seed=1))
-    cache = seen[-1]
-    lens = sorted((cache._whole(len(tok(p)["input_ids"])) for p in prompts), reverse=True)
-    assert cache.resident == sum(lens[:4]) and len(seen) > 5
-    per_page = os.sysconf("SC_PAGE_SIZE") // (cache.head_dim * 4)
-    held = _resident_positions(cache)
-    assert all(h <= -(-e // per_page) * per_page for h, e in zip(held, cache.extent, strict=True))
+    cache = caches[-1]
+    whole = (lambda t: -(-t // 64) * 64) if cache.blocked else int
+    libc, page = ctypes.CDLL(None, use_errno=True), os.sysconf("SC_PAGE_SIZE")
+    per_page = page // (cache.head_dim * 4)
+    assert len(caches) > 3 and max(admitted) < 4  # slots used <= rows
+    layers, _, _, heads = cache.pkv.shape[:4]
+    for q in range(cache.pkv.shape[2]):
+        limit = -(-whole(admitted.get(q, 0)) // per_page)  # pages of the longest prompt admitted there
+        for block in (cache.pkv[i, kv, q, h] for i in range(layers) for kv in (0, 1) for h in range(heads)):
+            size = block.numel() * 4
+            vec = (ctypes.c_ubyte * (size // page))()
+            assert block.data_ptr() % page == 0 and size % page == 0
+            assert libc.mincore(ctypes.c_void_p(block.data_ptr()), ctypes.c_size_t(size), vec) == 0
+            assert max((i + 1 for i, v in enumerate(vec) if v & 1), default=0) <= limit
+    lens = sorted((whole(len(ids)) for ids in (tok(p)["input_ids"] for p in prompts)), reverse=True)
+    assert sum(whole(t) for t in admitted.values()) <= sum(lens[:4])
 
 
 @pytest.mark.parametrize("attention", ["matmul", KERNEL])

@@ -321,7 +321,6 @@ class HFEngine:
                 self._linears.pack(self.model)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
         extra = fixed = 0
-        self._store_positions: int | None = None
         if self.prompt_kv == "shared":
             longest = max(map(len, ids))
             # its grid scores and probabilities: up to n sample places per live row (one fresh prompt beside
@@ -335,7 +334,6 @@ class HFEngine:
                 whole = padded if self.attention == "kernel" else int  # the kernel's store: whole key blocks
                 held = sorted((whole(len(p)) for p in ids), reverse=True)[:CPU_MAX_ROWS]
                 fixed = kv_bytes_per_token(self.model) * sum(held)
-                self._store_positions = sum(held)  # what the prompt store may keep resident (prefix.py)
             else:  # allocated in full: every row's slot as long as the longest prompt plus the largest budget
                 max_len = longest + max(self._budget)
         slots = self.batch_size or auto_batch_size(self.model, max_len, self.device, extra, fixed)
@@ -411,8 +409,7 @@ class HFEngine:
     def _run_slots(self, ids, seeds, n, params, slots, max_len, stopper, out, bar) -> None:
         if self.prompt_kv == "shared":
             cache = SharedPromptCache(
-                self.model, slots, max(map(len, ids)), max(self._budget), self.phases, self._linears, self.attention,
-                self._store_positions,
+                self.model, slots, max(map(len, ids)), max(self._budget), self.phases, self._linears, self.attention
             )
         else:
             cache = SlotCache(self.model, slots, max_len, self.phases, self._linears)

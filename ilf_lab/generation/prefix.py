@@ -21,7 +21,7 @@ import torch
 
 from ilf_lab.generation.attention import DecodeAttention, keys_blocked, padded
 from ilf_lab.generation.packed import PackedLinears
-from ilf_lab.generation.pages import release_cpu, zeroed
+from ilf_lab.generation.pages import zeroed
 from ilf_lab.generation.phases import OFF, Phases
 from ilf_lab.generation.slots import SlotCache
 
@@ -29,16 +29,21 @@ from ilf_lab.generation.slots import SlotCache
 class SharedPromptCache(SlotCache):
     """Own cache [layer, k|v, row slot, kv_head, new token, head_dim] (SlotCache's, `max_new` columns) plus a
     prompt store [layer, k|v, prompt slot, kv_head, position, head_dim] (for the kernel, keys blocked and the
-    positions whole blocks: attention.keys_blocked). Active prompts occupy prompt slots
-    0..m-1: when prompts lose their last row, live prompts from slots past the new count move into the holes.
-    Rows move and leave only through `compact` (it keeps the row -> prompt map in step)."""
+    positions whole blocks: attention.keys_blocked). A prompt stays in its slot until its last row ends; its slot is
+    then a hole (no rows; its length and KV stay, read by no row) that the next prompt admitted takes, the lowest
+    first, and holes at the end are dropped. On CPU a slot's pages stay mapped for that next prompt (a fresh page
+    costs a fault, 8-26 us on a host that takes freed memory back; moving prompts down into holes and freeing the
+    slots they left cost refine ~50 k faults a call, session 21). So a slot holds the longest prompt admitted to it,
+    each a distinct prompt of the call, in at most as many slots as prompts were live at once (at most the rows):
+    what the batch sizing counts (hf.py). Rows move and leave only through `compact` (it keeps the row -> prompt map
+    in step)."""
 
     # a run's fixed cost in prompt slots x columns (its per-layer calls), against the columns a wider run computes
     RUN_COST = 1024
 
     def __init__(
         self, model: Any, slots: int, max_prompt: int, max_new: int, phases: Phases = OFF,
-        linears: PackedLinears | None = None, attention: str = "matmul", resident: int | None = None,
+        linears: PackedLinears | None = None, attention: str = "matmul",
     ) -> None:
         super().__init__(model, slots, max(1, max_new), phases, linears)
         cfg = model.config
@@ -53,73 +58,42 @@ class SharedPromptCache(SlotCache):
         self.row_prompt: list[int] = []  # prompt slot of each active row
         self.row_sample: list[int] = []  # its column on the grid (the sample's index within its prompt)
         self.row_own: list[int] = []  # generated tokens in each row's own cache (host-side: no device sync)
-        self.prompt_len: list[int] = []  # tokens of each active prompt slot
+        self.prompt_len: list[int] = []  # tokens of each prompt slot in use (a hole's: its last prompt's)
+        self.prompt_rows: list[int] = []  # live rows of each prompt slot in use (0: a hole)
         self.grid = 1  # samples per prompt (the grid's width)
         self._runs_of: tuple[tuple[int, ...], list[tuple[int, int]]] = ((), [])  # prompt lengths -> runs
-        self._first_prompt = 0  # the prompt slot the current prefill starts at
-        self._lens: list[int] = []  # the lengths of the prompts being prefilled
-        # On CPU a prompt slot's pages stay mapped after its prompt leaves (moved down or drained), for the next
-        # prompt admitted there: a fresh page costs a fault, 8-26 us on a host that takes freed memory back, and
-        # refine's prompt store took ~50 k of them a call (session 21). `resident` caps the positions so held across
-        # all slots, live prompts included (the engine passes what its batch sizing counted for the store; None: no
-        # cap but the store's size); past it, stale pages are given back (`_trim`).
-        self.extent = [0] * slots  # positions of each prompt slot that may be resident (keys: whole blocks)
-        self.resident = slots * positions if resident is None else resident
+        self._new: list[int] = []  # the prompt slots of the prompts being prefilled
+        self._lens: list[int] = []  # and their lengths
         self.kernel = DecodeAttention(self.pkv, self.kv, self.heads) if self.blocked else None
 
     def prefill(self, prompts: Sequence[Sequence[int]], row0: int, copies: int) -> torch.Tensor:
         if row0 != len(self.row_prompt):
             raise ValueError(f"rows are appended: row0 {row0} != {len(self.row_prompt)} active rows")
         self._check_prefix(prompts)  # before the row map changes
-        self._first_prompt = len(self.prompt_len)
-        for p, ids in enumerate(prompts):
-            self.prompt_len.append(len(ids))
-            self.row_prompt.extend([self._first_prompt + p] * copies)
+        holes = [p for p, n in enumerate(self.prompt_rows) if n == 0]
+        self._new = (holes + list(range(len(self.prompt_len), len(self.prompt_len) + len(prompts))))[: len(prompts)]
+        self._lens = [len(ids) for ids in prompts]
+        for q, t in zip(self._new, self._lens, strict=True):
+            if q == len(self.prompt_len):
+                self.prompt_len.append(0)
+                self.prompt_rows.append(0)
+            self.prompt_len[q], self.prompt_rows[q] = t, copies
+            self.row_prompt.extend([q] * copies)
             self.row_sample.extend(range(copies))
             self.row_own.extend([0] * copies)
         self.grid = max(self.grid, copies)
-        self._lens = [len(ids) for ids in prompts]  # what _store_prompt writes of each (not the run's padding)
-        for p, t in enumerate(self._lens):
-            q = self._first_prompt + p
-            self.extent[q] = max(self.extent[q], self._whole(t))
-        self._trim()  # room first, from the free slots' pages
         return super().prefill(prompts, row0, copies)
-
-    def _whole(self, t: int) -> int:
-        """The store positions a prompt of t tokens writes (the kernel's keys: whole blocks)."""
-        return padded(t) if self.blocked else t
-
-    def _trim(self) -> None:
-        """Give back stale prompt-store pages while the slots' extents exceed `resident`, no more than that: from the
-        free slots' tails, the highest slot first (new prompts take the lowest), then what live slots hold past their
-        prompt. Partly: a longer prompt moved into a shorter one's hole goes over by their difference, and the next
-        prompt admitted to the slot it left then faults in only that much (a call's prompts are admitted shortest
-        first, so prompts moving down are the longer ones)."""
-        over = sum(self.extent) - self.resident
-        if over <= 0 or self.device.type != "cpu":
-            return
-        m = len(self.prompt_len)
-        for p in [q for q in range(len(self.extent) - 1, m - 1, -1) if self.extent[q]] + list(range(m)):
-            if over <= 0:
-                return
-            live = self._whole(self.prompt_len[p]) if p < m else 0
-            keep = max(live, self._whole(max(0, self.extent[p] - over)))  # keys: whole blocks
-            if self.extent[p] > keep:
-                self._release(p, keep, self.prompt_len[p] if keep == live and p < m else keep)
-                over -= self.extent[p] - keep
-                self.extent[p] = keep
 
     def _store_prompt(self, i: int, k: torch.Tensor, v: torch.Tensor, row0: int, copies: int) -> None:
         """Layer i's K and V of the prompts being prefilled (right-padded to the run's longest) into their slots,
         each only as far as its own length (keys: whole blocks), so a slot's pages are what the sizing counts."""
-        p0 = self._first_prompt
         if self.blocked:  # whole blocks, each transposed; a block's columns past the run's end zero
             t = padded(k.shape[2])
             k = keys_blocked(torch.nn.functional.pad(k, (0, 0, 0, t - k.shape[2])))
-        for p, t in enumerate(self._lens):
-            self.pkv[i, 1, p0 + p, :, :t] = v[p, :, :t]
-            w = self._whole(t)
-            self.pkv[i, 0, p0 + p, :, :w] = k[p, :, :w]
+        for p, (q, t) in enumerate(zip(self._new, self._lens, strict=True)):
+            self.pkv[i, 1, q, :, :t] = v[p, :, :t]
+            w = padded(t) if self.blocked else t
+            self.pkv[i, 0, q, :, :w] = k[p, :, :w]
 
     def _step(self, lens: torch.Tensor, width: int):
         """What every layer of the step shares, from the host-side row map (`width`, the copied cache's, does not
@@ -218,18 +192,6 @@ class SharedPromptCache(SlotCache):
         out = op.mul_(ap).add_(oo.mul_(ao)).div_(zp.mul(ap).add_(zo.mul_(ao)))
         return out.to(self.dtype)
 
-    def _release(self, p: int, keys: int = 0, values: int = 0) -> None:
-        """Free prompt slot p's pages on CPU past position `keys` of its K and `values` of its V (whole pages
-        inside each [position, head_dim] block per layer and kv head)."""
-        if self.device.type == "cpu":
-            for i in range(self.pkv.shape[0]):
-                for kv, start in ((0, keys), (1, values)):
-                    if start == 0:  # the slot's [kv_head, position, head_dim] block at once
-                        release_cpu(self.pkv[i, kv, p])
-                        continue
-                    for h in range(self.kv_heads):
-                        release_cpu(self.pkv[i, kv, p, h, start:])
-
     def move(self, dst: Sequence[int], src: Sequence[int], lens: Sequence[int]) -> None:
         raise NotImplementedError("SharedPromptCache moves rows only through compact (it keeps the row map)")
 
@@ -242,24 +204,14 @@ class SharedPromptCache(SlotCache):
             self.kv[:, :, d, :, :own].copy_(self.kv[:, :, s, :, :own])
             self.row_prompt[d], self.row_sample[d], self.row_own[d] = self.row_prompt[s], self.row_sample[s], own
         del self.row_prompt[rows:], self.row_sample[rows:], self.row_own[rows:]
-        live = set(self.row_prompt)
-        keep = len(live)
-        holes = [p for p in range(keep) if p not in live]
-        movers = [p for p in range(keep, len(self.prompt_len)) if p in live]
-        remap = dict(zip(movers, holes, strict=True))
-        for s, d in remap.items():
-            t = self.prompt_len[s]
-            w = self._whole(t)  # blocked keys: whole blocks (values: rows)
-            # overwritten in place: the hole's pages and the mover's stay mapped for later prompts (`_trim`)
-            self.pkv[:, 0, d, :, :w].copy_(self.pkv[:, 0, s, :, :w])
-            self.pkv[:, 1, d, :, :t].copy_(self.pkv[:, 1, s, :, :t])
-            self.prompt_len[d] = t
-            self.extent[d] = max(self.extent[d], w)
-        del self.prompt_len[keep:]
-        self._trim()
-        self.row_prompt = [remap.get(p, p) for p in self.row_prompt]
-        # each prompt's rows take grid columns 0..c-1 (c: its live rows), so the grid narrows as prompts drain
-        count = [0] * keep
+        # a prompt without rows leaves a hole for the next one (its pages and length stay: no row reads them); the
+        # holes at the end go. Each prompt's rows take grid columns 0..c-1 (c: its live rows), so the grid narrows
+        # as prompts drain
+        count = [0] * len(self.prompt_len)
         for r, p in enumerate(self.row_prompt):
             self.row_sample[r], count[p] = count[p], count[p] + 1
+        self.prompt_rows = count
+        while self.prompt_rows and self.prompt_rows[-1] == 0:
+            self.prompt_rows.pop()
+            self.prompt_len.pop()
         self.grid = max(count, default=1)
