@@ -336,13 +336,16 @@ def test_a_drained_prompt_slot_is_a_hole_the_next_prompt_takes(attention):
         cache.prefill([[3] * 200, [5] * 10, [7] * 130], 0, 1)
         kept = cache.pkv[:, :, :3].clone()
         cache.compact([0], [2], [130], 2)  # prompt 0's row ends: row 2 (prompt 2) moves into row 0
-    assert cache.row_prompt == [2, 1] and cache.prompt_rows == [0, 1, 1] and cache.prompt_len == [200, 10, 130]
+    assert cache.row_prompt == [2, 1] and cache.prompt_rows == [0, 1, 1] and cache.prompt_len == [1, 10, 130]
     assert torch.equal(cache.pkv[:, :, :3], kept)  # nothing copied, nothing given back
     with torch.inference_mode():
         cache.prefill([[9] * 4], 2, 1)  # the next prompt takes the hole
     assert cache.row_prompt == [2, 1, 0] and cache.prompt_len == [4, 10, 130] and cache.prompt_rows == [1, 1, 1]
     assert not torch.equal(cache.pkv[:, 1, 0, :, :4], kept[:, 1, 0, :, :4])  # written over
-    assert torch.equal(cache.pkv[:, 1, 0, :, 4:200], kept[:, 1, 0, :, 4:200])  # its last prompt's tail, read by no row
+    w = 64 if attention == "kernel" else 4  # keys: whole blocks
+    # its last prompt's tail, read by no row
+    assert torch.equal(cache.pkv[:, 1, 0, :, 4:200], kept[:, 1, 0, :, 4:200])
+    assert torch.equal(cache.pkv[:, 0, 0, :, w:200], kept[:, 0, 0, :, w:200])
     with torch.inference_mode():
         cache.compact([0], [2], [4], 2)  # prompt 2's row ends: its slot is the last, so it goes
     assert cache.row_prompt == [0, 1] and cache.prompt_len == [4, 10] and cache.prompt_rows == [1, 1]
@@ -358,8 +361,8 @@ def test_prompt_store_pages_stay_within_what_the_sizing_counted(peaked_llama, mo
     from ilf_lab.generation.pages import KEPT
     from ilf_lab.generation.prefix import SharedPromptCache
 
-    if sys.platform != "linux":
-        pytest.skip("mincore")
+    if sys.platform != "linux" or unbuildable() is not None:
+        pytest.skip("mincore, and the kernel (the matmul path reads zero pages past a prompt, mapping them)")
     KEPT.drop()  # fresh mappings: a kept one comes with resident (zeroed) pages of an earlier call
     _, model, tok = peaked_llama
     caches, admitted = [], {}
@@ -374,7 +377,7 @@ def test_prompt_store_pages_stay_within_what_the_sizing_counted(peaked_llama, mo
 
     monkeypatch.setattr(SharedPromptCache, "prefill", spy)
     prompts = [PROMPTS[0] * k for k in (9, 1, 8, 1, 1, 1, 2, 1, 1, 1, 1, 1)]
-    engine = HFEngine(model, tok, batch_size=4, prompt_kv="shared")
+    engine = HFEngine(model, tok, batch_size=4, prompt_kv="shared", attention="kernel")
     engine.generate(prompts, SamplingParams(n=1, temperature=1.0, max_new_tokens=6, seed=1))
     cache = caches[-1]
     whole = (lambda t: -(-t // 64) * 64) if cache.blocked else int

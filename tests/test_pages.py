@@ -42,10 +42,16 @@ libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 faults = []
-for _ in range(3):  # a 100 MB block (past glibc's 32 MiB mmap ceiling, as the packed LM head is), written, freed
+if sys.argv[1] == "restore":  # heap_only left, and one too large for it: glibc's mmap as before
+    with heap_only(100 << 20):
+        pass
+    sizes = [(2 << 30, True), (0, False)]  # (heap_only's size, inside it)
+else:
+    sizes = [(100 << 20, sys.argv[1] == "heap")] * 3
+for size, inside in sizes:  # a 100 MB block (past glibc's 32 MiB mmap ceiling, as the packed LM head is), written, freed
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    if sys.argv[1] == "heap":
-        with heap_only():
+    if inside:
+        with heap_only(size):
             p = libc.malloc(100 << 20)
     else:
         p = libc.malloc(100 << 20)
@@ -73,6 +79,8 @@ def test_blocks_past_the_mmap_ceiling_reuse_heap_pages_inside_heap_only():
     fresh, heap = faults("mmap"), faults("heap")
     assert min(fresh) > pages // 2  # a new mapping each time
     assert heap[0] > pages // 2 and max(heap[1:]) < pages // 20  # faulted once, then the heap's pages
+    restored = faults("restore")  # too large for heap_only, and after it: a fresh mapping each time again
+    assert min(restored) > pages // 2
 
 
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")

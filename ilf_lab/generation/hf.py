@@ -317,7 +317,8 @@ class HFEngine:
         seeds = prompt_seeds(prompts, params.seed, n)
         if self.cpu_linear == "onednn":  # packed now, before the batch is sized from free memory; dropped after
             self._linears = PackedLinears()
-            with heap_only():  # the packed LM head too: the same heap pages call after call
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())  # the packed copies' size
+            with heap_only(weights):  # the packed LM head too: the same heap pages call after call
                 self._linears.pack(self.model)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
         extra = fixed = 0

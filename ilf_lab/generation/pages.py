@@ -9,6 +9,7 @@ import ctypes
 import ctypes.util
 import math
 import mmap
+import os
 import platform
 import sys
 import threading
@@ -216,6 +217,9 @@ def release_cpu(t: torch.Tensor) -> None:
         _MADVISE(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
+HEAP_KEEP = 1 << 30  # bytes of freed heap glibc keeps mapped (keep_heap_pages)
+_HEAP_KEPT = False  # keep_heap_pages applied its settings in this process
+
 # glibc's mallopt parameters (malloc.h) and this engine's values
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 # the mmap threshold first: it is the one glibc may refuse (32-bit), and trim or top pad set alone would freeze the
@@ -225,7 +229,7 @@ HEAP_SETTINGS = (
     # up to 1 GiB of freed heap kept mapped, not returned to the kernel: the packed weights the engine makes each call
     # (packed.py; SmolLM2-135M's take ~430 MB of heap) come back as the same pages. Packing in a warm process: 0.17-0.85
     # s and 80-117 k faults a call at 256 MiB, 0.08-0.09 s and 28 k (the LM head's own mapping) at 512 MiB or more
-    (_M_TRIM_THRESHOLD, 1 << 30),
+    (_M_TRIM_THRESHOLD, HEAP_KEEP),
     (_M_TOP_PAD, 64 << 20),  # and the heap grown 64 MiB at a time
 )
 
@@ -238,22 +242,28 @@ def keep_heap_pages() -> bool:
     (~1.4 us, ~8 us where the hypervisor backs it anew). Refine benchmark call: 0.9 M -> 0.66 M page faults,
     31-32 s -> 29.6-30.4 s (session 19). Process-wide and idempotent, and it stays for the process's life (up to
     1 GiB of freed heap plus the top pad stay resident, reused by any later allocation); a no-op (False) off glibc."""
+    global _HEAP_KEPT
     if _MALLOPT is None:
         return False
-    return all(_MALLOPT(option, value) == 1 for option, value in HEAP_SETTINGS)
+    _HEAP_KEPT = all(_MALLOPT(option, value) == 1 for option, value in HEAP_SETTINGS)
+    return _HEAP_KEPT
 
 
 _M_MMAP_MAX, _DEFAULT_MMAP_MAX = -4, 65536  # glibc's default count of mmap-served blocks (malloc.h, malloc.c)
 
 
 @contextlib.contextmanager
-def heap_only() -> Iterator[None]:
+def heap_only(size: int) -> Iterator[None]:
     """Inside, glibc serves even blocks past its 32 MiB mmap ceiling from the heap (M_MMAP_MAX 0; threads' arenas
-    still fall back to mmap). For the packed weights an engine call makes (packed.py): the LM head's, 113 MB for
-    SmolLM2, otherwise took a fresh mapping each call, 28 k page faults (0.30 s of a 0.36 s packing in a warm
-    process, against 0.07 s from the heap, session 21); freed, it stays in the heap (keep_heap_pages) for the next
-    call. Process-wide while inside; a no-op off glibc."""
-    on = _MALLOPT is not None and _MALLOPT(_M_MMAP_MAX, 0) == 1
+    still fall back to mmap), for `size` bytes of long-lived blocks the caller is about to make: an engine call's
+    packed weights (packed.py). The packed LM head, 113 MB for SmolLM2, otherwise took a fresh mapping each call,
+    28 k page faults (0.30 s of a 0.36 s packing in a warm process, against 0.07 s from the heap, session 21); freed,
+    it stays in the heap for the next call. Only where keep_heap_pages applied, `size` fits in what the heap keeps
+    (HEAP_KEEP: past it, blocks freed below later ones could stay resident for the process's life) and the
+    environment sets no mmap maximum of its own (restored to glibc's default after); else a no-op."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    on = (_HEAP_KEPT and size <= HEAP_KEEP and "MALLOC_MMAP_MAX_" not in os.environ and "mmap_max" not in tunables
+          and _MALLOPT is not None and _MALLOPT(_M_MMAP_MAX, 0) == 1)
     try:
         yield
     finally:

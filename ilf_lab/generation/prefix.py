@@ -30,7 +30,7 @@ class SharedPromptCache(SlotCache):
     """Own cache [layer, k|v, row slot, kv_head, new token, head_dim] (SlotCache's, `max_new` columns) plus a
     prompt store [layer, k|v, prompt slot, kv_head, position, head_dim] (for the kernel, keys blocked and the
     positions whole blocks: attention.keys_blocked). A prompt stays in its slot until its last row ends; its slot is
-    then a hole (no rows; its length and KV stay, read by no row) that the next prompt admitted takes, the lowest
+    then a hole (no rows, length 1; its KV stays, read by no row) that the next prompt admitted takes, the lowest
     first, and holes at the end are dropped. On CPU a slot's pages stay mapped for that next prompt (a fresh page
     costs a fault, 8-26 us on a host that takes freed memory back; moving prompts down into holes and freeing the
     slots they left cost refine ~50 k faults a call, session 21). So a slot holds the longest prompt admitted to it,
@@ -58,7 +58,7 @@ class SharedPromptCache(SlotCache):
         self.row_prompt: list[int] = []  # prompt slot of each active row
         self.row_sample: list[int] = []  # its column on the grid (the sample's index within its prompt)
         self.row_own: list[int] = []  # generated tokens in each row's own cache (host-side: no device sync)
-        self.prompt_len: list[int] = []  # tokens of each prompt slot in use (a hole's: its last prompt's)
+        self.prompt_len: list[int] = []  # tokens of each prompt slot in use (a hole's: 1)
         self.prompt_rows: list[int] = []  # live rows of each prompt slot in use (0: a hole)
         self.grid = 1  # samples per prompt (the grid's width)
         self._runs_of: tuple[tuple[int, ...], list[tuple[int, int]]] = ((), [])  # prompt lengths -> runs
@@ -204,13 +204,16 @@ class SharedPromptCache(SlotCache):
             self.kv[:, :, d, :, :own].copy_(self.kv[:, :, s, :, :own])
             self.row_prompt[d], self.row_sample[d], self.row_own[d] = self.row_prompt[s], self.row_sample[s], own
         del self.row_prompt[rows:], self.row_sample[rows:], self.row_own[rows:]
-        # a prompt without rows leaves a hole for the next one (its pages and length stay: no row reads them); the
-        # holes at the end go. Each prompt's rows take grid columns 0..c-1 (c: its live rows), so the grid narrows
+        # a prompt without rows leaves a hole for the next one (its pages stay; no row reads them); the holes at
+        # the end go. Each prompt's rows take grid columns 0..c-1 (c: its live rows), so the grid narrows
         # as prompts drain
         count = [0] * len(self.prompt_len)
         for r, p in enumerate(self.row_prompt):
             self.row_sample[r], count[p] = count[p], count[p] + 1
         self.prompt_rows = count
+        for p, rows_left in enumerate(count):
+            if rows_left == 0:  # a hole: one position, so the matmul path's runs stay as narrow as their live prompts
+                self.prompt_len[p] = 1
         while self.prompt_rows and self.prompt_rows[-1] == 0:
             self.prompt_rows.pop()
             self.prompt_len.pop()
