@@ -62,24 +62,25 @@ print(*faults)
 """
 
 
+def _probe_faults(script: str, mode: str) -> list[int]:
+    """The page faults a probe script prints, run in a fresh process with glibc's own defaults (no MALLOC_* or
+    tunables from the environment)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "PYTHONMALLOC")}
+    p = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return [int(x) for x in p.stdout.split()]
+
+
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_blocks_past_the_mmap_ceiling_reuse_heap_pages_inside_heap_only():
     """heap_only (around an engine call's weight packing): a block past glibc's mmap ceiling comes from the heap and,
     freed, its pages serve the next one; outside, each is a fresh mapping faulted in anew."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "PYTHONMALLOC")}
-
-    def faults(mode: str) -> list[int]:
-        p = subprocess.run([sys.executable, "-c", _BIG_PROBE, mode], capture_output=True, text=True, timeout=120,
-                           env=env)
-        assert p.returncode == 0, p.stderr[-2000:]
-        return [int(x) for x in p.stdout.split()]
-
     pages = (100 << 20) // os.sysconf("SC_PAGE_SIZE")
-    fresh, heap = faults("mmap"), faults("heap")
+    fresh, heap = _probe_faults(_BIG_PROBE, "mmap"), _probe_faults(_BIG_PROBE, "heap")
     assert min(fresh) > pages // 2  # a new mapping each time
     assert heap[0] > pages // 2 and max(heap[1:]) < pages // 20  # faulted once, then the heap's pages
-    restored = faults("restore")  # too large for heap_only, and after it: a fresh mapping each time again
+    restored = _probe_faults(_BIG_PROBE, "restore")  # too large for heap_only, and after it: a fresh mapping each time again
     assert min(restored) > pages // 2
 
 
@@ -88,17 +89,8 @@ def test_the_heap_keeps_its_pages_for_repeated_large_buffers():
     """keep_heap_pages (set by a CPU engine): large buffers freed and allocated again reuse the heap's pages, where
     glibc's default gives them back and faults them in anew each time (fresh processes, glibc's own defaults: no
     MALLOC_* or tunables from the environment)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "PYTHONMALLOC")}
-
-    def faults(mode: str) -> list[int]:
-        p = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, timeout=120,
-                           env=env)
-        assert p.returncode == 0, p.stderr[-2000:]
-        return [int(x) for x in p.stdout.split()]
-
     pages = 3 * (24 << 20) // os.sysconf("SC_PAGE_SIZE")
-    default, kept = faults("default"), faults("keep")
+    default, kept = _probe_faults(_HEAP_PROBE, "default"), _probe_faults(_HEAP_PROBE, "keep")
     assert min(default[1:]) > pages // 2  # given back, faulted in again
     assert kept[0] > pages // 2 and max(kept[1:]) < pages // 20  # faulted once, then reused
 
