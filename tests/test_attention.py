@@ -95,6 +95,23 @@ def test_keys_are_blocked_by_64_positions_each_transposed():
         keys_blocked(k[:, :100])
     store = kernel_store(torch.randn(1, 2, 1, 2, 70, 8))  # padded to 128, the padding zero
     assert store.shape[4] == 128 and store[0, 1, 0, :, 70:].abs().sum() == 0
+    whole = torch.randn(1, 2, 1, 2, 128, 8)  # already whole blocks: no padding, blocked from an unchanged copy
+    assert torch.equal(kernel_store(whole)[:, 0], keys_blocked(whole[:, 0]))
+
+
+@needs_kernel
+def test_a_slot_without_rows_is_skipped():
+    """A prompt slot no row samples from (a hole the next prompt will take) is read by no query: the rows of the
+    slots around it get torch's attention, whatever the hole holds."""
+    gen = torch.Generator().manual_seed(5)
+    pkv, kv = caches(gen, 3, 4, 3, 64, 130, 70)
+    pkv[:, :, 1] = float("nan")
+    q = torch.randn(4, 9, 1, 64, generator=gen)
+    att = DecodeAttention(kernel_store(pkv), kv, 9)
+    rows, lens, own = [0, 2, 2, 0], [130, 1, 66], [70, 1, 64, 3]
+    got = att(1, q, att.plan(rows, lens, own), 0.125)
+    want = reference(q, pkv[1, 0], pkv[1, 1], kv[1, 0], kv[1, 1], rows, lens, own, 0.125)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

@@ -30,6 +30,31 @@ struct State {  // one query head of one row: running max, sum of exponentials, 
   float* acc;
 };
 
+// Prefetches of the memory a work item will read, in the order it reads it (regions added by the kernel), a cache
+// line at a time towards L2, issued from the forms' score loops about as fast as they consume K and V: a few
+// lines per step among the FMAs keep the reads one block ahead, where a burst of a block's 512 lines at its start
+// stalls on the core's outstanding misses (session 22, decode kernel's prompt part from memory: ~1.3 x). Only
+// where each item's reads fit in L2 many times over; nullptr: none.
+struct Ahead {
+  struct Region {
+    const float* p;
+    int64_t lines;
+  };
+  Region* r = nullptr;  // capacity: Work::init's `regions`
+  int64_t n = 0, i = 0, line = 0;
+
+  void clear() { n = i = line = 0; }
+  void add(const float* p, int64_t floats) {
+    if (floats > 0) r[n++] = {p, (floats + 15) / 16};
+  }
+  void pull(int64_t k) {
+    for (; k > 0 && i < n; --k) {
+      __builtin_prefetch(r[i].p + 16 * line, 0, 2);
+      if (++line == r[i].lines) ++i, line = 0;
+    }
+  }
+};
+
 // The sums of four accumulators' lanes, each as ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), into s[0..4)
 // (AVX: three horizontal adds and one add for all four; elsewhere the same order in scalars).
 inline void sum4(v8 a0, v8 a1, v8 a2, v8 a3, float* s) {
@@ -51,13 +76,15 @@ inline void sum4(v16 a0, v16 a1, v16 a2, v16 a3, float* s) {
 // Scores of QT queries (rows of q, stride hd) against keys k0..k3: one vector FMA chain per (query, key) over the
 // head dimension (C vectors V of W lanes), its lanes summed by sum4; the same arithmetic for every query whatever QT.
 template <typename V, int C, int QT>
-inline void score_tile(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, float* s) {
+inline void score_tile(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, float* s,
+                       Ahead* ah = nullptr, int64_t pull = 0) {
   constexpr int W = lanes<V>;
   constexpr int64_t hd = W * C;
   V acc[QT][4];
   for (int x = 0; x < QT; ++x)
     for (int u = 0; u < 4; ++u) acc[x][u] = splat_as<V>(0.f);
   for (int c = 0; c < C; ++c) {
+    if (ah) ah->pull(pull);
     const V w0 = load_as<V>(k0 + W * c), w1 = load_as<V>(k1 + W * c), w2 = load_as<V>(k2 + W * c),
             w3 = load_as<V>(k3 + W * c);
     for (int x = 0; x < QT; ++x) {
@@ -134,12 +161,13 @@ static_assert(sizeof(ZERO_ROW) / sizeof(float) >= 8 * 16, "ZERO_ROW must cover t
 // each query's online-softmax update (running max, sum of exponentials, rescaled accumulator), then the values in
 // tiles of 3 queries x 4 vectors. Each query's arithmetic is the same whatever nq and its place in a tile, so a
 // row's result does not depend on the batch. V: v8, or v16 on AVX-512 (attenders_for); hd = C vectors of W lanes.
-// s: nq * BLOCK floats of scratch.
+// s: nq * BLOCK floats of scratch. ah: prefetches pulled as fast as the keys and values are read (or nullptr).
 template <typename V, int C>
-void attend(const float* q, State* st, int64_t nq, const float* k, const float* v, int64_t n, float* s) {
+void attend(const float* q, State* st, int64_t nq, const float* k, const float* v, int64_t n, float* s, Ahead* ah) {
   constexpr int W = lanes<V>;
   constexpr int64_t hd = W * C;
   static_assert(BLOCK % W == 0, "a block's scores must fill whole vectors");
+  const int64_t calls = std::max<int64_t>(1, (nq / 3 + nq % 3) * C), pull = (hd / 2 + calls - 1) / calls;  // 4 keys' K and V: hd / 2 lines
   for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
     const int64_t b = std::min(BLOCK, n - j0), bw = (b + W - 1) / W;
     const float* kb = k + j0 * hd;
@@ -147,8 +175,9 @@ void attend(const float* q, State* st, int64_t nq, const float* k, const float* 
       const float* kr[4];
       for (int u = 0; u < 4; ++u) kr[u] = j + u < b ? kb + (j + u) * hd : ZERO_ROW;
       int64_t x = 0;
-      for (; x + 3 <= nq; x += 3) score_tile<V, C, 3>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j);
-      for (; x < nq; ++x) score_tile<V, C, 1>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j);
+      for (; x + 3 <= nq; x += 3)
+        score_tile<V, C, 3>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j, ah, pull);
+      for (; x < nq; ++x) score_tile<V, C, 1>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j, ah, pull);
     }
     for (int64_t x = 0; x < nq; ++x) {  // online softmax: rescale to the new running max, exponentiate, sum
       float* sx = s + x * BLOCK;
@@ -203,7 +232,7 @@ inline void softmax_tile(V (&acc)[QT][NV], State* st, int64_t b, float* s) {
 // the vector lanes: one FMA chain per (query, key) over the head dimension in order, no horizontal sums; then the
 // softmax update in registers. A query's arithmetic is the same whatever QT and its place in the tile.
 template <typename V, int C, int QT>
-inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, float* s) {
+inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, float* s, Ahead* ah, int64_t pull) {
   constexpr int W = lanes<V>, NV = BLOCK / W;
   constexpr int64_t hd = W * C;
   constexpr int NH = NV < 4 ? NV : 4;  // key vectors per pass over the head dimension (8 lanes: two passes)
@@ -213,6 +242,7 @@ inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, 
     for (int x = 0; x < QT; ++x)
       for (int u = 0; u < NH; ++u) part[x][u] = splat_as<V>(0.f);
     for (int64_t d = 0; d < hd; ++d) {
+      if (ah) ah->pull(pull);
       V kd[NH];
       for (int u = 0; u < NH; ++u) kd[u] = load_as<V>(kt + d * BLOCK + W * (u0 + u));
       for (int x = 0; x < QT; ++x) {
@@ -231,20 +261,25 @@ inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, 
 // in registers through the softmax, and the values go in taller tiles. The decode kernel's prompt part, where a
 // prompt's rows x a group's heads share each block (session 19: 2 x the rows form's speed at 24 queries).
 template <typename V, int C>
-void attend_blocked(const float* q, State* st, int64_t nq, const float* kt, const float* v, int64_t n, float* s) {
+void attend_blocked(const float* q, State* st, int64_t nq, const float* kt, const float* v, int64_t n, float* s,
+                    Ahead* ah) {
   constexpr int W = lanes<V>;
   constexpr int64_t hd = W * C;
   // tile heights, measured (session 19, 24 queries x 354 keys): scores 8 x 4 vectors on 16 lanes (4 or 6 were
   // slower), 3 x 4 on 8; values 6 x 4 vectors where there are 32 registers
   constexpr int QT = W == 16 ? 8 : 3, QV = VREGS == 32 ? 6 : 3;
   static_assert(BLOCK % W == 0, "a block's keys must fill whole vectors");
+  // a block's K and V are 2 BLOCK hd / 16 lines, read over (tiles x passes x hd) steps of the score loops: per step
+  constexpr int64_t passes = BLOCK / W < 4 ? 1 : BLOCK / W / 4;
+  const int64_t steps = std::max<int64_t>(1, (nq / QT + nq % QT / 3 + nq % QT % 3) * passes);
+  const int64_t pull = (2 * BLOCK / 16 + steps - 1) / steps;
   for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
     const int64_t b = std::min(BLOCK, n - j0);
     const float* kb = kt + j0 * hd;
     int64_t x = 0;
-    for (; x + QT <= nq; x += QT) blocked_tile<V, C, QT>(q + x * hd, st + x, kb, b, s + x * BLOCK);
-    for (; x + 3 <= nq; x += 3) blocked_tile<V, C, 3>(q + x * hd, st + x, kb, b, s + x * BLOCK);
-    for (; x < nq; ++x) blocked_tile<V, C, 1>(q + x * hd, st + x, kb, b, s + x * BLOCK);
+    for (; x + QT <= nq; x += QT) blocked_tile<V, C, QT>(q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
+    for (; x + 3 <= nq; x += 3) blocked_tile<V, C, 3>(q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
+    for (; x < nq; ++x) blocked_tile<V, C, 1>(q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
     add_values<V, C, QV>(s, BLOCK, 1, [st](int64_t y) { return st[y].acc; }, nq, v + j0 * hd, b);
   }
 }
@@ -310,7 +345,7 @@ void attend_wide(const float* qt, int64_t nq, int64_t nqp, float* m, float* l, f
   }
 }
 
-using AttendFn = void (*)(const float*, State*, int64_t, const float*, const float*, int64_t, float*);
+using AttendFn = void (*)(const float*, State*, int64_t, const float*, const float*, int64_t, float*, Ahead*);
 using WideFn = void (*)(const float*, int64_t, int64_t, float*, float*, float* const*, const float*, const float*,
                         int64_t, float*);
 
@@ -351,20 +386,22 @@ struct Work {
   float *q = nullptr, *acc = nullptr, *qt = nullptr, *s = nullptr, *m = nullptr, *l = nullptr;
   State* st = nullptr;
   float** accp = nullptr;
+  Ahead ahead;  // an item's prefetches, up to `regions` of them
   int64_t hd = 0, nq = 0, nqp = 0;
   bool ok = false;  // init succeeded
 
-  bool init(int64_t cap, int64_t head_dim) {
+  bool init(int64_t cap, int64_t head_dim, int64_t regions) {
     hd = head_dim;
     const int64_t cap8 = (cap + 7) / 8 * 8;
     q = static_cast<float*>(std::malloc(sizeof(float) * (2 * cap * hd + cap8 * hd + BLOCK * cap8 + 2 * cap8 + 8)));
     st = static_cast<State*>(std::malloc(sizeof(State) * (cap + 1)));
     accp = static_cast<float**>(std::malloc(sizeof(float*) * (cap + 1)));
-    if (!q || !st || !accp) return false;
+    ahead.r = static_cast<Ahead::Region*>(std::malloc(sizeof(Ahead::Region) * (regions + 1)));
+    if (!q || !st || !accp || !ahead.r) return false;
     acc = q + cap * hd, qt = acc + cap * hd, s = qt + cap8 * hd, m = s + BLOCK * cap8, l = m + cap8;
     return ok = true;
   }
-  void release() { std::free(q), std::free(st), std::free(accp); }
+  void release() { std::free(q), std::free(st), std::free(accp), std::free(ahead.r); }
 
   // Queries y < n: src(y) (hd floats) x scale, as rows and, for `shared_keys`, also transposed (the padding lanes
   // zero); accumulators zero; each query's softmax state fresh.
@@ -396,15 +433,15 @@ struct Work {
 };
 
 // body(work, item) for every item in [0, items) on `threads` OpenMP threads, each with its own Work for `cap`
-// queries; dynamic schedule (items differ in size; each item is one thread's, so results do not depend on it).
-// Returns 0, or 2 when a thread's Work could not be allocated.
+// queries and `regions` prefetch regions; dynamic schedule (items differ in size; each item is one thread's, so
+// results do not depend on it). Returns 0, or 2 when a thread's Work could not be allocated.
 template <typename Body>
-int for_items(int64_t items, int64_t cap, int64_t hd, int64_t threads, Body body) {
+int for_items(int64_t items, int64_t cap, int64_t hd, int64_t threads, int64_t regions, Body body) {
   int failed = 0;
 #pragma omp parallel num_threads(static_cast<int>(threads))
   {
     Work w;
-    if (!w.init(cap, hd)) {
+    if (!w.init(cap, hd, regions)) {
 #pragma omp atomic write
       failed = 2;
     }

@@ -16,10 +16,6 @@
 
 using namespace ilf;
 
-namespace {
-constexpr int64_t AHEAD = 512 * 1024;  // bytes of own K and V prefetched ahead of use: half an L2 of Zen 4/5
-}
-
 extern "C" {
 
 // q [a, kvh, g, hd] and out (same shape), contiguous. pk, pv: one layer's prompt store, ps = its strides (slot,
@@ -35,36 +31,34 @@ int ilf_decode_attention(const float* q, float* out, const float* pk, const floa
   const Attenders forms = attenders_for(hd);
   const AttendFn attend = forms.decode, prompt = forms.prompt;
   if (!attend || !prompt || a < 0 || m < 0 || kvh < 1 || g < 1 || threads < 1 || starts[0] != 0 || starts[m] != a) return 1;
-  int64_t most = 0;  // rows of the prompt with the most
+  int64_t most = 0, blocks = 0;  // rows of the prompt with the most; blocks of the longest prompt
   for (int64_t p = 0; p < m; ++p) {
-    if (starts[p + 1] < starts[p]) return 1;
+    if (starts[p + 1] < starts[p] || plen[p] < 0) return 1;
     most = std::max(most, starts[p + 1] - starts[p]);
+    blocks = std::max(blocks, (plen[p] + BLOCK - 1) / BLOCK);
   }
-  return for_items(m * kvh, most * g, hd, threads, [&](Work& w, int64_t t) {
-    const int64_t p = t / kvh, h = t % kvh, r0 = starts[p], nr = starts[p + 1] - r0;
+  return for_items(m * kvh, most * g, hd, threads, 2 * (blocks + most), [&](Work& w, int64_t t) {
+    const int64_t p = t / kvh, h = t % kvh, r0 = starts[p], nr = starts[p + 1] - r0, pbase = p * ps[0] + h * ps[1];
     const auto query = [&](int64_t y) { return q + ((order[r0 + y / g] * kvh + h) * g + y % g) * hd; };
-    // The rows' own K and V towards L2 ahead of use, at most AHEAD bytes in flight (one row at least), while the
-    // prompt part and the rows before compute: each row's columns are a separate 16-64 KB run, too short for the
-    // hardware prefetcher to ramp up on (session 19, refine shape: 1.13-1.21 x on the own part).
-    int64_t next = 0, ahead = 0;  // rows [0, next) requested; the bytes of those not yet attended
-    const auto bytes = [&](int64_t i) { return own[order[r0 + i]] * hd * 8; };
-    const auto fetch = [&]() {
-      for (; next < nr && (ahead == 0 || ahead + bytes(next) <= AHEAD); ahead += bytes(next), ++next) {
-        const int64_t r = order[r0 + next], obase = r * os[0] + h * os[1], nb = own[r] * hd;
-        for (int64_t j = 0; j < nb; j += 16)  // a cache line at a time, towards L2
-          __builtin_prefetch(ok + obase + j, 0, 2), __builtin_prefetch(ov + obase + j, 0, 2);
-      }
-    };
-    fetch();
-    w.load_queries(nr * g, query, scale, false);
-    const int64_t pbase = p * ps[0] + h * ps[1];
-    prompt(w.q, w.st, nr * g, pk + pbase, pv + pbase, plen[p], w.s);
+    // Everything the item reads after its first block of keys, in order, prefetched by the forms' score loops as
+    // they go (attend.h Ahead): the prompt's blocks (V, then the next K), then each row's own K and V, each a
+    // separate 16-64 KB run too short for the hardware prefetcher to ramp up on.
+    Ahead& ah = w.ahead;
+    ah.clear();
+    for (int64_t j0 = 0; j0 < plen[p]; j0 += BLOCK) {
+      if (j0 > 0) ah.add(pk + pbase + j0 * hd, BLOCK * hd);  // blocked keys: whole blocks
+      ah.add(pv + pbase + j0 * hd, std::min(BLOCK, plen[p] - j0) * hd);
+    }
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t r = order[r0 + i], obase = r * os[0] + h * os[1];
-      attend(w.q + i * g * hd, w.st + i * g, g, ok + obase, ov + obase, own[r], w.s);
+      ah.add(ok + obase, own[r] * hd), ah.add(ov + obase, own[r] * hd);
+    }
+    w.load_queries(nr * g, query, scale, false);
+    prompt(w.q, w.st, nr * g, pk + pbase, pv + pbase, plen[p], w.s, &ah);
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t r = order[r0 + i], obase = r * os[0] + h * os[1];
+      attend(w.q + i * g * hd, w.st + i * g, g, ok + obase, ov + obase, own[r], w.s, &ah);
       for (int64_t x = 0; x < g; ++x) w.finish(i * g + x, out + ((r * kvh + h) * g + x) * hd);
-      ahead -= bytes(i);  // requested already: fetch keeps at least the next row in flight
-      fetch();
     }
   });
 }

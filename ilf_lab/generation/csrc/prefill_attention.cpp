@@ -30,7 +30,7 @@ int ilf_prefill_attention(const float* q, float* out, const float* k, const floa
     if (lens[p] < 0 || lens[p] > t) return 1;
   const int64_t blocks = (t + QB - 1) / QB, heads = kvh * g, ctx = c + t;
   // later blocks read more keys: the dynamic schedule balances them
-  return for_items(b * kvh * blocks, QB * g, hd, threads, [&](Work& w, int64_t it) {
+  return for_items(b * kvh * blocks, QB * g, hd, threads, 0, [&](Work& w, int64_t it) {
     const int64_t p = it / (kvh * blocks), h = it / blocks % kvh, i0 = it % blocks * QB;
     const int64_t nb = std::max<int64_t>(0, std::min(QB, lens[p] - i0)), end = std::min(QB, t - i0);
     auto at = [&](int64_t i, int64_t x) { return ((p * t + i0 + i) * heads + h * g + x) * hd; };
@@ -41,7 +41,7 @@ int ilf_prefill_attention(const float* q, float* out, const float* k, const floa
     w.shared_keys(wide, k + kbase, v + kbase, c + i0);
     const int64_t diag = kbase + (c + i0) * hd;  // the block's own keys: position i reads i + 1 of them
     for (int64_t i = 0; i < nb; ++i) {
-      attend(w.q + i * g * hd, w.st + i * g, g, k + diag, v + diag, i + 1, w.s);
+      attend(w.q + i * g * hd, w.st + i * g, g, k + diag, v + diag, i + 1, w.s, nullptr);
       for (int64_t x = 0; x < g; ++x) w.finish(i * g + x, out + at(i, x));
     }
   });
