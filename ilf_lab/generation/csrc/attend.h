@@ -205,21 +205,22 @@ constexpr int VREGS = 16;
 #endif
 
 // Online-softmax update of QT queries from a block's scores held in registers (acc[x][u]: keys W u .. W u + W - 1;
-// keys from b on masked), their probabilities to s (row x at s + x * BLOCK).
-template <typename V, int C, int QT, int NV>
+// keys from b on masked), their probabilities to s (row x at s + x * BLOCK). Only the first NU vectors hold keys
+// (b <= W NU): the rest would be exact zeros after exp, adding nothing to the sum.
+template <typename V, int C, int QT, int NV, int NU>
 inline void softmax_tile(V (&acc)[QT][NV], State* st, int64_t b, float* s) {
   constexpr int W = lanes<V>;
   for (int x = 0; x < QT; ++x) {
     if (b < BLOCK)
-      for (int u = 0; u < NV; ++u)
+      for (int u = 0; u < NU; ++u)
         for (int i = 0; i < W; ++i)
           if (W * u + i >= b) acc[x][u][i] = -3.0e38f;  // exp -> 0, whatever the block's unused columns hold
     V mx = acc[x][0];
-    for (int u = 1; u < NV; ++u) mx = vmax(mx, acc[x][u]);
+    for (int u = 1; u < NU; ++u) mx = vmax(mx, acc[x][u]);
     State& t = st[x];
     const float top = raise_max<V, C>(t, hmax(mx));
     V sum = splat_as<V>(0.f);
-    for (int u = 0; u < NV; ++u) {
+    for (int u = 0; u < NU; ++u) {
       const V e = exp_nonpos(acc[x][u] - splat_as<V>(top));
       store(s + x * BLOCK + W * u, e);
       sum += e;
@@ -230,30 +231,43 @@ inline void softmax_tile(V (&acc)[QT][NV], State* st, int64_t b, float* s) {
 
 // Scores of QT queries (rows of q, stride hd) against a block of keys stored transposed (kt: [hd][BLOCK]), the keys in
 // the vector lanes: one FMA chain per (query, key) over the head dimension in order, no horizontal sums; then the
-// softmax update in registers. A query's arithmetic is the same whatever QT and its place in the tile.
-template <typename V, int C, int QT>
+// softmax update in registers. A query's arithmetic is the same whatever QT and its place in the tile. Only the
+// first NU key vectors are scored (a block's last, partly filled: b <= W NU; the lanes past b are masked anyway).
+template <typename V, int C, int QT, int NU>
 inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, float* s, Ahead* ah, int64_t pull) {
   constexpr int W = lanes<V>, NV = BLOCK / W;
   constexpr int64_t hd = W * C;
   constexpr int NH = NV < 4 ? NV : 4;  // key vectors per pass over the head dimension (8 lanes: two passes)
   V acc[QT][NV];
-  for (int u0 = 0; u0 < NV; u0 += NH) {
-    V part[QT][NH];
+  for (int u0 = 0; u0 < NU; u0 += NH) {
+    constexpr int L = NU < NH ? NU : NH;  // a pass's vectors (the last pass may score fewer: `u0 + u < NU`)
+    V part[QT][L];
     for (int x = 0; x < QT; ++x)
-      for (int u = 0; u < NH; ++u) part[x][u] = splat_as<V>(0.f);
+      for (int u = 0; u < L; ++u) part[x][u] = splat_as<V>(0.f);
     for (int64_t d = 0; d < hd; ++d) {
       if (ah) ah->pull(pull);
-      V kd[NH];
-      for (int u = 0; u < NH; ++u) kd[u] = load_as<V>(kt + d * BLOCK + W * (u0 + u));
+      V kd[L];
+      for (int u = 0; u < L; ++u) kd[u] = u0 + u < NU ? load_as<V>(kt + d * BLOCK + W * (u0 + u)) : splat_as<V>(0.f);
       for (int x = 0; x < QT; ++x) {
         const V qx = splat_as<V>(q[x * hd + d]);
-        for (int u = 0; u < NH; ++u) part[x][u] += qx * kd[u];
+        for (int u = 0; u < L; ++u)
+          if (u0 + u < NU) part[x][u] += qx * kd[u];
       }
     }
     for (int x = 0; x < QT; ++x)
-      for (int u = 0; u < NH; ++u) acc[x][u0 + u] = part[x][u];
+      for (int u = 0; u < L; ++u)
+        if (u0 + u < NU) acc[x][u0 + u] = part[x][u];
   }
-  softmax_tile<V, C, QT, NV>(acc, st, b, s);
+  softmax_tile<V, C, QT, NV, NU>(acc, st, b, s);
+}
+
+// blocked_tile scoring the block's first nu key vectors (1 <= nu <= NU), one instance per count.
+template <typename V, int C, int QT, int NU = BLOCK / lanes<V>>
+inline void blocked_tile_upto(int64_t nu, const float* q, State* st, const float* kt, int64_t b, float* s, Ahead* ah,
+                              int64_t pull) {
+  if constexpr (NU > 1)
+    if (nu < NU) return blocked_tile_upto<V, C, QT, NU - 1>(nu, q, st, kt, b, s, ah, pull);
+  blocked_tile<V, C, QT, NU>(q, st, kt, b, s, ah, pull);
 }
 
 // `attend` over keys held in blocks of BLOCK positions, each transposed ([hd][BLOCK]: keys_blocked in attention.py;
@@ -274,12 +288,12 @@ void attend_blocked(const float* q, State* st, int64_t nq, const float* kt, cons
   const int64_t steps = std::max<int64_t>(1, (nq / QT + nq % QT / 3 + nq % QT % 3) * passes);
   const int64_t pull = (2 * BLOCK / 16 + steps - 1) / steps;
   for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
-    const int64_t b = std::min(BLOCK, n - j0);
+    const int64_t b = std::min(BLOCK, n - j0), nu = (b + W - 1) / W;
     const float* kb = kt + j0 * hd;
     int64_t x = 0;
-    for (; x + QT <= nq; x += QT) blocked_tile<V, C, QT>(q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
-    for (; x + 3 <= nq; x += 3) blocked_tile<V, C, 3>(q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
-    for (; x < nq; ++x) blocked_tile<V, C, 1>(q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
+    for (; x + QT <= nq; x += QT) blocked_tile_upto<V, C, QT>(nu, q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
+    for (; x + 3 <= nq; x += 3) blocked_tile_upto<V, C, 3>(nu, q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
+    for (; x < nq; ++x) blocked_tile_upto<V, C, 1>(nu, q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
     add_values<V, C, QV>(s, BLOCK, 1, [st](int64_t y) { return st[y].acc; }, nq, v + j0 * hd, b);
   }
 }
