@@ -15,18 +15,22 @@ import torch
 
 def mm_gflops(m: int, k: int, n: int, seconds: float = 0.3, trials: int = 5, kind: str = "aten") -> float:
     """fp32 throughput of x[m,k] @ W[n,k]^T: `aten` = F.linear (MKL, as the model calls it), `onednn` = oneDNN with
-    the weight packed once (the engine's default on CPU, generation/packed.py), `int8` = the engine's int8 layer
-    (its FLOPs counted as fp32's); best of a few short trials, so a moment of contention from another process
-    does not define the roofline."""
-    if kind not in ("aten", "onednn", "int8"):
+    the weight packed once (the engine's default on CPU, generation/packed.py), `onednn_bf16` = the same packed in
+    bf16 with the input rounded to bf16 (the opt-in, its FLOPs counted as fp32's), `int8` = the engine's int8 layer
+    (likewise); best of a few short trials, so a moment of contention from another process does not define the
+    roofline."""
+    if kind not in ("aten", "onednn", "onednn_bf16", "int8"):
         raise ValueError(f"unknown matmul kind {kind!r}")
     x, w = torch.randn(m, k), torch.randn(n, k)
     f = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
-    if kind == "onednn":
-        from ilf_lab.generation.packed import PACK_ROWS
+    if kind in ("onednn", "onednn_bf16"):
+        from ilf_lab.generation.packed import PACKED, PackedLinears
 
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
-        f = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+        lin = torch.nn.Linear(k, n, bias=False)
+        lin.weight.data = w
+        packed = PackedLinears(PACKED[kind])
+        _, weight, bias = packed._weight(lin)  # the call itself only, as the roofline had it before session 22
+        f = lambda: packed._call(x, weight, bias, "none")  # noqa: E731
     elif kind == "int8":
         from ilf_lab.generation.quantize import Int8Linear
 

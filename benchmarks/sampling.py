@@ -177,10 +177,11 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         f"({100 * gen_rate * gflop / mm_aten:.0f}% of F.linear's)"
     )
     share8 = None
-    if args.quantize:  # the same FLOPs at the int8 layer's own rate: how far the int8 engine is from its limit
-        mm8 = roofline(model, rows, ("int8",))[0]["int8"]
+    low = "int8" if args.quantize else "onednn_bf16" if engine.cpu_linear == "onednn_bf16" else None
+    if low:  # the same FLOPs at the engine's own lower-precision rate: how far it is from its own limit
+        mm8 = roofline(model, rows, (low,))[0][low]
         share8 = gen_rate * gflop / mm8
-        print(f"int8 roofline: the engine's Int8Linear at the same shapes {mm8:.1f} GFLOP/s (fp32-equivalent); "
+        print(f"{low} roofline: the engine's own layer at the same shapes {mm8:.1f} GFLOP/s (fp32-equivalent); "
               f"generated tok/s = {100 * share8:.0f}% of it")
     print("profile (seconds, share of the call):")
     profile = {}
@@ -234,7 +235,8 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         "roofline_gflops_onednn": None if mm_onednn is None else round(mm_onednn, 1),
         "gflop_per_generated_token": round(gflop, 4),
         "roofline_share": round(share, 3),
-        "int8_roofline_share": None if share8 is None else round(share8, 3),
+        "int8_roofline_share": None if share8 is None or not args.quantize else round(share8, 3),
+        "bf16_roofline_share": None if share8 is None or args.quantize else round(share8, 3),
         "roofline_gflops_prefill": round(mm_prefill, 1),
         "ceiling_seconds": round(cap["seconds"], 1),
         "ceiling_share": round(cap["share"], 3),
@@ -286,9 +288,9 @@ def main() -> None:
     ap.add_argument(
         "--cpu-linear",
         default=None,
-        choices=("aten", "onednn"),
-        help="the engine's fp32 linear layers: oneDNN with packed weights (onednn, the default on CPU from session 11) "
-        "or F.linear (aten) (sampling.cpu_linear)",
+        choices=("aten", "onednn", "onednn_bf16"),
+        help="the engine's fp32 linear layers: oneDNN with packed weights (onednn, the default on CPU from session 11), "
+        "packed in bf16 (onednn_bf16, opt-in: new numerics) or F.linear (aten) (sampling.cpu_linear)",
     )
     ap.add_argument(
         "--attention",

@@ -221,7 +221,7 @@ class SamplingConfig:
     prompt_kv: str | None = choice(None, None, "copy", "shared")
     # the hf engine's fp32 linear layers on CPU (slots backend): null = onednn where this torch has it (weights
     # packed once for oneDNN, ilf_lab/generation/packed.py; logits equal to float rounding), aten = F.linear
-    cpu_linear: str | None = choice(None, None, "aten", "onednn")
+    cpu_linear: str | None = choice(None, None, "aten", "onednn", "onednn_bf16")
     # the hf engine's attention over the shared prompt KV on CPU: null = kernel where it builds here (a C++ kernel
     # compiled on first use, ilf_lab/generation/attention.py; logits equal to float rounding), matmul = torch's
     # batched matmuls (before session 12)
@@ -469,11 +469,12 @@ def validate(cfg: DictConfig) -> None:
                           "or shared")
     if cfg.sampling.cpu_linear and cfg.sampling.engine != "hf":
         raise ConfigError(f"sampling.cpu_linear={cfg.sampling.cpu_linear} needs sampling.engine=hf (vLLM runs on GPU)")
-    if cfg.sampling.cpu_linear == "onednn" and (
+    if cfg.sampling.cpu_linear in ("onednn", "onednn_bf16") and (
         cfg.sampling.quantize or (cfg.sampling.dtype or cfg.model.dtype) != "float32"
     ):
-        raise ConfigError("sampling.cpu_linear=onednn packs fp32 linear layers: it needs fp32 sampling weights "
-                          "(sampling.dtype=float32, or null with model.dtype=float32) and sampling.quantize=null")
+        raise ConfigError(f"sampling.cpu_linear={cfg.sampling.cpu_linear} packs fp32 linear layers: it needs fp32 "
+                          "sampling weights (sampling.dtype=float32, or null with model.dtype=float32) and "
+                          "sampling.quantize=null")
     if cfg.sampling.quantize and (cfg.sampling.engine != "hf" or (cfg.sampling.dtype or cfg.model.dtype) != "float32"):
         raise ConfigError(f"sampling.quantize={cfg.sampling.quantize} needs sampling.engine=hf and fp32 sampling "
                           "weights (sampling.dtype=float32, or null with model.dtype=float32)")

@@ -179,6 +179,7 @@ def test_nan_inf_and_impossible_sizes_fail_at_start(override, key, tmp_path):
         (["sampling.cpu_linear=mkl"], "sampling.cpu_linear='mkl' is not one of"),
         (["sampling.cpu_linear=onednn", "sampling.dtype=bfloat16"], "sampling.cpu_linear=onednn packs fp32 linear"),
         (["sampling.cpu_linear=onednn", "sampling.quantize=int8"], "sampling.cpu_linear=onednn packs fp32 linear"),
+        (["sampling.cpu_linear=onednn_bf16", "model.dtype=bfloat16"], "sampling.cpu_linear=onednn_bf16 packs fp32"),
         (["sampling.attention=kernel", "sampling.engine=vllm"], "sampling.attention=kernel needs sampling.engine=hf"),
         (["sampling.attention=kernel", "sampling.prompt_kv=copy"], "sampling.attention=kernel reads the shared"),
         (["sampling.attention=flash"], "sampling.attention='flash' is not one of"),

@@ -10,7 +10,7 @@ import torch
 
 from ilf_lab.generation import SamplingParams, make_engine
 from ilf_lab.generation.hf import HFEngine
-from ilf_lab.generation.packed import PackedLinears, onednn_available, resolve_cpu_linear
+from ilf_lab.generation.packed import PackedLinears, bf16_available, onednn_available, resolve_cpu_linear
 from tests.conftest import PROMPTS
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN packed linear")
@@ -31,6 +31,65 @@ def test_packed_linear_is_f_linear_to_rounding_and_row_independent():
         assert not strided.is_contiguous() and torch.allclose(packed.linear(lin, strided), ref, rtol=1e-5, atol=1e-5)
         swish = packed.linear(lin, x, "swish")
         assert torch.allclose(swish, torch.nn.functional.silu(ref), rtol=1e-5, atol=1e-5)
+
+
+needs_bf16 = pytest.mark.skipif(not bf16_available(), reason="no native bf16 matmul in this host's oneDNN")
+
+
+@needs_bf16
+def test_bf16_packed_linear_is_the_bf16_product_in_fp32_and_row_independent():
+    """cpu_linear=onednn_bf16: input and weights rounded to bf16, fp32 sums, an fp32 result within bf16's rounding
+    of the exact product; a row's output does not depend on the rows beside it (so samples do not depend on the
+    batch); biases and the fused SiLU kept."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 200, bias=True)
+    packed = PackedLinears(torch.bfloat16)
+    x = torch.randn(300, 96)
+    with torch.no_grad():
+        got = packed.linear(lin, x)
+        assert got.dtype == torch.float32 and got.shape == (300, 200)
+        exact = x.double() @ lin.weight.double().t() + lin.bias.double()
+        rounded = (x.bfloat16().double() @ lin.weight.bfloat16().double().t() + lin.bias.bfloat16().double())
+        scale = exact.abs().max()
+        assert (got.double() - rounded).abs().max() <= 2e-2 * scale  # the output's own bf16 rounding
+        assert (got.double() - exact).abs().max() <= 5e-2 * scale
+        assert not torch.equal(got, lin(x))  # not the fp32 product: the option has its own numerics
+        for rows in (1, 3, 17, 64, 299):
+            assert torch.equal(packed.linear(lin, x[:rows].contiguous()), got[:rows])
+        swish = packed.linear(lin, x, "swish")
+        assert torch.allclose(swish, torch.nn.functional.silu(got), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        PackedLinears(torch.float16)
+
+
+@needs_bf16
+def test_bf16_engine_samples_independently_of_the_batch_and_near_fp32(peaked_llama):
+    """The opt-in samples depend only on the seed and their own prompt; on the tiny model's peaked logits its
+    greedy paths are fp32's; it is never the default."""
+    _, model, tok = peaked_llama
+    assert HFEngine(model, tok).cpu_linear == "onednn"
+    bf16 = HFEngine(model, tok, batch_size=5, cpu_linear="onednn_bf16")
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=12)
+    assert bf16.generate(PROMPTS, greedy) == HFEngine(model, tok, batch_size=5).generate(PROMPTS, greedy)
+    assert bf16.last_stats["packed_linears"] > 0
+    p = SamplingParams(n=3, temperature=1.0, max_new_tokens=10, seed=3)
+    together = bf16.generate(PROMPTS, p)
+    assert together[2] == bf16.generate([PROMPTS[2]], p)[0]
+    assert together == HFEngine(model, tok, batch_size=12, cpu_linear="onednn_bf16").generate(PROMPTS, p)
+    with pytest.raises(ValueError, match="needs fp32 weights on CPU and the slots backend"):
+        HFEngine(model, tok, backend="generic", cpu_linear="onednn_bf16")
+
+
+def test_bf16_is_refused_where_onednn_would_emulate_it(peaked_llama, monkeypatch):
+    """On a host without native bf16 matmuls (AVX2: oneDNN would emulate them, slower than fp32) the opt-in is an
+    error naming the way out, not a slow run."""
+    import ilf_lab.generation.packed as packed
+
+    _, model, tok = peaked_llama
+    monkeypatch.setattr(packed, "bf16_available", lambda: False)  # this host's answer, as an AVX2 host gives it
+    with pytest.raises(ValueError, match="no native bf16 matmul .* use onednn"):
+        resolve_cpu_linear("onednn_bf16", model, "slots")
+    assert resolve_cpu_linear(None, model, "slots") == "onednn"
 
 
 def test_weights_changed_between_calls_are_sampled_with(peaked_llama):
@@ -130,7 +189,7 @@ def test_engine_default_and_its_checks(peaked_llama):
     assert HFEngine(model, tok).cpu_linear == "onednn"  # fp32 on CPU, slots backend
     assert HFEngine(model, tok, backend="generic").cpu_linear == "aten"
     assert HFEngine(model, tok, cpu_linear="aten").cpu_linear == "aten"
-    with pytest.raises(ValueError, match="cpu_linear must be aten, onednn or None"):
+    with pytest.raises(ValueError, match="cpu_linear must be aten, onednn, onednn_bf16 or None"):
         resolve_cpu_linear("mkl", model, "slots")
     with pytest.raises(ValueError, match="needs fp32 weights on CPU and the slots backend"):
         HFEngine(model, tok, backend="generic", cpu_linear="onednn")

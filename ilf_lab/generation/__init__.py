@@ -34,7 +34,7 @@ def make_engine(
     `prompt_kv` (hf): "shared" holds a prompt's KV once for its n samples (generation/prefix.py; the default on
     Llama-family models), "copy" copies it into each sample's slot; None = the engine's default. `cpu_linear` (hf):
     "onednn" runs fp32 linear layers on CPU with oneDNN-packed weights (generation/packed.py; the default where
-    available), "aten" with F.linear. `attention` (hf): "kernel" attends over the shared prompt KV on CPU with a
+    available), "onednn_bf16" with them packed in bf16 (opt-in: new numerics), "aten" with F.linear. `attention` (hf): "kernel" attends over the shared prompt KV on CPU with a
     C++ kernel (generation/attention.py; the default where it builds), "matmul" with torch's batched matmuls.
     `common_prefix` (hf): "once" prefills the start all prompts of a call share once (generation/slots.py; the
     default on the slots backend on CPU), "each" with every prompt."""

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ilf_lab.generation.attention import head_dim, padded, resolve_attention
-from ilf_lab.generation.packed import PackedLinears, resolve_cpu_linear
+from ilf_lab.generation.packed import PACKED, PackedLinears, resolve_cpu_linear
 from ilf_lab.generation.pages import heap_only, keep_heap_pages, meminfo_bytes
 from ilf_lab.generation.params import SamplingParams, trivial_completions
 from ilf_lab.generation.phases import OFF
@@ -315,8 +315,8 @@ class HFEngine:
                 cut,
             )
         seeds = prompt_seeds(prompts, params.seed, n)
-        if self.cpu_linear == "onednn":  # packed now, before the batch is sized from free memory; dropped after
-            self._linears = PackedLinears()
+        if self.cpu_linear in PACKED:  # packed now, before the batch is sized from free memory; dropped after
+            self._linears = PackedLinears(PACKED[self.cpu_linear])
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())  # the packed copies' size
             with heap_only(weights):  # the packed LM head too: the same heap pages call after call
                 self._linears.pack(self.model)

@@ -10,6 +10,12 @@ row-independent (a row's output bitwise the same at 1 to 2,048 rows, which `F.li
 tests/test_packed.py checks it on the host that runs them). Sums are blocked differently from MKL's, so logits
 agree with `F.linear` to float rounding, not bitwise. The engine packs at the start of each sampling call and
 drops the copies at its end: they never outlive, or go stale against, the weights they copy.
+
+`onednn_bf16` (opt-in) packs the same layers' weights in bf16 and rounds each matmul's input to bf16 (oneDNN
+accumulates in fp32; its output, bf16, comes back as fp32): ~2 x the fp32 matmul's GFLOP/s where the host has
+AVX512-BF16 (session 22: 860-940 against 450-480 at 128 rows). The rest of the model stays fp32 (norms, rotary
+embedding, the KV cache, attention, sampling), as do its weights outside the linear layers. New numerics: pass@k
+against fp32's on the same seeds is in results/sampling/README.md.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch
 
 from ilf_lab.generation.kernels import kernel, kernel_error
 
-CPU_LINEARS = ("aten", "onednn")
+CPU_LINEARS = ("aten", "onednn", "onednn_bf16")
+PACKED = {"onednn": torch.float32, "onednn_bf16": torch.bfloat16}  # a packed choice -> its weights' dtype
 PACK_ROWS = 64  # the row count hinted to oneDNN's packing (a decode step's order); any row count works with it
 
 
@@ -32,22 +39,32 @@ def onednn_available() -> bool:
     )
 
 
+def bf16_available() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively here (AVX512-BF16 or AMX on x86; elsewhere it would emulate)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return onednn_available() and check is not None and bool(check())
+
+
 def resolve_cpu_linear(choice: str | None, model: Any, backend: str) -> str:
     """`choice` or the default: onednn for fp32 weights on CPU in the slots backend where this torch has it,
-    else aten (`F.linear`). An explicit onednn that cannot apply is an error naming why."""
+    else aten (`F.linear`); onednn_bf16 only when asked for. An explicit packed choice that cannot apply is an
+    error naming why."""
     if choice not in (None, *CPU_LINEARS):
-        raise ValueError(f"cpu_linear must be aten, onednn or None (the default), got {choice!r}")
+        raise ValueError(f"cpu_linear must be aten, onednn, onednn_bf16 or None (the default), got {choice!r}")
     p = next(model.parameters())
     fits = backend == "slots" and p.device.type == "cpu" and p.dtype == torch.float32
     packable = any(_plain(m) for m in model.modules())  # an int8 model keeps no fp32 linear layer
-    if choice == "onednn":
+    if choice in PACKED:
         if not fits:
-            raise ValueError(f"cpu_linear=onednn needs fp32 weights on CPU and the slots backend (got {p.dtype} on "
-                             f"{p.device.type}, backend {backend})")
+            raise ValueError(f"cpu_linear={choice} needs fp32 weights on CPU and the slots backend (got {p.dtype} "
+                             f"on {p.device.type}, backend {backend})")
         if not packable:
-            raise ValueError("cpu_linear=onednn: the model has no plain fp32 nn.Linear layer to pack (int8?)")
+            raise ValueError(f"cpu_linear={choice}: the model has no plain fp32 nn.Linear layer to pack (int8?)")
         if not onednn_available():
-            raise ValueError("cpu_linear=onednn: this torch build has no oneDNN packed linear (use aten)")
+            raise ValueError(f"cpu_linear={choice}: this torch build has no oneDNN packed linear (use aten)")
+        if choice == "onednn_bf16" and not bf16_available():
+            raise ValueError("cpu_linear=onednn_bf16: this host's oneDNN has no native bf16 matmul (AVX512-BF16 "
+                             "or AMX); use onednn")
     return choice or ("onednn" if fits and packable and onednn_available() else "aten")
 
 
@@ -58,9 +75,13 @@ GATE_UP = ("gate_proj", "up_proj")  # a gated MLP's first two, fused into one ma
 class PackedLinears:
     """Calls a model's plain fp32 `nn.Linear` layers with oneDNN-packed weights, packed on first use; anything
     else (int8 layers, a Linear subclass, a layer with hooks, another dtype) is called as it is. Meant to live for
-    one sampling call, while the weights cannot change (`HFEngine.generate` makes one per call)."""
+    one sampling call, while the weights cannot change (`HFEngine.generate` makes one per call). `dtype`: the
+    packed weights' (fp32, or bf16 for cpu_linear=onednn_bf16: inputs rounded to bf16, outputs back in fp32)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"packed weights are float32 or bfloat16, got {dtype}")
+        self.dtype = dtype
         # SiLU(gate) * up after the fused gate/up product in one C++ pass (csrc/silu_mul.cpp), where it builds
         self._silu_mul = kernel("ilf_silu_mul") if kernel_error("ilf_silu_mul") is None else None
         self._packed: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # id(layer) -> (layer, packed weight)
@@ -74,9 +95,10 @@ class PackedLinears:
     def _weight(self, m: torch.nn.Linear) -> torch.Tensor:
         hit = self._packed.get(id(m))
         if hit is None or hit[0] is not m:  # the layer is held, so its id is not reused while the entry lives
-            hit = (m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_ROWS))
+            hit = (m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(self.dtype), PACK_ROWS),
+                   None if m.bias is None else m.bias.detach().to(self.dtype))
             self._packed[id(m)] = hit
-        return hit[1]
+        return hit
 
     def pack(self, model: Any) -> None:
         """Pack every plain fp32 linear layer now (before the engine sizes its batch from free memory: the packed
@@ -94,7 +116,8 @@ class PackedLinears:
     def linear(self, m: Any, x: torch.Tensor, act: str = "none") -> torch.Tensor:
         """m(x), with `act` ("none" or "swish" = SiLU) applied after it."""
         if _plain(m) and x.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(x, self._weight(m), m.bias, act, [], "")
+            _, weight, bias = self._weight(m)
+            return self._call(x, weight, bias, act)
         y = m(x)
         return torch.nn.functional.silu(y) if act == "swish" else y
 
@@ -127,17 +150,23 @@ class PackedLinears:
         _, weight, bias = self._fused_weight(module, names)
         if weight is None or x.dtype != torch.float32:
             return None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return self._call(x, weight, bias, "none")
+
+    def _call(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+        """x (fp32) @ a packed weight, in the weights' dtype, the result in fp32."""
+        if self.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), weight, bias, act, [], "").float()
 
     def _fused_weight(self, module: Any, names: tuple[str, ...]) -> tuple[Any, Any, Any]:
         hit = self._fused.get((id(module), names))
         if hit is None or hit[0] is not module:  # the entry holds the module: its id is not reused while it lives
-            hit = self._fuse(module, names)
+            hit = self._fuse(module, names, self.dtype)
             self._fused[(id(module), names)] = hit
         return hit
 
     @staticmethod
-    def _fuse(module: Any, names: tuple[str, ...]) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+    def _fuse(module: Any, names: tuple[str, ...], dtype: torch.dtype) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
         """`module`'s layers `names`, stacked and packed: only plain fp32 layers with the same input size and
         biases alike (and, for gate/up, the same output size); else (module, None, None)."""
         layers = [getattr(module, name, None) for name in names]
@@ -146,8 +175,8 @@ class PackedLinears:
         same_out = len({m.out_features for m in layers}) == 1
         if len({m.in_features for m in layers}) != 1 or (names == GATE_UP and not same_out):
             return module, None, None
-        weight = torch.cat([m.weight.detach() for m in layers])
-        bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers])
+        weight = torch.cat([m.weight.detach() for m in layers]).to(dtype)
+        bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers]).to(dtype)
         return module, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS), bias
 
 
