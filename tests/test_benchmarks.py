@@ -62,6 +62,25 @@ def test_sampling_benchmark_runs_both_prompt_sets_with_a_copied_prompt_kv(tmp_pa
     assert "prompt KV copy" in p.stdout and "samples identical across the 2 calls" in p.stdout
 
 
+def test_roofline_measures_each_kind_of_linear_the_engine_runs():
+    """fp32 F.linear, oneDNN packed, and (where the host has native bf16) the bf16-packed opt-in, each a positive
+    rate through the engine's own PackedLinears; an unknown kind is an error."""
+    import pytest
+
+    from ilf_lab.generation.packed import bf16_available, onednn_available
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from roofline import mm_gflops
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    kinds = ["aten"] + (["onednn"] if onednn_available() else []) + (["onednn_bf16"] if bf16_available() else [])
+    for kind in kinds:
+        assert mm_gflops(8, 64, 96, seconds=0.01, trials=1, kind=kind) > 0
+    with pytest.raises(ValueError, match="unknown matmul kind"):
+        mm_gflops(8, 64, 96, kind="fp8")
+
+
 def test_sampling_ceiling_counts_prefill_at_the_roofline():
     """The ceiling's arithmetic on a config small enough to count by hand: prefill is every prompt position through
     the layers (LM head at the last position only) plus causal attention; the share's cap is decode over all."""

@@ -316,8 +316,12 @@ class HFEngine:
             )
         seeds = prompt_seeds(prompts, params.seed, n)
         if self.cpu_linear in PACKED:  # packed now, before the batch is sized from free memory; dropped after
-            self._linears = PackedLinears(PACKED[self.cpu_linear])
-            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())  # the packed copies' size
+            dtype, head = PACKED[self.cpu_linear], self.model.get_output_embeddings()
+            self._linears = PackedLinears(dtype, keep=(head,))  # the LM head in fp32 whatever `dtype` (packed.py)
+            # the packed copies' size, at most: the fp32 weights, the layers' at their packed dtype's size
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            kept = 0 if head is None else head.weight.numel() * head.weight.element_size()
+            weights = kept + (weights - kept) * dtype.itemsize // 4
             with heap_only(weights):  # the packed LM head too: the same heap pages call after call
                 self._linears.pack(self.model)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
@@ -356,9 +360,11 @@ class HFEngine:
         finally:
             torch.use_deterministic_algorithms(was_deterministic)
             bar.close()
-            packed, self._linears = len(self._linears or ()), None
+            held = self._linears.weights() if self._linears is not None else []
+            packed, bf16, self._linears = len(held), sum(w.dtype == torch.bfloat16 for w in held), None
         self.last_stats = {
             "packed_linears": packed,  # linear layers this call ran through oneDNN-packed weights (packed.py)
+            "packed_bf16": bf16,  # of them, packed in bf16 (cpu_linear=onednn_bf16)
             "seconds": time.perf_counter() - t0,
             "generated_tokens": bar.tokens,
             "batch_size": slots,

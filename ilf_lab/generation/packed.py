@@ -11,15 +11,17 @@ tests/test_packed.py checks it on the host that runs them). Sums are blocked dif
 agree with `F.linear` to float rounding, not bitwise. The engine packs at the start of each sampling call and
 drops the copies at its end: they never outlive, or go stale against, the weights they copy.
 
-`onednn_bf16` (opt-in) packs the same layers' weights in bf16 and rounds each matmul's input to bf16 (oneDNN
-accumulates in fp32; its output, bf16, comes back as fp32): ~2 x the fp32 matmul's GFLOP/s where the host has
-AVX512-BF16 (session 22: 860-940 against 450-480 at 128 rows). The rest of the model stays fp32 (norms, rotary
-embedding, the KV cache, attention, sampling), as do its weights outside the linear layers. New numerics: pass@k
-against fp32's on the same seeds is in results/sampling/README.md.
+`onednn_bf16` (opt-in) packs the decoder layers' linear weights in bf16 and rounds each of their matmuls' input
+to bf16; oneDNN sums in fp32 and rounds the output to bf16, which comes back as fp32. ~2 x the fp32 matmul's
+GFLOP/s where the host has AVX512-BF16 or AMX (session 22: 860-940 against 450-480 at 128 rows). The LM head stays
+fp32 (`keep`: logits rounded to bf16 would move top-p's cut; at |logit| 16-32 bf16's step is 0.125), as does the
+rest of the model (norms, rotary embedding, the residual stream, the KV cache, attention, sampling). New
+numerics: pass@k against fp32's on the same seeds is in results/sampling/README.md.
 """
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import torch
@@ -40,9 +42,16 @@ def onednn_available() -> bool:
 
 
 def bf16_available() -> bool:
-    """Whether oneDNN runs bf16 matmuls natively here (AVX512-BF16 or AMX on x86; elsewhere it would emulate)."""
+    """Whether oneDNN runs bf16 matmuls natively here: AVX512-BF16 or AMX on x86 (oneDNN's own check passes any
+    AVX-512 host, where it would emulate bf16 slower than fp32), its own check elsewhere (arm64)."""
+    if not onednn_available():
+        return False
+    cpu = torch.cpu
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+        native = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
+        return any(f is not None and bool(f()) for f in native)
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return onednn_available() and check is not None and bool(check())
+    return check is not None and bool(check())
 
 
 def resolve_cpu_linear(choice: str | None, model: Any, backend: str) -> str:
@@ -76,27 +85,35 @@ class PackedLinears:
     """Calls a model's plain fp32 `nn.Linear` layers with oneDNN-packed weights, packed on first use; anything
     else (int8 layers, a Linear subclass, a layer with hooks, another dtype) is called as it is. Meant to live for
     one sampling call, while the weights cannot change (`HFEngine.generate` makes one per call). `dtype`: the
-    packed weights' (fp32, or bf16 for cpu_linear=onednn_bf16: inputs rounded to bf16, outputs back in fp32)."""
+    packed weights' (fp32, or bf16 for cpu_linear=onednn_bf16: inputs and outputs rounded to bf16, sums in fp32,
+    results handed back in fp32); `keep`: layers packed in fp32 whatever `dtype` (the LM head)."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32, keep: tuple[Any, ...] = ()) -> None:
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"packed weights are float32 or bfloat16, got {dtype}")
-        self.dtype = dtype
+        self.dtype, self._keep = dtype, {id(m) for m in keep}
         # SiLU(gate) * up after the fused gate/up product in one C++ pass (csrc/silu_mul.cpp), where it builds
         self._silu_mul = kernel("ilf_silu_mul") if kernel_error("ilf_silu_mul") is None else None
-        self._packed: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # id(layer) -> (layer, packed weight)
+        # id(layer) -> (layer, packed weight, bias in its dtype)
+        self._packed: dict[int, tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]] = {}
         # (id(module), names) -> (module, packed concatenated weight or None where they cannot be fused, bias)
         self._fused: dict[tuple[int, tuple[str, ...]], tuple[Any, torch.Tensor | None, torch.Tensor | None]] = {}
 
     def __len__(self) -> int:
         """Packed weights held (single layers and fused groups)."""
-        return len(self._packed) + sum(w is not None for _, w, _ in self._fused.values())
+        return len(self.weights())
 
-    def _weight(self, m: torch.nn.Linear) -> torch.Tensor:
+    def weights(self) -> list[torch.Tensor]:
+        """The packed weights held (single layers and fused groups)."""
+        return [w for _, w, _ in self._packed.values()] + [w for _, w, _ in self._fused.values() if w is not None]
+
+    def _weight(self, m: torch.nn.Linear) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
+        """(m, its packed weight, its bias), in fp32 for a kept layer, else in `dtype`."""
         hit = self._packed.get(id(m))
         if hit is None or hit[0] is not m:  # the layer is held, so its id is not reused while the entry lives
-            hit = (m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(self.dtype), PACK_ROWS),
-                   None if m.bias is None else m.bias.detach().to(self.dtype))
+            dt = torch.float32 if id(m) in self._keep else self.dtype
+            hit = (m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dt), PACK_ROWS),
+                   None if m.bias is None else m.bias.detach().to(dt))
             self._packed[id(m)] = hit
         return hit
 
@@ -152,11 +169,12 @@ class PackedLinears:
             return None
         return self._call(x, weight, bias, "none")
 
-    def _call(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
-        """x (fp32) @ a packed weight, in the weights' dtype, the result in fp32."""
-        if self.dtype == torch.float32:
+    @staticmethod
+    def _call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
+        """x (fp32) @ a packed weight, in the weight's dtype, the result in fp32."""
+        if weight.dtype == torch.float32:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], "")
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), weight, bias, act, [], "").float()
+        return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), weight, bias, act, [], "").float()
 
     def _fused_weight(self, module: Any, names: tuple[str, ...]) -> tuple[Any, Any, Any]:
         hit = self._fused.get((id(module), names))

@@ -31,24 +31,26 @@ struct State {  // one query head of one row: running max, sum of exponentials, 
 };
 
 // Prefetches of the memory a work item will read, in the order it reads it (regions added by the kernel), a cache
-// line at a time towards L2, issued from the forms' score loops about as fast as they consume K and V: a few
-// lines per step among the FMAs keep the reads one block ahead, where a burst of a block's 512 lines at its start
-// stalls on the core's outstanding misses (session 22, decode kernel's prompt part from memory: ~1.3 x). Only
-// where each item's reads fit in L2 many times over; nullptr: none.
+// line at a time towards L2, issued from the forms' score loops exactly as fast as they consume K and V (`pace`:
+// so many lines over so many steps): a few lines per step among the FMAs keep the reads about one block ahead,
+// where a burst of a block's 512 lines at its start stalls on the core's outstanding misses (session 22, decode
+// kernel from memory: 1.28-1.36 x; pulling twice as fast was 13-17 % slower, half as fast 43-58 %).
 struct Ahead {
   struct Region {
     const float* p;
     int64_t lines;
   };
   Region* r = nullptr;  // capacity: Work::init's `regions`
-  int64_t n = 0, i = 0, line = 0;
+  int64_t n = 0, i = 0, line = 0;  // regions; the next line to fetch: region i, its line `line`
+  int64_t num = 0, den = 1, credit = 0;  // num lines every den steps; lines owed x den
 
-  void clear() { n = i = line = 0; }
+  void clear() { n = i = line = credit = 0; }
   void add(const float* p, int64_t floats) {
     if (floats > 0) r[n++] = {p, (floats + 15) / 16};
   }
-  void pull(int64_t k) {
-    for (; k > 0 && i < n; --k) {
+  void pace(int64_t lines, int64_t steps) { num = lines, den = std::max<int64_t>(1, steps); }
+  void tick() {  // one step of a score loop: the lines it has earned
+    for (credit += num; credit >= den && i < n; credit -= den) {
       __builtin_prefetch(r[i].p + 16 * line, 0, 2);
       if (++line == r[i].lines) ++i, line = 0;
     }
@@ -77,14 +79,14 @@ inline void sum4(v16 a0, v16 a1, v16 a2, v16 a3, float* s) {
 // head dimension (C vectors V of W lanes), its lanes summed by sum4; the same arithmetic for every query whatever QT.
 template <typename V, int C, int QT>
 inline void score_tile(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, float* s,
-                       Ahead* ah = nullptr, int64_t pull = 0) {
+                       Ahead* ah) {
   constexpr int W = lanes<V>;
   constexpr int64_t hd = W * C;
   V acc[QT][4];
   for (int x = 0; x < QT; ++x)
     for (int u = 0; u < 4; ++u) acc[x][u] = splat_as<V>(0.f);
   for (int c = 0; c < C; ++c) {
-    if (ah) ah->pull(pull);
+    if (ah) ah->tick();
     const V w0 = load_as<V>(k0 + W * c), w1 = load_as<V>(k1 + W * c), w2 = load_as<V>(k2 + W * c),
             w3 = load_as<V>(k3 + W * c);
     for (int x = 0; x < QT; ++x) {
@@ -167,7 +169,7 @@ void attend(const float* q, State* st, int64_t nq, const float* k, const float* 
   constexpr int W = lanes<V>;
   constexpr int64_t hd = W * C;
   static_assert(BLOCK % W == 0, "a block's scores must fill whole vectors");
-  const int64_t calls = std::max<int64_t>(1, (nq / 3 + nq % 3) * C), pull = (hd / 2 + calls - 1) / calls;  // 4 keys' K and V: hd / 2 lines
+  if (ah) ah->pace(hd / 2, (nq / 3 + nq % 3) * C);  // 4 keys' K and V (hd / 2 lines) over the tiles' steps
   for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
     const int64_t b = std::min(BLOCK, n - j0), bw = (b + W - 1) / W;
     const float* kb = k + j0 * hd;
@@ -176,8 +178,8 @@ void attend(const float* q, State* st, int64_t nq, const float* k, const float* 
       for (int u = 0; u < 4; ++u) kr[u] = j + u < b ? kb + (j + u) * hd : ZERO_ROW;
       int64_t x = 0;
       for (; x + 3 <= nq; x += 3)
-        score_tile<V, C, 3>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j, ah, pull);
-      for (; x < nq; ++x) score_tile<V, C, 1>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j, ah, pull);
+        score_tile<V, C, 3>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j, ah);
+      for (; x < nq; ++x) score_tile<V, C, 1>(q + x * hd, kr[0], kr[1], kr[2], kr[3], s + x * BLOCK + j, ah);
     }
     for (int64_t x = 0; x < nq; ++x) {  // online softmax: rescale to the new running max, exponentiate, sum
       float* sx = s + x * BLOCK;
@@ -234,7 +236,7 @@ inline void softmax_tile(V (&acc)[QT][NV], State* st, int64_t b, float* s) {
 // softmax update in registers. A query's arithmetic is the same whatever QT and its place in the tile. Only the
 // first NU key vectors are scored (a block's last, partly filled: b <= W NU; the lanes past b are masked anyway).
 template <typename V, int C, int QT, int NU>
-inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, float* s, Ahead* ah, int64_t pull) {
+inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, float* s, Ahead* ah) {
   constexpr int W = lanes<V>, NV = BLOCK / W;
   constexpr int64_t hd = W * C;
   constexpr int NH = NV < 4 ? NV : 4;  // key vectors per pass over the head dimension (8 lanes: two passes)
@@ -245,7 +247,7 @@ inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, 
     for (int x = 0; x < QT; ++x)
       for (int u = 0; u < L; ++u) part[x][u] = splat_as<V>(0.f);
     for (int64_t d = 0; d < hd; ++d) {
-      if (ah) ah->pull(pull);
+      if (ah) ah->tick();
       V kd[L];
       for (int u = 0; u < L; ++u) kd[u] = u0 + u < NU ? load_as<V>(kt + d * BLOCK + W * (u0 + u)) : splat_as<V>(0.f);
       for (int x = 0; x < QT; ++x) {
@@ -263,11 +265,10 @@ inline void blocked_tile(const float* q, State* st, const float* kt, int64_t b, 
 
 // blocked_tile scoring the block's first nu key vectors (1 <= nu <= NU), one instance per count.
 template <typename V, int C, int QT, int NU = BLOCK / lanes<V>>
-inline void blocked_tile_upto(int64_t nu, const float* q, State* st, const float* kt, int64_t b, float* s, Ahead* ah,
-                              int64_t pull) {
+inline void blocked_tile_upto(int64_t nu, const float* q, State* st, const float* kt, int64_t b, float* s, Ahead* ah) {
   if constexpr (NU > 1)
-    if (nu < NU) return blocked_tile_upto<V, C, QT, NU - 1>(nu, q, st, kt, b, s, ah, pull);
-  blocked_tile<V, C, QT, NU>(q, st, kt, b, s, ah, pull);
+    if (nu < NU) return blocked_tile_upto<V, C, QT, NU - 1>(nu, q, st, kt, b, s, ah);
+  blocked_tile<V, C, QT, NU>(q, st, kt, b, s, ah);
 }
 
 // `attend` over keys held in blocks of BLOCK positions, each transposed ([hd][BLOCK]: keys_blocked in attention.py;
@@ -283,17 +284,16 @@ void attend_blocked(const float* q, State* st, int64_t nq, const float* kt, cons
   // slower), 3 x 4 on 8; values 6 x 4 vectors where there are 32 registers
   constexpr int QT = W == 16 ? 8 : 3, QV = VREGS == 32 ? 6 : 3;
   static_assert(BLOCK % W == 0, "a block's keys must fill whole vectors");
-  // a block's K and V are 2 BLOCK hd / 16 lines, read over (tiles x passes x hd) steps of the score loops: per step
+  // a block's K and V (2 BLOCK hd / 16 lines) over its score loops' steps: tiles x passes x hd
   constexpr int64_t passes = BLOCK / W < 4 ? 1 : BLOCK / W / 4;
-  const int64_t steps = std::max<int64_t>(1, (nq / QT + nq % QT / 3 + nq % QT % 3) * passes);
-  const int64_t pull = (2 * BLOCK / 16 + steps - 1) / steps;
+  if (ah) ah->pace(2 * BLOCK * hd / 16, (nq / QT + nq % QT / 3 + nq % QT % 3) * passes * hd);
   for (int64_t j0 = 0; j0 < n; j0 += BLOCK) {
     const int64_t b = std::min(BLOCK, n - j0), nu = (b + W - 1) / W;
     const float* kb = kt + j0 * hd;
     int64_t x = 0;
-    for (; x + QT <= nq; x += QT) blocked_tile_upto<V, C, QT>(nu, q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
-    for (; x + 3 <= nq; x += 3) blocked_tile_upto<V, C, 3>(nu, q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
-    for (; x < nq; ++x) blocked_tile_upto<V, C, 1>(nu, q + x * hd, st + x, kb, b, s + x * BLOCK, ah, pull);
+    for (; x + QT <= nq; x += QT) blocked_tile_upto<V, C, QT>(nu, q + x * hd, st + x, kb, b, s + x * BLOCK, ah);
+    for (; x + 3 <= nq; x += 3) blocked_tile_upto<V, C, 3>(nu, q + x * hd, st + x, kb, b, s + x * BLOCK, ah);
+    for (; x < nq; ++x) blocked_tile_upto<V, C, 1>(nu, q + x * hd, st + x, kb, b, s + x * BLOCK, ah);
     add_values<V, C, QV>(s, BLOCK, 1, [st](int64_t y) { return st[y].acc; }, nq, v + j0 * hd, b);
   }
 }

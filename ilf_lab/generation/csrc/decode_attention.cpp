@@ -39,6 +39,7 @@ int ilf_decode_attention(const float* q, float* out, const float* pk, const floa
   }
   return for_items(m * kvh, most * g, hd, threads, 2 * (blocks + most), [&](Work& w, int64_t t) {
     const int64_t p = t / kvh, h = t % kvh, r0 = starts[p], nr = starts[p + 1] - r0, pbase = p * ps[0] + h * ps[1];
+    if (nr == 0) return;  // a hole: a slot no row samples from
     const auto query = [&](int64_t y) { return q + ((order[r0 + y / g] * kvh + h) * g + y % g) * hd; };
     // Everything the item reads after its first block of keys, in order, prefetched by the forms' score loops as
     // they go (attend.h Ahead): the prompt's blocks (V, then the next K), then each row's own K and V, each a
