@@ -220,7 +220,8 @@ class SamplingConfig:
     # session 9 (logits equal to float rounding; the same pass@k: results/sampling/README.md). hf engine only.
     prompt_kv: str | None = choice(None, None, "copy", "shared")
     # the hf engine's fp32 linear layers on CPU (slots backend): null = onednn where this torch has it (weights
-    # packed once for oneDNN, ilf_lab/generation/packed.py; logits equal to float rounding), aten = F.linear
+    # packed once for oneDNN, ilf_lab/generation/packed.py; logits equal to float rounding), aten = F.linear,
+    # onednn_bf16 = the decoder layers' weights packed in bf16 (opt-in: new numerics; AVX512-BF16 or AMX hosts)
     cpu_linear: str | None = choice(None, None, "aten", "onednn", "onednn_bf16")
     # the hf engine's attention over the shared prompt KV on CPU: null = kernel where it builds here (a C++ kernel
     # compiled on first use, ilf_lab/generation/attention.py; logits equal to float rounding), matmul = torch's

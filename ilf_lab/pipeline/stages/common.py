@@ -44,7 +44,7 @@ class EngineConfig:
     sampling_dtype: str | None = at("sampling.dtype")  # overrides dtype for sampling only
     quantize: str | None = at("sampling.quantize")  # int8 linear layers (opt-in, CPU)
     prompt_kv: str | None = at("sampling.prompt_kv")  # copy|shared; null: the engine's default (shared on slots)
-    cpu_linear: str | None = at("sampling.cpu_linear")  # aten|onednn; null: the engine's default (onednn on CPU)
+    cpu_linear: str | None = at("sampling.cpu_linear")  # aten|onednn|onednn_bf16; null: the default (onednn on CPU)
     attention: str | None = at("sampling.attention")  # matmul|kernel; null: the engine's default (kernel on CPU)
     common_prefix: str | None = at("sampling.common_prefix")  # once|each; null: the engine's default (once on CPU)
 
