@@ -3,7 +3,8 @@ host, and the FLOPs a generated token (and a prompt's prefill) costs (benchmarks
 
 The rates are measured with one weight per shape, a few short trials, the best kept, so a moment of contention
 from another process does not define the roofline (thirty distinct weights cycled as the layers stream them ran at
-the same rate, session 17; the engine's matmul phases run ~14 % under it: results/sampling/README.md).
+the same rate on session 17's AVX2 host, 8-16 % under it on the Zen 5 host of sessions 21-22; the engine's matmul
+phases run ~14 % under it: results/sampling/README.md).
 """
 
 from __future__ import annotations
