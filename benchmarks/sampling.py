@@ -176,13 +176,13 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         f"{value:.1f} kept tok/s, {gen_rate:.1f} generated tok/s = {100 * share:.0f}% of the roofline "
         f"({100 * gen_rate * gflop / mm_aten:.0f}% of F.linear's)"
     )
-    share8 = None
+    own_share = None  # the same FLOPs at the engine's own lower-precision rate: how far it is from its own limit
     low = "int8" if args.quantize else "onednn_bf16" if engine.cpu_linear == "onednn_bf16" else None
-    if low:  # the same FLOPs at the engine's own lower-precision rate: how far it is from its own limit
-        mm8 = roofline(model, rows, (low,))[0][low]
-        share8 = gen_rate * gflop / mm8
-        print(f"{low} roofline: the engine's own layer at the same shapes {mm8:.1f} GFLOP/s (fp32-equivalent); "
-              f"generated tok/s = {100 * share8:.0f}% of it")
+    if low:
+        mm_low = roofline(model, rows, (low,))[0][low]
+        own_share = gen_rate * gflop / mm_low
+        print(f"{low} roofline: the engine's own layer at the same shapes {mm_low:.1f} GFLOP/s (fp32-equivalent); "
+              f"generated tok/s = {100 * own_share:.0f}% of it")
     print("profile (seconds, share of the call):")
     profile = {}
     for phase, sec, frac in run["phases"].table(dt):
@@ -235,8 +235,8 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
         "roofline_gflops_onednn": None if mm_onednn is None else round(mm_onednn, 1),
         "gflop_per_generated_token": round(gflop, 4),
         "roofline_share": round(share, 3),
-        "int8_roofline_share": None if share8 is None or not args.quantize else round(share8, 3),
-        "bf16_roofline_share": None if share8 is None or args.quantize else round(share8, 3),
+        "int8_roofline_share": round(own_share, 3) if low == "int8" else None,
+        "bf16_roofline_share": round(own_share, 3) if low == "onednn_bf16" else None,
         "roofline_gflops_prefill": round(mm_prefill, 1),
         "ceiling_seconds": round(cap["seconds"], 1),
         "ceiling_share": round(cap["share"], 3),

@@ -67,6 +67,9 @@ def test_bf16_packed_linear_is_the_bf16_product_in_fp32_and_row_independent():
         kept = packed.linear(wide, h)
         assert torch.allclose(kept, wide(h), rtol=1e-5, atol=1e-5) and not torch.equal(kept, kept.bfloat16().float())
     assert sorted(str(w.dtype) for w in packed.weights()) == ["torch.bfloat16", "torch.bfloat16", "torch.float32"]
+    both = torch.nn.ModuleList([lin, wide])  # what the engine budgets: bf16 layers at half size, the kept one in full
+    assert packed.size(both) == (96 * 200 + 200) * 2 + 1536 * 576 * 4
+    assert PackedLinears().size(both) == (96 * 200 + 200 + 1536 * 576) * 4
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         PackedLinears(torch.float16)
 

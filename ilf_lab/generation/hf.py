@@ -316,13 +316,9 @@ class HFEngine:
             )
         seeds = prompt_seeds(prompts, params.seed, n)
         if self.cpu_linear in PACKED:  # packed now, before the batch is sized from free memory; dropped after
-            dtype, head = PACKED[self.cpu_linear], self.model.get_output_embeddings()
-            self._linears = PackedLinears(dtype, keep=(head,))  # the LM head in fp32 whatever `dtype` (packed.py)
-            # the packed copies' size, at most: the fp32 weights, the layers' at their packed dtype's size
-            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            kept = 0 if head is None else head.weight.numel() * head.weight.element_size()
-            weights = kept + (weights - kept) * dtype.itemsize // 4
-            with heap_only(weights):  # the packed LM head too: the same heap pages call after call
+            head = self.model.get_output_embeddings()  # packed in fp32 whatever the layers' dtype (packed.py)
+            self._linears = PackedLinears(PACKED[self.cpu_linear], keep=(head,) if head is not None else ())
+            with heap_only(self._linears.size(self.model)):  # the packed LM head too: the same heap pages each call
                 self._linears.pack(self.model)
         max_len = max(len(p) + b for p, b in zip(ids, self._budget, strict=True))
         extra = fixed = 0

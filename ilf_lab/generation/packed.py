@@ -103,6 +103,13 @@ class PackedLinears:
         """Packed weights held (single layers and fused groups)."""
         return len(self.weights())
 
+    def size(self, model: Any) -> int:
+        """Bytes the packed copies of `model` take at most: its parameters, those outside `keep` at `dtype`'s size
+        (what the engine budgets for before it sizes its batch, and hands to pages.heap_only)."""
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        kept = sum(p.numel() * p.element_size() for m in model.modules() if id(m) in self._keep for p in m.parameters())
+        return kept + (total - kept) * self.dtype.itemsize // 4
+
     def weights(self) -> list[torch.Tensor]:
         """The packed weights held (single layers and fused groups)."""
         return [w for _, w, _ in self._packed.values()] + [w for _, w, _ in self._fused.values() if w is not None]
