@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 SIZES = {
     "350m": {"hidden": 1024, "layers": 20, "heads": 16, "mlp": 2730, "vocab": 51200},
@@ -107,7 +108,7 @@ def train_throughput(model_dir: Path, args) -> dict:
 
     mixed = args.precision == "bf16-mixed"
     dtype = torch.bfloat16 if args.precision == "bf16-true" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(args.device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_kernels=False).to(args.device)
     model.train()
     fused = args.device.startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
@@ -156,7 +157,8 @@ def sampling_throughput(model_dir: Path, args) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:  # CodeGen's tokenizer has none (as ilf_lab.models.loading.load_tokenizer does)
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_kernels=False)
+    model = model.to(args.device).eval()
     gen = torch.Generator().manual_seed(1)
     first = 0 if args.arch == "codegen" else 3  # the byte tokens (after the specials in the Llama layout)
     byte_ids = list(range(first, first + 256))  # prompts re-tokenise to about prompt_len tokens
@@ -172,11 +174,20 @@ def sampling_throughput(model_dir: Path, args) -> dict:
     engine.generate(prompts[:2], SamplingParams(n=2, temperature=0.8, max_new_tokens=8, stop=(), seed=0))
     sync(args.device)
     t0 = time.perf_counter()
-    engine.generate(prompts, params)
+    samples = engine.generate(prompts, params)
     sync(args.device)
     dt = time.perf_counter() - t0
     generated = engine.last_stats["generated_tokens"]
+    # same seed, same samples: the same call again must repeat the first token for token (recorded, not assumed:
+    # kernels that reduce in another order from call to call would break it). A call over a subset of the prompts
+    # changes the batch's rows, which on CPU leaves every row's numbers as they were (batch-invariant kernels,
+    # tested) and on a GPU need not (cuBLAS picks its kernel by shape).
+    same_call = engine.generate(prompts, params) == samples
+    subset = engine.generate(prompts[: args.repeat_prompts], params) == samples[: args.repeat_prompts]
     out = {
+        "same_call_same_samples": same_call,
+        "subset_call_same_samples": subset,
+        "subset_prompts": min(args.repeat_prompts, len(prompts)),
         "engine_tokens_per_s": generated / dt,
         "engine_backend": engine.backend,
         "engine_prompt_kv": engine.prompt_kv,
@@ -248,6 +259,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--baseline-prompts", type=int, default=16)
+    ap.add_argument("--repeat-prompts", type=int, default=16, help="prompts of the subset call (batch invariance)")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -287,6 +299,7 @@ def main() -> None:
         "ratio": round(train["tokens_per_s"] / baseline, 4),
         "unit": "tokens/s",
         "device": name,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "achieved_tflops": round(achieved / 1e12, 2),
         "measured_peak_tflops": round(peak / 1e12, 2),
         "mfu_datasheet": round(achieved / (sheet * 1e12), 4) if sheet and args.precision != "32" else None,

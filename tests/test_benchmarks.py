@@ -28,6 +28,9 @@ def test_gpu_throughput_script_plumbing_on_cpu(tmp_path):
     assert abs(last["ratio"] - last["value"] / last["baseline"]) < 1e-3
     s = last["sampling"]
     assert s["engine_tokens_per_s"] > 0 and s["generate_tokens_per_s"] > 0 and s["vllm_tokens_per_s"] is None
+    # on CPU both hold: the same call repeats itself, and a subset of the prompts leaves each sample as it was
+    assert s["same_call_same_samples"] is True and s["subset_call_same_samples"] is True
+    assert last["versions"]["transformers"] and last["train"]["final_loss"] > 0
     assert last["train"]["flops_per_token"] > 0 and last["mfu_datasheet"] is None  # fp32 on a CPU: no datasheet
     assert json.loads((tmp_path / "gpu.json").read_text()) == last
 

@@ -23,6 +23,18 @@ def test_tiny_random_gives_logits_and_chat(tiny_model):
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
 
 
+def test_loaded_models_never_fetch_hub_kernels(tiny_model):
+    """transformers' from_pretrained defaults to use_kernels=True: on a GPU, train()/eval() then swap layers for
+    kernels fetched from the hub (an H200 run of benchmarks/gpu_throughput.py failed offline at model.train())."""
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tiny_model).use_kernels  # the library's default, which we turn off
+    model, _ = load_model(tiny_model)
+    assert model.use_kernels is False
+    model.train()  # the call that kernelized on the GPU
+    assert model.use_kernels is False and model.kernels_mode is None
+
+
 def test_tiny_random_is_deterministic(tmp_path):
     from ilf_lab.models.loading import build_tiny_random
 

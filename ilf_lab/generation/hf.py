@@ -63,7 +63,11 @@ COMMON_PREFIXES = ("once", "each")
 def available_memory(device: torch.device) -> int:
     """Bytes free for the KV cache on `device` (CUDA: free device memory; CPU: MemAvailable)."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        # with the caching allocator's reserved but unused blocks, which are this process's to reuse: without them
+        # a second call saw less memory than the first, sized another batch and, on a GPU, sampled other tokens
+        # (an H200 run of benchmarks/gpu_throughput.py, results/gpu/README.md)
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + held)
     free = meminfo_bytes("MemAvailable")  # without the kept cache pages (pages.KEPT): a cache of another layout
     if free is not None:  # reuses only part of them
         return free

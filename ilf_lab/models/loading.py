@@ -182,7 +182,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
+    )
     # the weights are already dequantised to fp32; drop the quantizer so it saves as a plain checkpoint
     model.hf_quantizer = None
     model.is_quantized = False
@@ -325,8 +327,10 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
 
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    # use_kernels=False: transformers otherwise swaps layers for hub kernels (remote code, fetched when a model
+    # on a GPU enters train() or eval(); offline, that raises; online, numerics follow whatever the hub serves)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_kernels=False
     )
     model.eval()
     return model, load_tokenizer(path)
