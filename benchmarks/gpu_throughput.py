@@ -182,8 +182,11 @@ def sampling_throughput(model_dir: Path, args) -> dict:
     # kernels that reduce in another order from call to call would break it). A call over a subset of the prompts
     # changes the batch's rows, which on CPU leaves every row's numbers as they were (batch-invariant kernels,
     # tested) and on a GPU need not (cuBLAS picks its kernel by shape).
+    batches = [engine.last_stats["batch_size"]]  # each call's rows: the GPU's samples depend on them
     same_call = engine.generate(prompts, params) == samples
+    batches.append(engine.last_stats["batch_size"])
     subset = engine.generate(prompts[: args.repeat_prompts], params) == samples[: args.repeat_prompts]
+    batches.append(engine.last_stats["batch_size"])
     out = {
         "same_call_same_samples": same_call,
         "subset_call_same_samples": subset,
@@ -191,7 +194,8 @@ def sampling_throughput(model_dir: Path, args) -> dict:
         "engine_tokens_per_s": generated / dt,
         "engine_backend": engine.backend,
         "engine_prompt_kv": engine.prompt_kv,
-        "engine_batch": engine.last_stats["batch_size"],
+        "engine_batch": batches[0],  # the timed call's
+        "engine_batches": dict(zip(("timed", "repeat", "subset"), batches, strict=True)),
     }
 
     # baseline: model.generate, sample_batch sequences per call, forced to the same length

@@ -17,7 +17,7 @@ def test_gpu_throughput_script_plumbing_on_cpu(tmp_path):
     args = [
         "--device", "cpu", "--size", "tiny", "--precision", "32", "--steps", "2", "--warmup", "1",
         "--micro-batch", "2", "--seq-len", "64", "--prompts", "4", "--baseline-prompts", "2", "--n", "2",
-        "--max-new-tokens", "8", "--prompt-len", "16", "--out", str(tmp_path / "gpu.json"),
+        "--max-new-tokens", "8", "--prompt-len", "16", "--repeat-prompts", "2", "--out", str(tmp_path / "gpu.json"),
     ]
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), *args],
                        capture_output=True, text=True, timeout=600)
@@ -30,6 +30,7 @@ def test_gpu_throughput_script_plumbing_on_cpu(tmp_path):
     assert s["engine_tokens_per_s"] > 0 and s["generate_tokens_per_s"] > 0 and s["vllm_tokens_per_s"] is None
     # on CPU both hold: the same call repeats itself, and a subset of the prompts leaves each sample as it was
     assert s["same_call_same_samples"] is True and s["subset_call_same_samples"] is True
+    assert s["subset_prompts"] < s["prompts"] and set(s["engine_batches"]) == {"timed", "repeat", "subset"}
     assert last["versions"]["transformers"] and last["train"]["final_loss"] > 0
     assert last["train"]["flops_per_token"] > 0 and last["mfu_datasheet"] is None  # fp32 on a CPU: no datasheet
     assert json.loads((tmp_path / "gpu.json").read_text()) == last

@@ -697,6 +697,30 @@ def test_one_long_prompt_does_not_size_every_row_of_the_shared_cache(peaked_llam
     assert shared.generate(prompts, params) == wide and shared.last_stats["batch_size"] >= 8  # all rows at once
 
 
+def test_gpu_batch_budget_follows_the_card_not_the_allocator(peaked_llama, monkeypatch, caplog):
+    """On a GPU the batch's shape changes the matmuls' rounding, so the batch must not follow the driver's free
+    memory, which shrinks while the caching allocator keeps an earlier call's blocks: an H200 run sampled other
+    tokens in a second call (results/gpu/README.md). CUDA's memory queries are replaced here (no GPU in CI); the
+    arithmetic and the fallback for a card that other processes fill are what is checked."""
+    import ilf_lab.generation.hf as hf
+
+    _, model, _ = peaked_llama
+    unit = hf.kv_bytes_per_token(model) * 2048 // 4  # a unit small enough to keep the batch under GPU_MAX_ROWS
+    card = {"free": 100 * unit, "reserved": 12 * unit, "allocated": 10 * unit}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card["free"], 140 * unit))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: card["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: card["allocated"])
+    gpu = torch.device("cuda", 0)
+    first, rows = hf.available_memory(gpu), hf.auto_batch_size(model, 2048, gpu)
+    card.update(free=60 * unit, reserved=52 * unit)  # after a call: the allocator keeps 40 units more of cached blocks
+    assert hf.available_memory(gpu) == first == 130 * unit and hf.auto_batch_size(model, 2048, gpu) == rows
+    assert 1 < rows < hf.GPU_MAX_ROWS
+    card.update(free=15 * unit)  # another process now holds most of the card: what is really free decides
+    with caplog.at_level("WARNING", logger="ilf_lab.generation.hf"):
+        assert hf.available_memory(gpu) == (15 + 52 - 10) * unit
+    assert "the GPU is shared" in caplog.text
+
+
 def test_the_cache_starts_zero_whatever_the_heap_held(peaked_llama):
     """Attention reads columns no row wrote in its slot (masked, but 0 x V), so they must be finite. A previous
     batch may have left NaN where the next cache is allocated: free a NaN tensor of the cache's size first."""

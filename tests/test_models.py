@@ -23,11 +23,12 @@ def test_tiny_random_gives_logits_and_chat(tiny_model):
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
 
 
-def test_loaded_models_never_fetch_hub_kernels(tiny_model):
+def test_loaded_models_never_fetch_hub_kernels(tiny_model, monkeypatch):
     """transformers' from_pretrained defaults to use_kernels=True: on a GPU, train()/eval() then swap layers for
     kernels fetched from the hub (an H200 run of benchmarks/gpu_throughput.py failed offline at model.train())."""
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)  # the library's own switch, not ours
     assert AutoModelForCausalLM.from_pretrained(tiny_model).use_kernels  # the library's default, which we turn off
     model, _ = load_model(tiny_model)
     assert model.use_kernels is False

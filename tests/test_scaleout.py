@@ -411,9 +411,10 @@ def test_gpu_throughput_measures_codegens_generic_path(tmp_path):
     (the plan's --step-overhead-ms); here its CPU plumbing mode."""
     args = ["--device", "cpu", "--size", "tiny", "--precision", "32", "--steps", "1", "--warmup", "1",
             "--micro-batch", "2", "--seq-len", "32", "--prompts", "3", "--baseline-prompts", "2", "--n", "2",
-            "--max-new-tokens", "6", "--prompt-len", "12", "--arch", "codegen"]
+            "--max-new-tokens", "6", "--prompt-len", "12", "--arch", "codegen", "--repeat-prompts", "2"]
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), *args],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     last = json.loads(p.stdout.strip().splitlines()[-1])
     assert last["value"] > 0 and last["sampling"]["engine_backend"] == "generic"
+    assert last["sampling"]["same_call_same_samples"] is True  # on CPU; on an H200 it was not (results/gpu/)

@@ -51,6 +51,7 @@ SLOT_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # benchmark's refine prompts 165.5 -> 153.2 s and chat 102.6 -> 97.5 s, the same samples; results/sampling)
 CPU_MAX_ROWS = 256
 GPU_MAX_ROWS = 1024
+GPU_BUDGET_SHARE = 0.6  # of cuda_budget_base for the KV cache, logits and transients
 PREFILL_TOKENS_CPU = 2048  # prompt tokens per prefill forward (bounds activation memory)
 # a prefill forward ends where right padding would pass this share of its tokens (prompts come sorted by length;
 # session 16: one forward for 24 chat prompts was 18 % padding)
@@ -61,17 +62,33 @@ COMMON_PREFIXES = ("once", "each")
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for the KV cache on `device` (CUDA: free device memory; CPU: MemAvailable)."""
+    """Bytes free for the KV cache on `device` (CUDA: the card less this process's live tensors; CPU: MemAvailable)."""
     if device.type == "cuda":
-        # with the caching allocator's reserved but unused blocks, which are this process's to reuse: without them
-        # a second call saw less memory than the first, sized another batch and, on a GPU, sampled other tokens
-        # (an H200 run of benchmarks/gpu_throughput.py, results/gpu/README.md)
-        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(torch.cuda.mem_get_info(device)[0] + held)
+        return cuda_budget_base(device)
     free = meminfo_bytes("MemAvailable")  # without the kept cache pages (pages.KEPT): a cache of another layout
     if free is not None:  # reuses only part of them
         return free
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def cuda_budget_base(device: torch.device) -> int:
+    """The card's memory less this process's live tensors: it depends on the card and on what is alive, not on
+    what the caching allocator or the driver happen to hold, so each call sizes the same batch. On a GPU the batch's
+    shape changes the matmuls' rounding: an H200 run sampled other tokens in a second call when the batch followed
+    the driver's free memory (results/gpu/README.md). Where other processes hold so much of the card that
+    GPU_BUDGET_SHARE of this would not fit in what is really free, the free memory sizes the batch, with a warning
+    (samples may then differ from call to call)."""
+    free, total = torch.cuda.mem_get_info(device)
+    live = torch.cuda.memory_allocated(device)
+    really_free = free + torch.cuda.memory_reserved(device) - live  # the allocator's cached blocks are ours to reuse
+    stable = total - live
+    if stable * GPU_BUDGET_SHARE > really_free:
+        log.warning(
+            "the GPU is shared (%.1f of %.1f GiB free to this process): the sampling batch follows the free memory, "
+            "so a call's samples may depend on what else runs on the card", really_free / 2**30, total / 2**30
+        )
+        return int(really_free)
+    return int(stable)
 
 
 def kv_bytes_per_token(model: Any) -> int:
@@ -90,7 +107,7 @@ def auto_batch_size(
     paying (compute-bound on CPU sooner than GPU)."""
     vocab = model.config.vocab_size
     per_row = kv_bytes_per_token(model) * max_len + vocab * 4 * 4 + extra_per_row
-    budget = available_memory(device) * (0.6 if device.type == "cuda" else 0.5) - fixed
+    budget = available_memory(device) * (GPU_BUDGET_SHARE if device.type == "cuda" else 0.5) - fixed
     if device.type != "cuda":  # the model itself is already resident; leave room for a trainer next door
         budget -= sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     rows = max(1, int(budget // per_row))
