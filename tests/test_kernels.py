@@ -220,3 +220,33 @@ def test_a_kernel_that_fails_its_check_is_refused_alone(monkeypatch, tmp_path):
         assert not kernels.library_path(kernels._compiler()).exists()
     finally:
         kernels._loaded.cache_clear()
+
+
+@needs_kernels
+def test_another_march_is_its_own_build_and_passes_the_checks(monkeypatch, tmp_path):
+    """$ILF_LAB_KERNEL_MARCH=x86-64-v3 builds as an AVX2 host would (session 23's slow-host emulation): its own key,
+    its kernels checked against torch like the native build's; a target this CPU lacks, or no target, is refused
+    with the reason instead of a SIGILL."""
+    import platform
+
+    if platform.machine() != "x86_64" or "avx2" not in kernels._cpu_identity().split():
+        pytest.skip("an x86-64 host with AVX2")
+    cxx = kernels._compiler()
+    native = kernels.build_key(cxx)
+    monkeypatch.setenv("ILF_LAB_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv(kernels.MARCH_ENV, "x86-64-v3")
+    assert "-march=x86-64-v3" in kernels.flags() and kernels.build_key(cxx) != native
+    kernels._loaded.cache_clear()
+    try:
+        assert kernels.kernel_error() is None and kernel("ilf_decode_attention") is not None
+        assert kernels.library_path(cxx).exists()
+        for bad, why in [("x86-64-v2; rm -rf /", "is not a -march target"), ("no-such-cpu", "does not know")]:
+            monkeypatch.setenv(kernels.MARCH_ENV, bad)
+            with pytest.raises(kernels.KernelUnavailable, match=why):
+                kernels._build(cxx, tmp_path / "bad.so")
+        if "avx512f" not in kernels._cpu_identity().split():  # a target beyond this CPU
+            monkeypatch.setenv(kernels.MARCH_ENV, "x86-64-v4")
+            with pytest.raises(kernels.KernelUnavailable, match="avx512f"):
+                kernels._build(cxx, tmp_path / "bad.so")
+    finally:
+        kernels._loaded.cache_clear()

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,7 @@ SOURCES = tuple(sorted(CSRC.glob("*.cpp")))
 # --as-needed: no libstdc++ dependency (the kernels use none of it), so no runtime version mismatch either
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-exceptions",
          "-Wl,--as-needed")
+MARCH_ENV = "ILF_LAB_KERNEL_MARCH"
 BUILD_TIMEOUT_S = 180
 # each kernel's C signature (the argtypes ctypes passes)
 SIGNATURES = {
@@ -46,6 +48,34 @@ SIGNATURES = {
 
 class KernelUnavailable(RuntimeError):
     """The kernels cannot run here: no compiler, a failed build, an unsupported platform, a failed check."""
+
+
+def flags() -> tuple[str, ...]:
+    """FLAGS, with $ILF_LAB_KERNEL_MARCH's target in place of `native` where set (x86-64-v3: as an AVX2 host builds
+    them; results/sampling/session23.sh emulates a slow host with it)."""
+    march = os.environ.get(MARCH_ENV) or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", march):
+        raise KernelUnavailable(f"{MARCH_ENV}={march!r} is not a -march target")
+    return tuple(f"-march={march}" if f == "-march=native" else f for f in FLAGS)
+
+
+# the instruction sets a -march target may assume, by the compiler's macro and /proc/cpuinfo's flag
+ISA_MACROS = {"__AVX512F__": "avx512f", "__AVX2__": "avx2", "__FMA__": "fma", "__AVX__": "avx"}
+
+
+def _check_march(cxx: str, build_flags: tuple[str, ...]) -> None:
+    """A target this CPU cannot run would kill the process (SIGILL) when the library's check runs: refuse it."""
+    if "-march=native" in build_flags:
+        return
+    march = next(f for f in build_flags if f.startswith("-march="))
+    p = subprocess.run([cxx, march, "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True, text=True,
+                       timeout=30)
+    if p.returncode != 0:
+        raise KernelUnavailable(f"{MARCH_ENV}: {cxx} does not know {march}: {p.stderr.strip()[-300:]}")
+    have = set(_cpu_identity().split())
+    missing = [flag for macro, flag in ISA_MACROS.items() if f"#define {macro} 1" in p.stdout and flag not in have]
+    if missing:
+        raise KernelUnavailable(f"{MARCH_ENV}: {march} assumes {', '.join(missing)}, which this CPU lacks")
 
 
 def kernel_dir() -> Path:
@@ -75,7 +105,7 @@ def build_key(cxx: str) -> str:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"the C++ compiler {cxx!r} did not run: {e}") from e
     files = [f"{p.name}\n{p.read_text()}" for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
-    blob = "\n".join([*files, " ".join(FLAGS), version, _cpu_identity(), platform.machine()])
+    blob = "\n".join([*files, " ".join(flags()), version, _cpu_identity(), platform.machine()])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -89,7 +119,8 @@ def _build(cxx: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        p = subprocess.run([cxx, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
+        _check_march(cxx, flags())
+        p = subprocess.run([cxx, *flags(), "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
                            timeout=BUILD_TIMEOUT_S)
         if p.returncode != 0:
             raise KernelUnavailable(f"{cxx} failed to build the kernels in {CSRC}: {p.stderr.strip()[-1500:]}")
