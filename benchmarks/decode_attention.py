@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ilf_lab.generation.attention import DecodeAttention, kernel_store
-from ilf_lab.generation.kernels import CSRC, FLAGS, SIGNATURES, _compiler
+from ilf_lab.generation.kernels import CSRC, SIGNATURES, _compiler, _features, flags
 
 
 def build(out: Path, extra: tuple[str, ...]):
@@ -36,17 +36,17 @@ def build(out: Path, extra: tuple[str, ...]):
     cxx = _compiler()
     if cxx is None:
         raise SystemExit("error: no C++ compiler (g++, c++ or clang++) on PATH")
-    subprocess.run([cxx, *FLAGS, *extra, "-o", str(out), str(CSRC / "decode_attention.cpp")], check=True, timeout=180)
+    subprocess.run([cxx, *flags(), *extra, "-o", str(out), str(CSRC / "decode_attention.cpp")], check=True, timeout=180)
     fn = ctypes.CDLL(str(out)).ilf_decode_attention
     fn.argtypes, fn.restype = SIGNATURES["ilf_decode_attention"], ctypes.c_int
     return fn
 
 
 def build_lanes() -> int:
-    """The decode kernel's lanes in the host build: 16 where the compiler's flags define __AVX512F__ (attend.h)."""
-    p = subprocess.run([_compiler(), *FLAGS[:2], "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
-                       text=True, timeout=60)
-    return 16 if "#define __AVX512F__ 1" in p.stdout else 8
+    """The decode kernel's lanes in the host build: 16 where the engine's -march target defines __AVX512F__
+    (attend.h)."""
+    march = next(f for f in flags() if f.startswith("-march=")).removeprefix("-march=")
+    return 16 if "__AVX512F__" in _features(_compiler(), march) else 8
 
 
 def main() -> None:

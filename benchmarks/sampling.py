@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import time
 
@@ -248,6 +249,23 @@ def bench_set(name, prompts, model, sampler, tok, args) -> dict:
     }
 
 
+HELD_BACK = ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "ATEN_CPU_CAPABILITY")  # results/sampling/session23.sh's emulation
+
+
+def host_line() -> str:
+    """The CPU, the C++ kernels' -march target, and any instruction set the libraries were held to."""
+    from ilf_lab.generation.kernels import flags, kernel_error
+
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    march = next(f for f in flags() if f.startswith("-march="))
+    kernels = f"C++ kernels {march}" if kernel_error() is None else f"C++ kernels unavailable ({kernel_error()})"
+    held = ", ".join(f"{k}={os.environ[k]}" for k in HELD_BACK if os.environ.get(k))
+    return f"host: {cpu}; {kernels}; libraries held to: {held or 'nothing'}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sets", default="chat,refine", help="comma list of prompt sets: chat, refine")
@@ -329,6 +347,7 @@ def main() -> None:
         f"attention {args.attention or 'default'}, common prefix {args.common_prefix or 'default'}, torch {torch.__version__}, {args.threads} threads, "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
+    print(host_line())
     results = {name: bench_set(name, prompts, model, sampler, tok, args) for name, prompts in sets.items()}
     worst = min(results.values(), key=lambda r: r["ratio"])
     print(

@@ -54,6 +54,7 @@ def test_sampling_benchmark_runs_both_prompt_sets_with_a_copied_prompt_kv(tmp_pa
     assert p.returncode == 0, p.stderr[-3000:]
     last = json.loads(p.stdout.strip().splitlines()[-1])
     assert {"metric", "value", "baseline", "ratio", "unit"} <= set(last) and last["prompt_kv"] == "copy"
+    assert "host: " in p.stdout and "; C++ kernels " in p.stdout  # what the numbers were measured on
     assert set(last["sets"]) == {"chat", "refine"}
     for s in last["sets"].values():
         assert s["value"] > 0 and s["baseline"] > 0 and 0 < s["roofline_share"]

@@ -225,28 +225,38 @@ def test_a_kernel_that_fails_its_check_is_refused_alone(monkeypatch, tmp_path):
 @needs_kernels
 def test_another_march_is_its_own_build_and_passes_the_checks(monkeypatch, tmp_path):
     """$ILF_LAB_KERNEL_MARCH=x86-64-v3 builds as an AVX2 host would (session 23's slow-host emulation): its own key,
-    its kernels checked against torch like the native build's; a target this CPU lacks, or no target, is refused
-    with the reason instead of a SIGILL."""
+    every kernel checked against torch like the native build's; a target that assumes a feature this CPU lacks, an
+    unknown one, or no target at all is refused with the reason instead of a SIGILL."""
     import platform
+    import subprocess
 
-    if platform.machine() != "x86_64" or "avx2" not in kernels._cpu_identity().split():
-        pytest.skip("an x86-64 host with AVX2")
     cxx = kernels._compiler()
+    if platform.machine() != "x86_64" or "__AVX2__" not in kernels._features(cxx, "native"):
+        pytest.skip("an x86-64 host with AVX2")
+    monkeypatch.delenv(kernels.MARCH_ENV, raising=False)
     native = kernels.build_key(cxx)
     monkeypatch.setenv("ILF_LAB_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv(kernels.MARCH_ENV, "x86-64-v3")
     assert "-march=x86-64-v3" in kernels.flags() and kernels.build_key(cxx) != native
+    built = []
+    run = subprocess.run
+    monkeypatch.setattr(kernels.subprocess, "run", lambda args, **kw: (built.append(args), run(args, **kw))[1])
     kernels._loaded.cache_clear()
     try:
-        assert kernels.kernel_error() is None and kernel("ilf_decode_attention") is not None
+        assert all(kernels.kernel_error(name) is None for name in kernels.SIGNATURES)
         assert kernels.library_path(cxx).exists()
-        for bad, why in [("x86-64-v2; rm -rf /", "is not a -march target"), ("no-such-cpu", "does not know")]:
-            monkeypatch.setenv(kernels.MARCH_ENV, bad)
-            with pytest.raises(kernels.KernelUnavailable, match=why):
-                kernels._build(cxx, tmp_path / "bad.so")
-        if "avx512f" not in kernels._cpu_identity().split():  # a target beyond this CPU
-            monkeypatch.setenv(kernels.MARCH_ENV, "x86-64-v4")
-            with pytest.raises(kernels.KernelUnavailable, match="avx512f"):
-                kernels._build(cxx, tmp_path / "bad.so")
+        assert any("-march=x86-64-v3" in a and "-shared" in a for a in built)  # the library itself, for the target
     finally:
         kernels._loaded.cache_clear()
+    for bad, why in [("x86-64-v2; rm -rf /", "is not a -march target"), ("-march=x86-64-v3", "the target alone"),
+                     ("no-such-cpu", "does not know")]:
+        monkeypatch.setenv(kernels.MARCH_ENV, bad)
+        with pytest.raises(kernels.KernelUnavailable, match=why):
+            kernels._build(cxx, tmp_path / "bad.so")
+    # a CPU without AVX2 (as the compiler sees -march=native): x86-64-v3 is refused before anything is built
+    real = kernels._features
+    monkeypatch.setattr(kernels, "_features", lambda c, m: real(c, m) - {"__AVX2__"} if m == "native" else real(c, m))
+    monkeypatch.setenv(kernels.MARCH_ENV, "x86-64-v3")
+    with pytest.raises(kernels.KernelUnavailable, match="__AVX2__.*which this CPU lacks"):
+        kernels._build(cxx, tmp_path / "bad.so")
+    assert not (tmp_path / "bad.so").exists()

@@ -52,30 +52,39 @@ class KernelUnavailable(RuntimeError):
 
 def flags() -> tuple[str, ...]:
     """FLAGS, with $ILF_LAB_KERNEL_MARCH's target in place of `native` where set (x86-64-v3: as an AVX2 host builds
-    them; results/sampling/session23.sh emulates a slow host with it)."""
+    them; results/sampling/session23.sh emulates a slow host with it). Read when a process first loads the kernels.
+    A measuring knob: stage keys do not see it (nor the host's instruction set), so use a fresh stage cache."""
     march = os.environ.get(MARCH_ENV) or "native"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", march):
-        raise KernelUnavailable(f"{MARCH_ENV}={march!r} is not a -march target")
+        raise KernelUnavailable(f"{MARCH_ENV}={march!r} is not a -march target (give the target alone: x86-64-v3)")
     return tuple(f"-march={march}" if f == "-march=native" else f for f in FLAGS)
 
 
-# the instruction sets a -march target may assume, by the compiler's macro and /proc/cpuinfo's flag
-ISA_MACROS = {"__AVX512F__": "avx512f", "__AVX2__": "avx2", "__FMA__": "fma", "__AVX__": "avx"}
+# the compiler's macros that name an instruction-set feature a -march target lets it use (x86 and Arm)
+FEATURE_MACRO = re.compile(
+    r"#define (__(?:AVX\w*|FMA\w*|F16C|BMI2?|LZCNT|MOVBE|POPCNT|SSE\w*|SSSE3|SHA\w*|AES|PCLMUL|GFNI|VAES|"
+    r"VPCLMULQDQ|ADX|AMX\w*|ARM_FEATURE_\w+|ARM_NEON)__) "
+)
+
+
+def _features(cxx: str, march: str) -> set[str]:
+    """The feature macros `-march=<march>` defines (native: what the compiler finds on this CPU)."""
+    p = subprocess.run([cxx, f"-march={march}", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
+                       text=True, timeout=30)
+    if p.returncode != 0:
+        raise KernelUnavailable(f"{MARCH_ENV}: {cxx} does not know -march={march}: {p.stderr.strip()[-300:]}")
+    return set(FEATURE_MACRO.findall(p.stdout))
 
 
 def _check_march(cxx: str, build_flags: tuple[str, ...]) -> None:
-    """A target this CPU cannot run would kill the process (SIGILL) when the library's check runs: refuse it."""
-    if "-march=native" in build_flags:
+    """A target that assumes a feature this CPU lacks would kill the process (SIGILL) when the library's check runs:
+    refuse any target whose feature macros are not all among -march=native's."""
+    march = next(f for f in build_flags if f.startswith("-march=")).removeprefix("-march=")
+    if march == "native":
         return
-    march = next(f for f in build_flags if f.startswith("-march="))
-    p = subprocess.run([cxx, march, "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True, text=True,
-                       timeout=30)
-    if p.returncode != 0:
-        raise KernelUnavailable(f"{MARCH_ENV}: {cxx} does not know {march}: {p.stderr.strip()[-300:]}")
-    have = set(_cpu_identity().split())
-    missing = [flag for macro, flag in ISA_MACROS.items() if f"#define {macro} 1" in p.stdout and flag not in have]
+    missing = sorted(_features(cxx, march) - _features(cxx, "native"))
     if missing:
-        raise KernelUnavailable(f"{MARCH_ENV}: {march} assumes {', '.join(missing)}, which this CPU lacks")
+        raise KernelUnavailable(f"{MARCH_ENV}: -march={march} assumes {', '.join(missing)}, which this CPU lacks")
 
 
 def kernel_dir() -> Path:
@@ -126,7 +135,7 @@ def _build(cxx: str, path: Path) -> None:
             raise KernelUnavailable(f"{cxx} failed to build the kernels in {CSRC}: {p.stderr.strip()[-1500:]}")
         os.replace(tmp, path)
     except subprocess.TimeoutExpired as e:
-        raise KernelUnavailable(f"{cxx} did not build the kernels within {BUILD_TIMEOUT_S} s") from e
+        raise KernelUnavailable(f"{cxx} timed out ({e.timeout:.0f} s) building the kernels") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

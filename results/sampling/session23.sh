@@ -25,12 +25,13 @@ for part in "$@"; do
     slow_default_before)
       out=$(realpath "$here")/session23_slow_default_before.txt wt=/tmp/session23_before
       [ -d $wt ] || git worktree add -f $wt 7afa11a > /dev/null
-      echo "emulated slow host, before = 7afa11a (the engine when #20 was filed)" > "$out"
+      echo "emulated slow host: ONEDNN_MAX_CPU_ISA=$ONEDNN_MAX_CPU_ISA MKL_CBWR=$MKL_CBWR ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY, before = 7afa11a (the engine when #20 was filed; no C++ kernels)" > "$out"
       (cd $wt && PYTHONPATH=$wt bash "$(realpath "$here")/cold_default_run.sh" "$cache" "$out")
       git worktree remove --force $wt
       ;;
     slow_bench)
-      python benchmarks/sampling.py --cache-dir "$cache" --repeats 1 --baseline-prompts 2 > "$here/session23_slow_bench.txt"
+      { echo "emulated slow host, $(git rev-parse --short HEAD)"
+        python benchmarks/sampling.py --cache-dir "$cache" --repeats 1 --baseline-prompts 2; } > "$here/session23_slow_bench.txt"
       ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
