@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ilf_lab.generation.attention import DecodeAttention, kernel_store
-from ilf_lab.generation.kernels import CSRC, SIGNATURES, _compiler, _features, flags
+from ilf_lab.generation.kernels import CSRC, SIGNATURES, _compiler, _features, flags, march
 
 
 def build(out: Path, extra: tuple[str, ...]):
@@ -45,8 +45,7 @@ def build(out: Path, extra: tuple[str, ...]):
 def build_lanes() -> int:
     """The decode kernel's lanes in the host build: 16 where the engine's -march target defines __AVX512F__
     (attend.h)."""
-    march = next(f for f in flags() if f.startswith("-march=")).removeprefix("-march=")
-    return 16 if "__AVX512F__" in _features(_compiler(), march) else 8
+    return 16 if "__AVX512F__" in _features(_compiler(), march()) else 8
 
 
 def main() -> None:

@@ -254,14 +254,14 @@ HELD_BACK = ("ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "ATEN_CPU_CAPABILITY")  # results
 
 def host_line() -> str:
     """The CPU, the C++ kernels' -march target, and any instruction set the libraries were held to."""
-    from ilf_lab.generation.kernels import flags, kernel_error
+    from ilf_lab.generation.kernels import kernel_error, march
 
     try:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor() or platform.machine()
-    march = next(f for f in flags() if f.startswith("-march="))
-    kernels = f"C++ kernels {march}" if kernel_error() is None else f"C++ kernels unavailable ({kernel_error()})"
+    why = kernel_error()  # first: a bad $ILF_LAB_KERNEL_MARCH is a reason here, not an exception
+    kernels = f"C++ kernels unavailable ({why})" if why else f"C++ kernels -march={march()}"
     held = ", ".join(f"{k}={os.environ[k]}" for k in HELD_BACK if os.environ.get(k))
     return f"host: {cpu}; {kernels}; libraries held to: {held or 'nothing'}"
 

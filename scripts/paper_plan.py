@@ -8,7 +8,7 @@ Everything is computed, nothing typed in except the architecture (Salesforce/cod
 the datasheet (--gpu): the parameter count from the model built on the meta device; activation bytes measured on
 small CodeGens with the same head geometry (every tensor autograd saves, under bf16 autocast) and extrapolated
 linearly in width; token counts from the paper preset (conf/scale/paper.yaml) over the real prompts and programs;
-sampling batch sizes from the sampling engine's own rule (`ilf_lab.generation.hf.auto_batch_size`). Times are
+sampling batch sizes from the sampling engine's own rule (`ilf_lab.generation.budget.auto_batch_size`). Times are
 rooflines: decode memory-bound (weights + the batch's KV cache read once per step), prefill and training
 compute-bound (2·N and 6·N FLOPs per token; 8·N with gradient checkpointing); real kernels reach maybe 40-60 %
 of either, so expect 2x (benchmarks/gpu_throughput.py measures it on a GPU). Prints a markdown table, then one
@@ -253,14 +253,14 @@ def sampling_plan(w: Work, n: int, max_new: int, arch: dict, counts: dict, gpu: 
                   step_overhead: float = 0.0) -> dict[str, Any]:
     """The generic HF engine's schedule (CodeGen is not a slot-engine model): prompts in groups of rows // n,
     each prefilled once, its n samples decoded together until the last stops."""
-    from ilf_lab.generation.hf import GPU_MAX_ROWS
+    from ilf_lab.generation.budget import GPU_BUDGET_SHARE, GPU_MAX_ROWS
 
     h, layers, vocab = arch["n_embd"], arch["n_layer"], arch["vocab_size"]
     weights = 2 * counts["total"]  # bf16
     kv_token = 2 * layers * h * 2  # K and V, every layer, bf16 (no grouped-query heads in CodeGen)
     max_len = min(w.max_prompt + max_new, arch["n_positions"])  # the engine stops samples at the context
     per_row = kv_token * max_len + vocab * 4 * 4  # the engine's own rule (auto_batch_size)
-    budget = 0.6 * (gpu["hbm"] - RESERVED - weights)
+    budget = GPU_BUDGET_SHARE * (gpu["hbm"] - RESERVED - weights)
     rows = max(1, min(int(budget // per_row), GPU_MAX_ROWS))
     per_group = max(1, rows // n)
     groups = math.ceil(w.prompts / per_group)

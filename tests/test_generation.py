@@ -670,7 +670,7 @@ def test_sampling_dtype_overrides_the_model_dtype_for_sampling_only(peaked_llama
 def test_batch_sizing_counts_the_shared_caches_grid(peaked_llama):
     """The shared cache's grid scores can hold n sample places per live row: the automatic batch size counts
     them (a per-row term), so it is smaller than without them."""
-    from ilf_lab.generation.hf import auto_batch_size
+    from ilf_lab.generation.budget import auto_batch_size
 
     _, model, _ = peaked_llama
     cpu = torch.device("cpu")
@@ -682,6 +682,7 @@ def test_one_long_prompt_does_not_size_every_row_of_the_shared_cache(peaked_llam
     """On CPU the shared cache's prompt store holds each prompt once (only touched pages count), so a long
     prompt among short ones costs its own tokens, not `longest` per row as in the copied cache: on a host with
     little free memory the shared engine still gets a wide batch, and its samples are those of a wide batch."""
+    import ilf_lab.generation.budget as budget
     import ilf_lab.generation.hf as hf
 
     _, model, tok = peaked_llama
@@ -689,8 +690,8 @@ def test_one_long_prompt_does_not_size_every_row_of_the_shared_cache(peaked_llam
     params = SamplingParams(n=2, temperature=0.8, max_new_tokens=8, seed=2)
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     longest = max(len(ids) for ids in hf.encode_prompts(tok, prompts))
-    rows_of_longest = 6 * hf.kv_bytes_per_token(model) * (longest + 8)
-    monkeypatch.setattr(hf, "available_memory", lambda device: 2 * (weights + rows_of_longest))
+    rows_of_longest = 6 * budget.kv_bytes_per_token(model) * (longest + 8)
+    monkeypatch.setattr(budget, "available_memory", lambda device: 2 * (weights + rows_of_longest))
     wide = HFEngine(model, tok, batch_size=8).generate(prompts, params)
     copy, shared = HFEngine(model, tok, prompt_kv="copy"), HFEngine(model, tok, prompt_kv="shared")
     assert copy.generate(prompts, params) and copy.last_stats["batch_size"] <= 6
@@ -702,22 +703,22 @@ def test_gpu_batch_budget_follows_the_card_not_the_allocator(peaked_llama, monke
     memory, which shrinks while the caching allocator keeps an earlier call's blocks: an H200 run sampled other
     tokens in a second call (results/gpu/README.md). CUDA's memory queries are replaced here (no GPU in CI); the
     arithmetic and the fallback for a card that other processes fill are what is checked."""
-    import ilf_lab.generation.hf as hf
+    import ilf_lab.generation.budget as budget
 
     _, model, _ = peaked_llama
-    unit = hf.kv_bytes_per_token(model) * 2048 // 4  # a unit small enough to keep the batch under GPU_MAX_ROWS
+    unit = budget.kv_bytes_per_token(model) * 2048 // 4  # a unit small enough to keep the batch under GPU_MAX_ROWS
     card = {"free": 100 * unit, "reserved": 12 * unit, "allocated": 10 * unit}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card["free"], 140 * unit))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: card["reserved"])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: card["allocated"])
     gpu = torch.device("cuda", 0)
-    first, rows = hf.available_memory(gpu), hf.auto_batch_size(model, 2048, gpu)
-    card.update(free=60 * unit, reserved=52 * unit)  # after a call: the allocator keeps 40 units more of cached blocks
-    assert hf.available_memory(gpu) == first == 130 * unit and hf.auto_batch_size(model, 2048, gpu) == rows
-    assert 1 < rows < hf.GPU_MAX_ROWS
+    first, rows = budget.available_memory(gpu), budget.auto_batch_size(model, 2048, gpu)
+    card.update(free=60 * unit, reserved=52 * unit)  # after a call: the allocator caches 40 units more
+    assert budget.available_memory(gpu) == first == 130 * unit and budget.auto_batch_size(model, 2048, gpu) == rows
+    assert 1 < rows < budget.GPU_MAX_ROWS
     card.update(free=15 * unit)  # another process now holds most of the card: what is really free decides
-    with caplog.at_level("WARNING", logger="ilf_lab.generation.hf"):
-        assert hf.available_memory(gpu) == (15 + 52 - 10) * unit
+    with caplog.at_level("WARNING", logger="ilf_lab.generation.budget"):
+        assert budget.available_memory(gpu) == (15 + 52 - 10) * unit
     assert "the GPU is shared" in caplog.text
 
 

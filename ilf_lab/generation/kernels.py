@@ -50,14 +50,20 @@ class KernelUnavailable(RuntimeError):
     """The kernels cannot run here: no compiler, a failed build, an unsupported platform, a failed check."""
 
 
+def march() -> str:
+    """The -march target: $ILF_LAB_KERNEL_MARCH where set (x86-64-v3: as an AVX2 host builds the kernels;
+    results/sampling/session23.sh emulates a slow host with it), else native. Read when a process first loads the
+    kernels. A measuring knob: stage keys do not see it (nor the host's instruction set), so use a fresh stage
+    cache."""
+    target = os.environ.get(MARCH_ENV) or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", target):
+        raise KernelUnavailable(f"{MARCH_ENV}={target!r} is not a -march target (give the target alone: x86-64-v3)")
+    return target
+
+
 def flags() -> tuple[str, ...]:
-    """FLAGS, with $ILF_LAB_KERNEL_MARCH's target in place of `native` where set (x86-64-v3: as an AVX2 host builds
-    them; results/sampling/session23.sh emulates a slow host with it). Read when a process first loads the kernels.
-    A measuring knob: stage keys do not see it (nor the host's instruction set), so use a fresh stage cache."""
-    march = os.environ.get(MARCH_ENV) or "native"
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", march):
-        raise KernelUnavailable(f"{MARCH_ENV}={march!r} is not a -march target (give the target alone: x86-64-v3)")
-    return tuple(f"-march={march}" if f == "-march=native" else f for f in FLAGS)
+    """FLAGS with march() in place of native."""
+    return tuple(f"-march={march()}" if f == "-march=native" else f for f in FLAGS)
 
 
 # the compiler's macros that name an instruction-set feature a -march target lets it use (x86 and Arm)
@@ -76,15 +82,14 @@ def _features(cxx: str, march: str) -> set[str]:
     return set(FEATURE_MACRO.findall(p.stdout))
 
 
-def _check_march(cxx: str, build_flags: tuple[str, ...]) -> None:
+def _check_march(cxx: str, target: str) -> None:
     """A target that assumes a feature this CPU lacks would kill the process (SIGILL) when the library's check runs:
     refuse any target whose feature macros are not all among -march=native's."""
-    march = next(f for f in build_flags if f.startswith("-march=")).removeprefix("-march=")
-    if march == "native":
+    if target == "native":
         return
-    missing = sorted(_features(cxx, march) - _features(cxx, "native"))
+    missing = sorted(_features(cxx, target) - _features(cxx, "native"))
     if missing:
-        raise KernelUnavailable(f"{MARCH_ENV}: -march={march} assumes {', '.join(missing)}, which this CPU lacks")
+        raise KernelUnavailable(f"{MARCH_ENV}: -march={target} assumes {', '.join(missing)}, which this CPU lacks")
 
 
 def kernel_dir() -> Path:
@@ -128,7 +133,7 @@ def _build(cxx: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        _check_march(cxx, flags())
+        _check_march(cxx, march())
         p = subprocess.run([cxx, *flags(), "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
                            timeout=BUILD_TIMEOUT_S)
         if p.returncode != 0:
